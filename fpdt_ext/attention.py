@@ -1,0 +1,268 @@
+"""FPDT attention: chunked, offloading, pipelined causal attention over an SP group.
+
+Inputs are local pieces in the FPDT layout (see :mod:`fpdt_ext.layout`), shaped
+like megatron-core's core attention: q ``[s/P, b, H, d]``, k and v
+``[s/P, b, KV, d]``. Per local chunk i (c = s/(P*u) tokens):
+
+forward, i = 0..u-1
+    all-to-all q_i, k_i, v_i to ``[b, P*c, H/P, d]`` (chunk i+1's is in flight meanwhile);
+    store k_i, v_i (offloaded when on); diagonal block with a causal mask;
+    then KV chunks j = 0..i-1, each fetched while the previous one computes,
+    folded in with the online-softmax merge; store q_i, out_i, lse_i;
+    all-to-all out_i back.
+
+backward, outer j = 0..u-1 over KV chunks, inner i = j..u-1 over query chunks
+    KV chunk j stays resident while query chunks stream through; at the end of
+    outer step j, dq_j, dk_j and dv_j are complete and their all-to-all back
+    starts at once, overlapping step j+1.
+
+With offload on, at most two KV chunks are on the device during the forward
+(the one computing and the one being fetched), and at most two chunks of each
+kind during the backward.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+from fpdt_ext import kernels
+from fpdt_ext.comm import Pending, group_size, head_to_seq, seq_to_head
+from fpdt_ext.config import check_attention_inputs, default_softmax_scale, kv_replication
+from fpdt_ext.offload import ChunkStore, Residency
+
+Tensor = torch.Tensor
+
+# How many all-to-alls back to the sequence layout may be in flight before we wait.
+_MAX_INFLIGHT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """Static knobs of one call, validated by :func:`make_plan`."""
+
+    sp_group: Any
+    sp_size: int
+    num_chunks: int
+    offload: bool
+    scale: float
+    kv_rep: int  # each KV head is repeated this often so the SP group can split them
+    backend: str
+
+
+def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=None, backend=None) -> AttentionPlan:
+    sp_size = group_size(sp_group)
+    check_attention_inputs(q, k, v, sp_size=sp_size, num_chunks=num_chunks)
+    head_dim = q.shape[-1]
+    return AttentionPlan(
+        sp_group=sp_group,
+        sp_size=sp_size,
+        num_chunks=num_chunks,
+        offload=bool(offload),
+        scale=default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale),
+        kv_rep=kv_replication(q.shape[2], k.shape[2], sp_size),
+        backend=kernels.select_backend(q.device, q.dtype, head_dim, backend),
+    )
+
+
+class AttentionState:
+    """What the forward leaves for the backward: the stored chunks and their bookkeeping."""
+
+    def __init__(self, plan: AttentionPlan, device: torch.device):
+        self.residency = Residency()
+        self.kv = ChunkStore("kv", device, offload=plan.offload, residency=self.residency)
+        self.qo = ChunkStore("qo", device, offload=plan.offload, residency=self.residency)
+        self.consumed = False
+
+    def stores(self):
+        return (self.kv, self.qo)
+
+
+def _inflight_guard(pending: "collections.deque[Pending]") -> None:
+    while len(pending) > _MAX_INFLIGHT:
+        pending.popleft().wait()
+
+
+def _accumulate(acc: Optional[Tensor], blk: Tensor, dtype: torch.dtype) -> Tensor:
+    return blk.to(dtype) if acc is None else acc.add_(blk)
+
+
+def _repeat_kv(x: Tensor, rep: int) -> Tensor:
+    """[c, b, KV, d] -> [c, b, KV*rep, d], each head repeated ``rep`` times in place."""
+    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
+
+
+def fpdt_forward(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, state: AttentionState) -> Tensor:
+    num_chunks, group = plan.num_chunks, plan.sp_group
+    c = q.shape[0] // num_chunks
+    out = torch.empty_like(q)  # [s/P, b, H, d]
+    kv, qo = state.kv, state.qo
+    block = dict(scale=plan.scale, backend=plan.backend)
+
+    def send(i: int):  # sequence -> head all-to-all of local chunk i, in flight
+        sl = slice(i * c, (i + 1) * c)
+        return (
+            seq_to_head(q[sl], group, async_op=True),  # -> [b, P*c, H/P, d]
+            seq_to_head(_repeat_kv(k[sl], plan.kv_rep), group, async_op=True),  # -> [b, P*c, KV*rep/P, d]
+            seq_to_head(_repeat_kv(v[sl], plan.kv_rep), group, async_op=True),
+        )
+
+    outgoing = collections.deque()
+    incoming = send(0)
+    for i in range(num_chunks):
+        q_i, k_i, v_i = (p.wait() for p in incoming)
+        if i + 1 < num_chunks:
+            incoming = send(i + 1)
+        kv.put(i, (k_i, v_i))
+        if i > 0:
+            kv.prefetch(0)
+        out_i, lse_i = kernels.block_forward(q_i, k_i, v_i, causal=True, **block)
+        acc = out_i.to(lse_i.dtype)  # [b, P*c, H/P, d] running output, float32 or float64
+        kv.release(i)
+        for j in range(i):
+            k_j, v_j = kv.get(j)
+            if j + 1 < i:
+                kv.prefetch(j + 1)
+            blk_out, blk_lse = kernels.block_forward(q_i, k_j, v_j, causal=False, **block)
+            kernels.merge_into(acc, lse_i, blk_out, blk_lse)
+            kv.release(j)
+        out_i = acc.to(q.dtype)
+        qo.put(i, (q_i, out_i, lse_i))
+        outgoing.append(head_to_seq(out_i, group, out=out[i * c:(i + 1) * c], async_op=True))
+        qo.release(i)
+        _inflight_guard(outgoing)
+    for p in outgoing:
+        p.wait()
+    return out
+
+
+def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_heads: int):
+    """Gradients (dq, dk, dv) in the local layout, from the chunks the forward stored."""
+    num_chunks, group, rep = plan.num_chunks, plan.sp_group, plan.kv_rep
+    s_local, b, heads, d = dout.shape
+    c = s_local // num_chunks
+    kv, qo = state.kv, state.qo
+    device = dout.device
+    do_store = ChunkStore("do", device, offload=plan.offload, residency=state.residency)
+    dq_store = ChunkStore("dq", device, offload=plan.offload, residency=state.residency)
+    block = dict(scale=plan.scale, backend=plan.backend)
+
+    # dout chunks to the head layout, each stored as soon as it lands.
+    incoming = seq_to_head(dout[0:c], group, async_op=True)
+    for i in range(num_chunks):
+        do_i = incoming.wait()  # [b, P*c, H/P, d]
+        if i + 1 < num_chunks:
+            incoming = seq_to_head(dout[(i + 1) * c:(i + 2) * c], group, async_op=True)
+        do_store.put(i, (do_i,))
+        do_store.release(i)
+
+    grad_q = torch.empty_like(dout)  # [s/P, b, H, d]
+    grad_k = dout.new_empty(s_local, b, kv_heads * rep, d)  # [s/P, b, KV*rep, d]
+    grad_v = torch.empty_like(grad_k)
+    outgoing = collections.deque()
+    pairs = [(j, i) for j in range(num_chunks) for i in range(j, num_chunks)]
+    kv.prefetch(0)
+    for store in (qo, do_store):
+        store.prefetch(0)
+    for t, (j, i) in enumerate(pairs):
+        if i == j:  # a new outer step: KV chunk j becomes resident
+            k_j, v_j = kv.get(j)
+        q_i, out_i, lse_i = qo.get(i)
+        (do_i,) = do_store.get(i)
+        dq_i = dq_store.get(i)[0] if dq_store.has(i) else None
+        nxt = pairs[t + 1] if t + 1 < len(pairs) else None
+        if nxt is not None:  # start fetching what the next step needs
+            if nxt[0] != j:
+                kv.prefetch(nxt[0])
+            if nxt[1] != i:
+                for store in (qo, do_store) + ((dq_store,) if dq_store.has(nxt[1]) else ()):
+                    store.prefetch(nxt[1])
+        dq_blk, dk_blk, dv_blk = kernels.block_backward(do_i, q_i, k_j, v_j, out_i, lse_i, causal=(i == j), **block)
+        # The first contribution becomes the accumulator (float32, or float64 for float64 inputs).
+        dq_i = _accumulate(dq_i, dq_blk, lse_i.dtype)
+        dk_j = _accumulate(None if i == j else dk_j, dk_blk, lse_i.dtype)
+        dv_j = _accumulate(None if i == j else dv_j, dv_blk, lse_i.dtype)
+        sl = slice(i * c, (i + 1) * c)
+        if i == j:  # dq_i has seen KV chunks 0..i: complete
+            outgoing.append(head_to_seq(dq_i.to(dout.dtype), group, out=grad_q[sl], async_op=True))
+            if dq_store.has(i):
+                dq_store.pop(i)
+        else:
+            dq_store.put(i, (dq_i,))
+            dq_store.release(i)
+        if nxt is None or nxt[1] != i:
+            qo.release(i)
+            do_store.release(i)
+        if i == num_chunks - 1:  # end of outer step j: dk_j, dv_j complete
+            kv.pop(j)
+            sl_j = slice(j * c, (j + 1) * c)
+            outgoing.append(head_to_seq(dk_j.to(dout.dtype), group, out=grad_k[sl_j], async_op=True))
+            outgoing.append(head_to_seq(dv_j.to(dout.dtype), group, out=grad_v[sl_j], async_op=True))
+            qo.pop(j)
+            do_store.pop(j)
+        _inflight_guard(outgoing)
+    for p in outgoing:
+        p.wait()
+    if rep > 1:  # gradient of the KV-head replication: sum the copies
+        grad_k = grad_k.unflatten(2, (kv_heads, rep)).sum(3)
+        grad_v = grad_v.unflatten(2, (kv_heads, rep)).sum(3)
+    return grad_q, grad_k, grad_v
+
+
+class FPDTAttentionFunction(torch.autograd.Function):
+    """Thin autograd wrapper: forward and backward above mirror each other."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: AttentionPlan):
+        state = AttentionState(plan, q.device)
+        out = fpdt_forward(q, k, v, plan, state)
+        ctx.plan, ctx.state, ctx.kv_heads = plan, state, k.shape[2]
+        ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        state = ctx.state
+        if state.consumed:
+            raise RuntimeError(
+                "fpdt_attention's backward ran twice; its stored chunks are freed after the first "
+                "backward, so retain_graph=True / double backward is not supported"
+            )
+        saved = list(ctx.saved_tensors)
+        for store in state.stores():
+            n = len(store.stored_tensors())
+            store.restore(saved[:n])
+            saved = saved[n:]
+        grads = fpdt_backward(dout.contiguous(), ctx.plan, state, ctx.kv_heads)
+        state.consumed = True
+        for store in state.stores():
+            store.close()
+        return (*grads, None)
+
+
+def fpdt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    sp_group=None,
+    num_chunks: int = 1,
+    offload: bool = False,
+    softmax_scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Causal attention on local pieces in the FPDT layout.
+
+    q ``[s/P, b, H, d]``, k and v ``[s/P, b, KV, d]`` (GQA when KV < H; KV heads
+    are replicated when the FPDT size P exceeds or does not divide KV).
+    Returns ``[s/P, b, H, d]``. ``sp_group=None`` means a group of one.
+    ``backend`` picks the block kernel (see :mod:`fpdt_ext.kernels`); default: best available.
+    Shapes are checked before any communication.
+    """
+    plan = make_plan(q, k, v, sp_group=sp_group, num_chunks=num_chunks, offload=offload,
+                     softmax_scale=softmax_scale, backend=backend)
+    return FPDTAttentionFunction.apply(q, k, v, plan)
+

@@ -1,0 +1,62 @@
+"""FPDTGPTModel: megatron-core's GPTModel on FPDT-layout sequences.
+
+Same modules and parameters as GPTModel (use it with :func:`get_fpdt_layer_spec`);
+the forward differs in two places:
+
+* rotary embeddings are taken at the tokens' true global positions (the
+  ``position_ids`` of the FPDT layout), not at 0..s/P-1;
+* with labels, logits and loss come from :func:`chunked_lm_loss`, so no
+  ``[s, vocab]`` tensor exists.
+
+It returns the per-token loss ``[b, s/P]`` like GPTModel. Pipeline
+parallelism is not supported by this forward (one stage holds the whole model).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from fpdt_ext.config import FPDTConfig
+from fpdt_ext.loss import chunked_lm_loss
+
+
+class FPDTGPTModel(GPTModel):
+    def __init__(self, *args, fpdt_config: FPDTConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not (self.pre_process and self.post_process):
+            raise ValueError("FPDTGPTModel runs the whole model on one pipeline stage; use "
+                             "--pipeline-model-parallel-size 1")
+        self.fpdt_config = fpdt_config
+        self._rotary_cache = {}
+
+    def _rotary_at(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotary frequencies at global positions: [s/P, b, 1, dim]."""
+        span = self.max_sequence_length
+        if span not in self._rotary_cache:
+            self._rotary_cache = {span: self.rotary_pos_emb.get_emb(span)}  # [S, 1, 1, dim]
+        table = self._rotary_cache[span]
+        if table.device != position_ids.device:
+            table = self._rotary_cache[span] = table.to(position_ids.device)
+        s, b = position_ids.shape[1], position_ids.shape[0]
+        return table[position_ids.t()].view(s, b, 1, table.shape[-1])
+
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, loss_mask=None,
+                decoder_input=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("FPDT models are causal by construction; pass attention_mask=None")
+        unsupported = {k: v for k, v in kwargs.items() if v is not None}
+        if unsupported:
+            raise ValueError(f"FPDTGPTModel.forward does not support {sorted(unsupported)}")
+        if decoder_input is None:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s/P, b, h]
+        rotary = self._rotary_at(position_ids) if self.position_embedding_type == "rope" else None
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        if labels is None:  # full logits: for short inputs only
+            logits, _ = self.output_layer(hidden, weight=weight)
+            return logits.transpose(0, 1).contiguous()  # [b, s/P, V/tp]
+        seq = hidden.shape[0] * self.fpdt_config.fpdt_parallel_size
+        return chunked_lm_loss(hidden, weight, labels, tp_group=self.pg_collection.tp,
+                               num_chunks=self.fpdt_config.num_chunks(seq))

@@ -1,0 +1,291 @@
+"""Where FPDT's chunk tensors live: on the compute device, or offloaded to host.
+
+Objects, all explicit:
+
+* :class:`HostBufferPool` - reusable host buffers keyed by exact (dtype, numel).
+  On CUDA they are pinned and allocated once, then recycled across chunks,
+  layers and iterations (no per-chunk ``pin_memory()``; no power-of-two
+  rounding waste on reuse).
+* :class:`TransferStream` - the one side stream per device on which every
+  host<->device copy runs. Because all copies share it, a host buffer handed
+  back to the pool after its fetch was queued can be refilled by a later
+  offload without any event: the stream orders them.
+* :class:`ChunkStore` - one kind of per-chunk tensors (e.g. the KV chunks of
+  one attention call). ``put`` stores (offloading when on), ``prefetch``
+  starts a fetch, ``get`` returns device tensors, ``release`` says the caller
+  is done with them, ``pop`` forgets a chunk. A :class:`Residency` counter
+  records how many chunks of each kind are on the compute device, so tests can
+  bound it.
+
+On the CPU there is no separate device memory, but offload still makes real
+copies into separate host buffers, and a fetched copy is poisoned (NaN) when
+released, so a use-after-release in the algorithm shows up as a wrong result
+in the CPU tests.
+
+Synchronisation points (CUDA), each named at its call:
+  [offload-after-produce]  the side stream waits for an event recorded on the
+                           compute stream after the tensor was written;
+  [fetch-before-use]       the compute stream waits for the fetch's event;
+  [record-stream]          tensors used across streams are recorded on the
+                           other stream, so the caching allocator does not
+                           reuse their memory early.
+No ``synchronize()`` and no barriers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class HostBufferPool:
+    """Recycled host buffers, exact size; pinned when ``pin`` (CUDA)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: Dict[Tuple[torch.dtype, int], List[Tensor]] = collections.defaultdict(list)
+        self.num_allocated = 0
+        self.bytes_allocated = 0
+
+    def acquire(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        numel = math.prod(shape)
+        free = self._free[(dtype, numel)]
+        if free:
+            flat = free.pop()
+        else:
+            flat = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            self.num_allocated += 1
+            self.bytes_allocated += flat.numel() * flat.element_size()
+        return flat.view(shape)
+
+    def release(self, buffer: Tensor) -> None:
+        """Give a buffer from :meth:`acquire` back (all its pending copies are on the side stream)."""
+        self._free[(buffer.dtype, buffer.numel())].append(buffer.view(-1))
+
+    def num_free(self) -> int:
+        return sum(len(v) for v in self._free.values())
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+_POOLS: Dict[bool, HostBufferPool] = {}
+
+
+def host_pool(device: torch.device) -> HostBufferPool:
+    """The process-wide pool for offloading from ``device``."""
+    pin = torch.device(device).type == "cuda"
+    if pin not in _POOLS:
+        _POOLS[pin] = HostBufferPool(pin)
+    return _POOLS[pin]
+
+
+class TransferStream:
+    """The side stream for host<->device copies on one CUDA device (None on CPU)."""
+
+    _streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Optional["torch.cuda.Stream"]:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in cls._streams:
+            cls._streams[device] = torch.cuda.Stream(device)
+        return cls._streams[device]
+
+
+class Residency:
+    """Counts chunks per kind on the compute device; keeps the peak of each."""
+
+    def __init__(self):
+        self.current: Dict[str, int] = collections.Counter()
+        self.peak: Dict[str, int] = collections.Counter()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.current[kind] += n
+        self.peak[kind] = max(self.peak[kind], self.current[kind])
+
+    def reset_peak(self) -> None:
+        self.peak = collections.Counter(self.current)
+
+
+@dataclasses.dataclass
+class _Entry:
+    host: Optional[Tuple[Tensor, ...]] = None  # offloaded copy (offload on)
+    device: Optional[Tuple[Tensor, ...]] = None  # copy on the compute device, if resident
+    ready: Optional["torch.cuda.Event"] = None  # fetch finished (CUDA)
+    fetched: bool = False  # device copy is ours (made by a fetch), not the caller's
+
+
+class ChunkStore:
+    """Per-chunk tensors of one kind, resident or offloaded."""
+
+    def __init__(self, kind: str, device: torch.device, *, offload: bool, residency: Residency):
+        self.kind = kind
+        self.device = torch.device(device)
+        self.offload = offload
+        self.residency = residency
+        self._entries: Dict[int, _Entry] = {}
+        self._stream = TransferStream.for_device(self.device) if offload else None
+        self._pool = host_pool(self.device) if offload else None
+
+    # -- storing ----------------------------------------------------------
+    def put(self, idx: int, tensors: Sequence[Tensor]) -> None:
+        """Store chunk ``idx``; the caller may keep using ``tensors`` until :meth:`release`.
+
+        Putting an index again overwrites its stored copy (same shapes), e.g.
+        an accumulator written back after an update.
+        """
+        tensors = tuple(tensors)
+        entry = self._entries.get(idx)
+        if entry is None:
+            entry = self._entries[idx] = _Entry()
+        if entry.device is None:
+            self.residency.add(self.kind)
+        entry.device, entry.fetched, entry.ready = tensors, False, None
+        if not self.offload:
+            return
+        if entry.host is None:
+            entry.host = tuple(self._pool.acquire(t.shape, t.dtype) for t in tensors)
+        if self._stream is None:
+            for host, dev in zip(entry.host, tensors):
+                host.copy_(dev)
+            return
+        produced = torch.cuda.current_stream(self.device).record_event()
+        self._stream.wait_event(produced)  # [offload-after-produce]
+        with torch.cuda.stream(self._stream):
+            for host, dev in zip(entry.host, tensors):
+                host.copy_(dev, non_blocking=True)
+                dev.record_stream(self._stream)  # [record-stream] dev may be freed before the copy ran
+
+    # -- fetching ---------------------------------------------------------
+    def prefetch(self, idx: int) -> None:
+        """Start bringing chunk ``idx`` to the device (no-op if resident)."""
+        entry = self._entries[idx]
+        if entry.device is not None:
+            return
+        self.residency.add(self.kind)
+        if self._stream is None:
+            entry.device = tuple(h.clone() for h in entry.host)
+        else:
+            with torch.cuda.stream(self._stream):
+                entry.device = tuple(
+                    torch.empty_like(h, device=self.device).copy_(h, non_blocking=True) for h in entry.host
+                )
+                entry.ready = self._stream.record_event()
+        entry.fetched = True
+
+    def get(self, idx: int) -> Tuple[Tensor, ...]:
+        """Chunk ``idx`` on the device (fetching now if it was not prefetched)."""
+        self.prefetch(idx)
+        entry = self._entries[idx]
+        if entry.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(entry.ready)  # [fetch-before-use]
+            for t in entry.device:
+                t.record_stream(current)  # [record-stream] allocated on the side stream
+            entry.ready = None
+        return entry.device
+
+    def release(self, idx: int) -> None:
+        """The caller is done with the device copy; it leaves the device when offloaded."""
+        entry = self._entries[idx]
+        if not self.offload or entry.device is None:
+            return
+        if entry.fetched:
+            self._poison(entry.device)
+        entry.device, entry.ready, entry.fetched = None, None, False
+        self.residency.add(self.kind, -1)
+
+    def pop(self, idx: int) -> None:
+        """Forget chunk ``idx``; its host buffers go back to the pool."""
+        self.release(idx)
+        entry = self._entries.pop(idx)
+        if entry.device is not None:
+            self.residency.add(self.kind, -1)
+        if entry.host is not None:
+            for h in entry.host:
+                self._pool.release(h)
+
+    def has(self, idx: int) -> bool:
+        return idx in self._entries
+
+    def close(self) -> None:
+        for idx in list(self._entries):
+            self.pop(idx)
+
+    # -- autograd plumbing -------------------------------------------------
+    def stored_tensors(self) -> List[Tensor]:
+        """Every stored tensor, for ``ctx.save_for_backward`` (host copies when offloaded)."""
+        return [t for idx in sorted(self._entries) for t in self._stored(self._entries[idx])]
+
+    def restore(self, tensors: Sequence[Tensor]) -> None:
+        """Swap in the tensors autograd hands back (same order as :meth:`stored_tensors`)."""
+        it = iter(tensors)
+        for idx in sorted(self._entries):
+            entry = self._entries[idx]
+            fresh = tuple(next(it) for _ in self._stored(entry))
+            if self.offload:
+                entry.host = fresh
+            else:
+                entry.device = fresh
+
+    def _stored(self, entry: _Entry) -> Tuple[Tensor, ...]:
+        return entry.host if self.offload else entry.device
+
+    def _poison(self, tensors: Sequence[Tensor]) -> None:
+        # CPU only: make a use-after-release visible. On CUDA the memory is
+        # simply returned to the caching allocator.
+        if self.device.type == "cpu":
+            for t in tensors:
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+
+
+class SavedTensorsToHost(torch.autograd.graph.saved_tensors_hooks):
+    """Keep tensors saved for backward in host memory (the checkpointed layer
+    inputs of full recompute, in the FPDT paper's recipe).
+
+    Tensors smaller than ``min_bytes`` and parameters stay where they are. On
+    CUDA the copy out runs on the side stream ([offload-after-produce]) into
+    pinned memory; the copy back runs on the compute stream when backward
+    needs the tensor. On the CPU it is a real copy, as everywhere in this module.
+    """
+
+    def __init__(self, min_bytes: int = 1 << 16):
+        super().__init__(self._pack, self._unpack)
+        self.min_bytes = min_bytes
+
+    def _pack(self, t: Tensor):
+        if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
+            return t
+        stream = TransferStream.for_device(t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=stream is not None)
+        if stream is None:
+            return (host.copy_(t), t.device, None)
+        produced = torch.cuda.current_stream(t.device).record_event()
+        stream.wait_event(produced)  # [offload-after-produce]
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # [record-stream]
+            done = stream.record_event()
+        return (host, t.device, done)
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        host, device, done = packed
+        if done is None:
+            return host.clone()
+        torch.cuda.current_stream(device).wait_event(done)  # the copy out finished before we read back
+        return host.to(device, non_blocking=True)

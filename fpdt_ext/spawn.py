@@ -1,0 +1,74 @@
+"""Run a function on N local gloo processes and collect what each returns.
+
+Used by the multi-process tests, the benchmarks and CPU examples.
+
+A gloo collective that never matches waits forever, so every process group
+gets a timeout and the parent gives up after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_S = 120  # gloo waits forever on a mismatched collective otherwise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, results):
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        value = fn(rank, world_size, *args)
+        # Plain pickle keeps tensor data in-band (the multiprocessing pickler would pass
+        # shared-memory handles that die with this process).
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # report, never hang the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(world_size: int, fn, *args, timeout: float = 600):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the values by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    values, errors = {}, []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = results.get(timeout=timeout)
+            if ok:
+                values[rank] = pickle.loads(value)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+    except queue.Empty:
+        errors.append(f"timed out after {timeout}s waiting for {world_size - len(values) - len(errors)} rank(s)")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+    return [values[r] for r in range(world_size)]

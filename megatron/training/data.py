@@ -1,0 +1,86 @@
+"""Batches: megatron-core's GPT datasets, a resumable sampler, and the FPDT layout.
+
+Samples are ``[S]`` sequences from megatron-core's ``GPTDataset`` (or
+``MockGPTDataset`` with ``--mock-data``). A global batch of G samples is split
+over data-parallel ranks and micro batches in Megatron's order. Every rank of
+an FPDT group reads the same samples and keeps its own piece in the FPDT
+layout (:func:`fpdt_ext.layout.fpdt_shard_batch`): tokens, labels, loss mask
+and position ids (the tokens' true global positions) are permuted together.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from fpdt_ext.layout import fpdt_shard_batch
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class MockTokenizer:
+    """What megatron-core's datasets need of a tokenizer when there is none: size and end of document."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": vocab_size}  # dataset cache key
+
+
+def dataset_config(args, tokenizer, blend=None) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # FPDT and the baseline attention are causal by construction
+    )
+
+
+def build_datasets(args, tokenizer, blend=None):
+    """(train, valid, test) datasets sized for the whole run."""
+    num_evals = args.train_iters // args.eval_interval + 1
+    sizes = [args.train_iters * args.global_batch_size,
+             num_evals * args.eval_iters * args.global_batch_size,
+             args.eval_iters * args.global_batch_size]
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config(args, tokenizer, blend)).build()
+
+
+class MicroBatches:
+    """Micro batches of one data-parallel rank, resumable from ``consumed_samples``.
+
+    Global batch n covers samples [n*G, (n+1)*G); within it, micro batch m of
+    data-parallel rank d is samples n*G + (m*D + d)*b ... + b - 1.
+    """
+
+    def __init__(self, dataset, *, micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples=0):
+        self.dataset = dataset
+        self.micro, self.global_ = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def global_batch(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The micro batches of the next global batch, as ``[b, S]`` tensors."""
+        start = self.consumed_samples
+        self.consumed_samples += self.global_
+        for m in range(self.global_ // (self.micro * self.dp_size)):
+            first = start + (m * self.dp_size + self.dp_rank) * self.micro
+            samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.micro)]
+            yield {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS}
+
+
+def to_model_layout(batch, *, groups, num_chunks: Optional[int], device) -> Dict[str, torch.Tensor]:
+    """This rank's piece of a ``[b, S]`` batch (FPDT layout when ``num_chunks``), on ``device``."""
+    if num_chunks is not None:
+        batch = fpdt_shard_batch(batch, sp_rank=groups.sp_rank, sp_size=groups.layout.fpdt_parallel_size,
+                                 num_chunks=num_chunks)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

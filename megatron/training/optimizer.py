@@ -1,0 +1,127 @@
+"""Optimizer and learning-rate schedule.
+
+On GPU: megatron-core's optimizer (``get_megatron_optimizer``: fp32 master
+weights for bf16/fp16, clipping, optional distributed optimizer). Its
+wrappers insist on CUDA tensors, so on the CPU :class:`HostAdamW` is the honest
+torch equivalent: fp32 master weights, gradients from megatron-core's DDP
+buffer (``main_grad``), a global gradient norm that counts tensor-parallel
+shards once, clipping, and ``torch.optim.AdamW``. Both expose what the training
+loop uses: ``step() -> (ok, grad_norm, num_zeros)``, ``zero_grad()``,
+``param_groups``, ``state_dict()``/``load_state_dict()``.
+
+Weight decay is not applied to biases and norm weights (1-D parameters), as in
+Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+
+def _param_groups(model):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 else decay).append(p)
+    return [dict(params=decay, wd_mult=1.0), dict(params=no_decay, wd_mult=0.0)]
+
+
+class HostAdamW:
+    """AdamW on fp32 master weights for models whose grads live in DDP's ``main_grad``."""
+
+    def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group):
+        self.model_params = [p for g in _param_groups(model) for p in g["params"]]
+        groups = []
+        for g in _param_groups(model):
+            master = [p.detach().float().clone().requires_grad_() if p.dtype != torch.float32 else p
+                      for p in g["params"]]
+            groups.append(dict(params=master, wd_mult=g["wd_mult"], model_params=g["params"]))
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=g["params"], wd_mult=g["wd_mult"]) for g in groups],
+            lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self._pairs = [(m, p) for g in groups for m, p in zip(g["params"], g["model_params"])]
+        self.clip_grad = clip_grad
+        self.tp_group = tp_group
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True):
+        for master, param in self._pairs:
+            master.grad = None
+            param.grad = None
+
+    def _grad_norm(self) -> float:
+        # Each TP shard counts once; parameters replicated over TP are counted on TP rank 0 only.
+        total = torch.zeros((), dtype=torch.float64)
+        for master, param in self._pairs:
+            if master.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+                total += master.grad.double().pow(2).sum()
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(total, group=self.tp_group)
+        return math.sqrt(total.item())
+
+    def step(self):
+        for master, param in self._pairs:
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            master.grad = None if grad is None else grad.float()
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm):
+            return False, grad_norm, None
+        if self.clip_grad and grad_norm > self.clip_grad:
+            scale = self.clip_grad / (grad_norm + 1e-6)
+            for master, _ in self._pairs:
+                if master.grad is not None:
+                    master.grad.mul_(scale)
+        self.optimizer.step()
+        with torch.no_grad():
+            for master, param in self._pairs:
+                if master is not param:
+                    param.copy_(master)
+        return True, grad_norm, None
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(),
+                "master": [m.detach().clone() for m, p in self._pairs if m is not p]}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        masters = iter(state["master"])
+        with torch.no_grad():
+            for master, param in self._pairs:
+                if master is not param:
+                    master.copy_(next(masters))
+                    param.copy_(master)
+
+
+def build_optimizer(args, model, groups):
+    """The optimizer for ``model`` (DDP-wrapped) and megatron-core's LR/WD scheduler."""
+    if torch.cuda.is_available():
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
+            params_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32),
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(config, [model], pg_collection=groups.pg_collection)
+    else:
+        optimizer = HostAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
+                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                              clip_grad=args.clip_grad, tp_group=groups.tp)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    return optimizer, scheduler

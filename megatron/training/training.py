@@ -1,0 +1,202 @@
+"""The training loop: gradient accumulation, DDP reduction, AdamW, LR schedule,
+clipping, recompute (optionally offloading checkpointed inputs), evaluation and
+Megatron-style logging with throughput, TFLOP/s, MFU and peak memory.
+
+Loss normalisation: the loss of a micro batch is the mean over its loss-masked
+tokens of the whole sequence (all FPDT ranks' tokens), averaged over micro
+batches. megatron-core's DDP averages gradients over data x FPDT ranks, so each
+FPDT rank backpropagates ``sp_size * (its masked loss sum) / (tokens in the
+sequence)``; the sum over the group is then exactly the full-sequence mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+from fpdt_ext.offload import SavedTensorsToHost
+from megatron.training.arguments import ArgumentError, parse_args, validate_args
+from megatron.training.data import MicroBatches, MockTokenizer, build_datasets, to_model_layout
+from megatron.training.flops import device_peak_tflops, flops_per_token_from_args
+from megatron.training.initialize import initialize
+from megatron.training.models import build_model, transformer_config
+from megatron.training.optimizer import build_optimizer
+
+
+@dataclasses.dataclass
+class RunState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def print_rank_0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.groups = initialize(args)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.tokenizer = MockTokenizer(args.vocab_size)  # real tokenizers arrive with the data issue
+        model = build_model(args, self.groups, self.tokenizer.vocab_size)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer and torch.cuda.is_available())
+        self.model = DistributedDataParallel(transformer_config(args), ddp_config, model,
+                                             pg_collection=self.groups.pg_collection)
+        self.optimizer, self.scheduler = build_optimizer(args, self.model, self.groups)
+        train_ds, valid_ds, _ = build_datasets(args, self.tokenizer)
+        self.state = RunState()
+        batches = dict(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                       dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel_size)
+        self.train_data = MicroBatches(train_ds, **batches)
+        self.valid_data = MicroBatches(valid_ds, **batches)
+        self.num_chunks = args.fpdt_num_chunks if args.fpdt else None
+        self.flops_per_token = flops_per_token_from_args(args, self.tokenizer.vocab_size)
+        self.peak_tflops = device_peak_tflops(args.peak_tflops)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+
+    # -- one micro batch ----------------------------------------------------------
+    def _loss_terms(self, batch):
+        """(masked loss sum on this rank, masked token count of the whole sequence)."""
+        b = to_model_layout(batch, groups=self.groups, num_chunks=self.num_chunks, device=self.device)
+        offload = SavedTensorsToHost() if self.args.offload_recompute_inputs else contextlib.nullcontext()
+        with offload:
+            losses = self.model(b["tokens"], b["position_ids"], None, labels=b["labels"])  # [b, s/P]
+        mask = b["loss_mask"].float()
+        tokens = mask.sum()
+        if self.groups.layout.fpdt_parallel_size > 1:
+            dist.all_reduce(tokens, group=self.groups.sp)
+        return (losses.float() * mask).sum(), tokens
+
+    def train_step(self):
+        args = self.args
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sp_size = self.groups.layout.fpdt_parallel_size
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        token_sum = torch.zeros((), dtype=torch.float64)
+        for batch in self.train_data.global_batch():
+            local_sum, tokens = self._loss_terms(batch)
+            (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches).backward()
+            loss_sum += local_sum.detach().double().cpu()
+            token_sum += tokens.detach().double().cpu() / sp_size
+        self.model.finish_grad_sync()
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        else:
+            self.state.skipped_iterations += 1
+        totals = torch.stack([loss_sum, token_sum])
+        dist.all_reduce(totals, group=self.groups.dp_sp)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        if not math.isfinite(loss):
+            self.state.nan_iterations += 1
+        self.state.iteration += 1
+        self.state.consumed_samples += args.global_batch_size
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self):
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for _ in range(self.args.eval_iters):
+            for batch in self.valid_data.global_batch():
+                local_sum, tokens = self._loss_terms(batch)
+                totals += torch.stack([local_sum.double().cpu(),
+                                       tokens.double().cpu() / self.groups.layout.fpdt_parallel_size])
+        self.model.train()
+        dist.all_reduce(totals, group=self.groups.dp_sp)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    # -- the loop ------------------------------------------------------------------
+    def train(self):
+        args = self.args
+        print_rank_0(f"> {self.num_parameters * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
+                     f"(TP shards counted once per rank x TP), world {args.world_size} = TP "
+                     f"{args.tensor_model_parallel_size} x FPDT {args.fpdt_parallel_size} x DP "
+                     f"{args.data_parallel_size}; {'FPDT ' + str(self.num_chunks) + ' chunks' if args.fpdt else 'baseline'}"
+                     f"{', offload' if args.fpdt_offload else ''}; seq {args.seq_length}, global batch "
+                     f"{args.global_batch_size} ({args.num_microbatches} micro batches)")
+        log_file = open(args.loss_log_file, "a") if args.loss_log_file and dist.get_rank() == 0 else None
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        interval_start, interval_iters = time.perf_counter(), 0
+        losses, last = [], {}
+        while self.state.iteration < args.train_iters:
+            loss, grad_norm = self.train_step()
+            losses.append(loss)
+            interval_iters += 1
+            it = self.state.iteration
+            if it % args.log_interval == 0 or it == args.train_iters:
+                elapsed = (time.perf_counter() - interval_start) / interval_iters
+                tflops = self.flops_per_token * tokens_per_iter / elapsed / args.world_size / 1e12
+                last = dict(iteration=it, lm_loss=loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                            ms_per_iter=elapsed * 1e3, tokens_per_s=tokens_per_iter / elapsed,
+                            tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
+                            peak_mem_gib=peak_memory_bytes() / 2**30)
+                self._log(last)
+                if log_file:
+                    log_file.write(json.dumps(last) + "\n")
+                    log_file.flush()
+                interval_start, interval_iters = time.perf_counter(), 0
+            if args.eval_iters and (it % args.eval_interval == 0 or it == args.train_iters):
+                val = self.evaluate()
+                print_rank_0(f" validation loss at iteration {it} | lm loss value: {val:.6E} | "
+                             f"lm loss PPL: {math.exp(min(val, 20)):.6E} |")
+                last["val_loss"] = val
+                interval_start = time.perf_counter()
+        if log_file:
+            log_file.close()
+        return dict(last, losses=losses)
+
+    def _log(self, m):
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+        print_rank_0(
+            f" iteration {m['iteration']:8d}/{self.args.train_iters:8d} | consumed samples: "
+            f"{self.state.consumed_samples:12d} | elapsed time per iteration (ms): {m['ms_per_iter']:.1f} | "
+            f"learning rate: {m['lr']:.6E} | global batch size: {self.args.global_batch_size:5d} | "
+            f"lm loss: {m['lm_loss']:.6E} | grad norm: {m['grad_norm']:.3f} | number of skipped iterations: "
+            f"{self.state.skipped_iterations:3d} | number of nan iterations: {self.state.nan_iterations:3d} | "
+            f"tokens/s: {m['tokens_per_s']:.0f} | TFLOP/s/device: {m['tflops_per_device']:.3f} | MFU: {mfu} | "
+            f"peak mem (GiB): {m['peak_mem_gib']:.2f} |")
+
+
+def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[str] = None) -> int:
+    """Entry point of pretrain_*.py: parse, validate, train. Returns the exit code."""
+    args = parse_args(argv, defaults=defaults, description=description)
+    try:
+        validate_args(args)
+    except ArgumentError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(args)
+    trainer.train()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,30 @@
+"""FPDT on megatron-core: long-context training with the Fully Pipelined Distributed Transformer."""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="fpdt-megatron",
+    version="0.1.0",
+    description="FPDT (Fully Pipelined Distributed Transformer) for megatron-core: chunked, offloading, "
+                "pipelined attention, MLP and loss for training on millions of tokens",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # `megatron` is a namespace package shared with megatron-core: ours adds megatron.training.
+    packages=find_namespace_packages(include=["fpdt_ext", "fpdt_ext.*", "megatron.training", "megatron.training.*"]),
+    install_requires=[
+        # Tested: torch 2.13 (CPU, Python 3.11) and 2.11 (CUDA, Python 3.12).
+        "torch>=2.4,<2.15",
+        # 0.16.x is the newest on Python 3.11 and installs on 3.12 too: one API everywhere.
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
+    ],
+    extras_require={
+        # All optional at run time: the code picks them up when importable.
+        # NVIDIA apex is not on PyPI (the PyPI package "apex" is unrelated): build it from
+        # https://github.com/NVIDIA/apex if you want its fused kernels.
+        "gpu": ["flash-attn>=2.5,<3", "transformer-engine[pytorch]>=1.13"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)

@@ -1,0 +1,198 @@
+"""FPDT on 1, 2 and 4 gloo processes against single-process references.
+
+The chunk all-to-all against the layout, and fpdt_attention against float64 attention:
+
+Forward output and dq, dk, dv, over chunk counts, offload on/off, batch 2,
+MHA and GQA (including KV heads fewer than, or not dividing, the FPDT size),
+float32, bfloat16 and float64. Each world size is spawned once; every case
+runs inside it and reports its errors; the tests below assert on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fpdt_ext.comm import head_to_seq, seq_to_head
+from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
+from fpdt_ext.layout import fpdt_shard
+from fpdt_ext.spawn import run_world
+from tests.reference import dense_causal_attention, rel_error
+
+WORLD_SIZES = (1, 2, 4)
+CHUNKS = (1, 2, 3, 4, 8)
+HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (8, 1), "gqa12x6": (12, 6)}  # (H, KV)
+# Tolerances on max|err|/max|ref| against float64 attention of the same (rounded) inputs.
+TOLERANCE = {"fp32": 2e-5, "bf16": 3e-2, "fp64": 1e-12}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+SUB_CHUNK = 3  # tokens per sub-chunk: S = P * u * 3
+BATCH, HEAD_DIM = 2, 8
+
+
+def case_list(world_size):
+    cases = []
+    for u, offload, heads, dtype in itertools.product(CHUNKS, (False, True), HEADS, ("fp32", "bf16")):
+        if HEADS[heads][0] % world_size == 0:
+            cases.append((u, offload, heads, dtype, None))
+    for u, offload in itertools.product((1, 3, 4), (False, True)):  # exact algorithm check
+        cases.append((u, offload, "gqa", "fp64", "math"))
+    return cases
+
+
+def case_id(case):
+    u, offload, heads, dtype, backend = case
+    return f"u{u}-{'offload' if offload else 'resident'}-{heads}-{dtype}" + (f"-{backend}" if backend else "")
+
+
+def run_case(rank, world_size, case, group):
+    u, offload, heads, dtype_name, backend = case
+    dtype = DTYPES[dtype_name]
+    num_heads, kv_heads = HEADS[heads]
+    seq = world_size * u * SUB_CHUNK
+    gen = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))  # same on every rank
+    full = [torch.randn(seq, BATCH, h, HEAD_DIM, generator=gen).to(dtype).double()
+            for h in (num_heads, kv_heads, kv_heads)]
+    dout = torch.randn(seq, BATCH, num_heads, HEAD_DIM, generator=gen).to(dtype).double()
+    ref_in = [t.clone().requires_grad_() for t in full]
+    ref_out = dense_causal_attention(*ref_in)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+
+    def shard(t):
+        return fpdt_shard(t, dim=0, sp_rank=rank, sp_size=world_size, num_chunks=u)
+
+    local = [shard(t).to(dtype).requires_grad_() for t in full]
+    out = fpdt_attention(*local, sp_group=group, num_chunks=u, offload=offload, backend=backend)
+    grads = torch.autograd.grad(out, local, shard(dout).to(dtype))
+    names = ("out", "dq", "dk", "dv")
+    return {n: rel_error(a, shard(e)) for n, a, e in zip(names, (out, *grads), (ref_out, *ref_grads))}
+
+
+def residency_peaks(group, world_size, num_chunks, offload):
+    """Peak chunks per kind on the device during forward and during backward."""
+    seq = world_size * num_chunks * SUB_CHUNK
+    q = torch.randn(seq // world_size, BATCH, 4, HEAD_DIM)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    plan = make_plan(q, k, v, sp_group=group, num_chunks=num_chunks, offload=offload)
+    state = AttentionState(plan, q.device)
+    out = fpdt_forward(q, k, v, plan, state)
+    forward_peak = dict(state.residency.peak)
+    state.residency.reset_peak()
+    fpdt_backward(torch.randn_like(out), plan, state, kv_heads=4)
+    return forward_peak, dict(state.residency.peak), dict(state.residency.current)
+
+
+def bad_input_errors(group, world_size):
+    """Bad inputs must raise before any collective: collectives are made to fail here."""
+    def no_comm(*args, **kwargs):
+        raise AssertionError("communication before input validation")
+
+    saved = dist.all_to_all_single
+    dist.all_to_all_single = no_comm
+    messages = {}
+    try:
+        s, b, d = 4 * world_size * 2, 2, 8
+        bad = {
+            "indivisible_chunks": (torch.randn(s + 1, b, 4, d),) * 3 + (4,),
+            "heads_not_divisible_by_sp": (torch.randn(s, b, 3, d),) * 3 + (1,),
+            "kv_heads_not_dividing": (torch.randn(s, b, 4, d), torch.randn(s, b, 3, d), torch.randn(s, b, 3, d), 1),
+            "shape_mismatch": (torch.randn(s, b, 4, d), torch.randn(s - 1, b, 4, d), torch.randn(s - 1, b, 4, d), 1),
+            "dtype_mismatch": (torch.randn(s, b, 4, d), torch.randn(s, b, 4, d, dtype=torch.float64),
+                               torch.randn(s, b, 4, d), 1),
+            "not_4d": (torch.randn(s, b, 4 * d),) * 3 + (1,),
+        }
+        for name, (q, k, v, u) in bad.items():
+            if name == "heads_not_divisible_by_sp" and world_size == 1:
+                continue
+            try:
+                fpdt_attention(q, k, v, sp_group=group, num_chunks=u)
+                messages[name] = None
+            except ValueError as e:
+                messages[name] = str(e)
+    finally:
+        dist.all_to_all_single = saved
+    return messages
+
+
+def all_to_all_errors(rank, world_size, group):
+    """seq_to_head of local chunk i must give global span i for this rank's heads; head_to_seq inverts it."""
+    errors = []
+    num_chunks, sub, b, heads, d = 3, 2, 2, 4 * world_size, 3
+    seq = world_size * num_chunks * sub
+    full = torch.arange(seq * b * heads * d, dtype=torch.float32).view(seq, b, heads, d)
+    local = fpdt_shard(full, dim=0, sp_rank=rank, sp_size=world_size, num_chunks=num_chunks)
+    span, hl = seq // num_chunks, heads // world_size
+    for async_op in (False, True):
+        for i in range(num_chunks):
+            chunk = local[i * sub:(i + 1) * sub]
+            got = seq_to_head(chunk, group, async_op=async_op).wait()  # [b, P*c, H/P, d]
+            want = full[i * span:(i + 1) * span, :, rank * hl:(rank + 1) * hl].transpose(0, 1)
+            if not torch.equal(got, want):
+                errors.append(f"seq_to_head chunk {i} async={async_op}")
+            back = head_to_seq(got, group, async_op=async_op).wait()
+            into = torch.empty_like(chunk)
+            head_to_seq(got, group, out=into, async_op=async_op).wait()
+            if not (torch.equal(back, chunk) and torch.equal(into, chunk)):
+                errors.append(f"head_to_seq chunk {i} async={async_op}")
+    return errors
+
+
+def world_worker(rank, world_size):
+    group = dist.new_group(list(range(world_size)))
+    report = {"cases": {}, "residency": {}, "bad": bad_input_errors(group, world_size),
+              "comm": all_to_all_errors(rank, world_size, group)}
+    for case in case_list(world_size):
+        report["cases"][case_id(case)] = run_case(rank, world_size, case, group)
+    for offload in (False, True):
+        report["residency"][offload] = residency_peaks(group, world_size, 8, offload)
+    return report
+
+
+@functools.lru_cache(maxsize=None)
+def world_report(world_size):
+    return run_world(world_size, world_worker)
+
+
+ALL_CASES = [(w, c) for w in WORLD_SIZES for c in case_list(w)]
+
+
+@pytest.mark.parametrize("world_size,case", ALL_CASES, ids=[f"sp{w}-{case_id(c)}" for w, c in ALL_CASES])
+def test_matches_float64_reference(world_size, case):
+    tolerance = TOLERANCE[case[3]]
+    for rank, report in enumerate(world_report(world_size)):
+        errors = report["cases"][case_id(case)]
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= tolerance, f"rank {rank}: {worst} rel error {errors[worst]:.2e} > {tolerance:.0e}; {errors}"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_all_to_all_follows_the_layout(world_size):
+    for rank, report in enumerate(world_report(world_size)):
+        assert report["comm"] == [], f"rank {rank}: {report['comm']}"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_offload_bounds_device_residency(world_size):
+    for report in world_report(world_size):
+        fwd, bwd, after = report["residency"][True]
+        assert fwd["kv"] <= 2, f"forward kept {fwd['kv']} KV chunks on the device"
+        assert all(n <= 2 for n in bwd.values()), f"backward residency {bwd}"
+        assert all(n == 0 for n in after.values()), f"chunks left on the device after backward: {after}"
+        fwd_resident, _, _ = report["residency"][False]
+        assert fwd_resident["kv"] == 8, "without offload every KV chunk stays resident"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_bad_inputs_fail_before_communication(world_size):
+    for report in world_report(world_size):
+        for name, message in report["bad"].items():
+            assert message is not None, f"{name} was accepted"
+    messages = world_report(world_size)[0]["bad"]
+    assert "multiple of fpdt_parallel_size*num_chunks" in messages["indivisible_chunks"]
+    assert "num_query_groups" in messages["kv_heads_not_dividing"]
+    assert "sequence length" in messages["shape_mismatch"]
+    assert "dtype" in messages["dtype_mismatch"]

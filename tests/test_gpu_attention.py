@@ -1,0 +1,63 @@
+"""fpdt_attention on one CUDA device: CUDA kernels, pinned offload with the side stream.
+
+Skipped without a GPU; run by bench/gpu_check.sh on a lent machine.
+"""
+
+import pytest
+import torch
+
+from fpdt_ext import kernels
+from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
+from tests.reference import dense_causal_attention, rel_error
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _backends(dtype):
+    return [b for b in kernels.BACKENDS if kernels.backend_supports(b, "cuda", dtype, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_chunks", [1, 3, 4])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)])
+def test_cuda_matches_float64_reference(dtype, num_chunks, offload, heads, kv_heads):
+    gen = torch.Generator().manual_seed(num_chunks)
+    seq = 96 * num_chunks
+    full = [torch.randn(seq, 2, h, 64, generator=gen).to(dtype).double() for h in (heads, kv_heads, kv_heads)]
+    dout = torch.randn(seq, 2, heads, 64, generator=gen).to(dtype).double()
+    ref_in = [t.clone().requires_grad_() for t in full]
+    ref_out = dense_causal_attention(*ref_in)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+    for backend in _backends(dtype):
+        local = [t.to("cuda", dtype).requires_grad_() for t in full]
+        out = fpdt_attention(*local, num_chunks=num_chunks, offload=offload, backend=backend)
+        grads = torch.autograd.grad(out, local, dout.to("cuda", dtype))
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+            err = rel_error(got.cpu(), want)
+            assert err <= TOL[dtype], f"{backend}: {name} rel error {err:.2e}"
+
+
+def test_cuda_offload_bounds_residency_and_device_memory():
+    num_chunks, chunk = 8, 2048
+    q, k, v = (torch.randn(num_chunks * chunk, 1, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    peaks = {}
+    for offload in (False, True):
+        plan = make_plan(q, k, v, sp_group=None, num_chunks=num_chunks, offload=offload)
+        state = AttentionState(plan, q.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fpdt_forward(q, k, v, plan, state)
+        torch.cuda.synchronize()
+        peaks[offload] = torch.cuda.max_memory_allocated() - base
+        if offload:
+            assert state.residency.peak["kv"] <= 2
+            state.residency.reset_peak()
+        fpdt_backward(torch.randn_like(out), plan, state, kv_heads=8)
+        if offload:
+            assert all(n <= 2 for n in state.residency.peak.values()), state.residency.peak
+        del out, state
+    assert peaks[True] < peaks[False], f"offload did not lower the forward's device memory: {peaks}"

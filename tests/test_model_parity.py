@@ -1,0 +1,173 @@
+"""The FPDT-spec model against megatron-core's local-spec GPTModel with the same weights.
+
+Reference: one process, megatron-core's GPTModel with its local spec (its own
+DotProductAttention, MLP and vocab-parallel cross entropy). FPDT: 2 processes
+(FPDT 2) and 4 processes (TP 2 x FPDT 2), several chunks, offload on. Per-token
+losses and every parameter gradient must match (float32), for a GPT config
+(LayerNorm, GeLU, biases, learned positions, tied embeddings) and a Llama
+config (RMSNorm, SwiGLU, no biases, RoPE, GQA, untied embeddings).
+
+The FPDT runs also prove FPDT's hot paths use the process groups they were
+given: megatron-core's global parallel-state getters are made to raise inside
+FPDT attention (module forward, autograd forward and backward), the chunked
+MLP's own code and the chunked loss (forward and backward). (megatron-core's
+own linear layers still look up their default TP group; that is theirs.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fpdt_ext.layout import fpdt_shard, fpdt_shard_batch
+from fpdt_ext.spawn import run_world
+
+SEQ, BATCH, VOCAB = 48, 2, 96
+COMMON = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
+          "--seq-length", str(SEQ), "--micro-batch-size", str(BATCH), "--train-iters", "1", "--mock-data",
+          "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "16", "--attention-dropout", "0",
+          "--hidden-dropout", "0", "--seed", "7"]
+CONFIGS = {
+    "gpt": [],
+    "llama": ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type",
+              "rope", "--rotary-base", "500000", "--group-query-attention", "--num-query-groups", "2",
+              "--untie-embeddings-and-output-weights"],
+}
+FPDT = ["--fpdt", "--fpdt-chunk-size", "16", "--fpdt-offload"]  # 3 chunks of 16 tokens
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    loss_mask = (torch.rand(BATCH, SEQ, generator=gen) > 0.2).float()
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask,
+            "position_ids": torch.arange(SEQ).expand(BATCH, SEQ).contiguous()}
+
+
+def _setup(flags, world_size):
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.initialize import initialize
+
+    args = validate_args(parse_args(COMMON + flags), world_size=world_size)
+    return args, initialize(args)
+
+
+def _full_grad(param, grad, groups):
+    """The whole tensor from this rank's TP shard (gathered along its partition dim; a
+    strided partition, e.g. SwiGLU's [gate; up] fc1, interleaves the shards' pieces)."""
+    if not getattr(param, "tensor_model_parallel", False) or groups.layout.tensor_model_parallel_size == 1:
+        return grad
+    parts = [torch.empty_like(grad) for _ in range(groups.layout.tensor_model_parallel_size)]
+    dist.all_gather(parts, grad.contiguous(), group=groups.tp)
+    stride, dim = getattr(param, "partition_stride", 1), param.partition_dim
+    pieces = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([p[k] for k in range(stride) for p in pieces], dim=dim)
+
+
+def reference_worker(rank, world_size, config):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.training.models import build_model
+
+    args, groups = _setup(CONFIGS[config], world_size)
+    model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(normalization=args.normalization))
+    batch = _batch()
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, S]
+    (losses * batch["loss_mask"]).sum().div(batch["loss_mask"].sum()).backward()
+    return {"losses": losses.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+class _Forbidden:
+    """megatron-core's global parallel-state getters, made to raise while active."""
+
+    depth = 0
+
+    @classmethod
+    def install(cls):
+        from megatron.core import parallel_state
+
+        for name in dir(parallel_state):
+            fn = getattr(parallel_state, name)
+            if name.startswith("get_") and callable(fn):
+                def guarded(*args, _fn=fn, _name=name, **kwargs):
+                    if cls.depth:
+                        raise AssertionError(f"global getter parallel_state.{_name}() called in an FPDT hot path")
+                    return _fn(*args, **kwargs)
+                setattr(parallel_state, name, guarded)
+
+    @classmethod
+    def wrap(cls, owner, attr):
+        fn = getattr(owner, attr)
+
+        def forbidding(*args, **kwargs):
+            cls.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.depth -= 1
+        setattr(owner, attr, staticmethod(forbidding) if isinstance(owner.__dict__.get(attr), staticmethod)
+                else forbidding)
+
+
+def _forbid_globals_in_fpdt_hot_paths():
+    import fpdt_ext.attention as attention
+    import fpdt_ext.loss as loss
+    import fpdt_ext.model as model
+    from fpdt_ext.spec import FPDTCoreAttention
+
+    _Forbidden.install()
+    _Forbidden.wrap(FPDTCoreAttention, "forward")
+    _Forbidden.wrap(attention, "fpdt_forward")
+    _Forbidden.wrap(attention, "fpdt_backward")
+    _Forbidden.wrap(model, "chunked_lm_loss")
+    _Forbidden.wrap(loss._ChunkedVocabParallelLoss, "backward")
+
+
+def fpdt_worker(rank, world_size, config, tp):
+    from megatron.training.models import build_model
+
+    args, groups = _setup(CONFIGS[config] + FPDT + ["--fpdt-parallel-size", "2", "--tensor-model-parallel-size",
+                                                    str(tp)], world_size)
+    model = build_model(args, groups, VOCAB)
+    full = _batch()
+    batch = fpdt_shard_batch(full, sp_rank=groups.sp_rank, sp_size=2, num_chunks=args.fpdt_num_chunks)
+    _forbid_globals_in_fpdt_hot_paths()
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, S/2]
+    (losses * batch["loss_mask"]).sum().div(full["loss_mask"].sum()).backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad, group=groups.sp)  # each FPDT rank saw part of the tokens
+        grads[name] = _full_grad(param, grad, groups)
+    weights = {n: _full_grad(p, p.detach().clone(), groups) for n, p in model.named_parameters()}
+    return {"losses": losses.detach(), "grads": grads, "weights": weights, "sp_rank": groups.sp_rank,
+            "num_chunks": args.fpdt_num_chunks}
+
+
+@functools.lru_cache(maxsize=None)
+def reference(config):
+    return run_world(1, reference_worker, config)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def fpdt_run(config, tp):
+    return run_world(2 * tp, fpdt_worker, config, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["fpdt2", "tp2xfpdt2"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
+    ref = reference(config)
+    for result in fpdt_run(config, tp):
+        assert result["weights"].keys() == ref["weights"].keys(), "parameter names differ from the local spec"
+        for name, w in ref["weights"].items():
+            assert result["weights"][name].shape == w.shape, name
+            assert torch.equal(result["weights"][name], w), f"{name}: initial weights differ"
+        expected = fpdt_shard(ref["losses"], dim=1, sp_rank=result["sp_rank"], sp_size=2,
+                              num_chunks=result["num_chunks"])
+        torch.testing.assert_close(result["losses"], expected, rtol=1e-5, atol=1e-5)
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

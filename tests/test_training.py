@@ -1,0 +1,106 @@
+"""The training driver: argument validation, and end-to-end loss parity FPDT vs baseline.
+
+The parity run is pretrain_llama.py for 10 iterations: 2 processes with
+``--fpdt --fpdt-parallel-size 2 --fpdt-offload`` (and full recompute with the
+checkpointed inputs offloaded) against 1 process without ``--fpdt``; same seed,
+same mock data. Logged losses must agree to float32 precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fpdt_ext.spawn import free_port
+from megatron.training.arguments import ArgumentError, parse_args, validate_args
+from megatron.training.flops import training_flops_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
+        "--train-iters", "10", "--mock-data", "--vocab-size", "128"]
+
+
+def _validate(extra, world_size=2):
+    return validate_args(parse_args(TINY + extra), world_size=world_size)
+
+
+@pytest.mark.parametrize("extra,world_size,message", [
+    (["--fpdt", "--fpdt-parallel-size", "3"], 3, "num_attention_heads 4 is not divisible by"),
+    (["--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0.1"], 2, "--attention-dropout 0"),
+    (["--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0", "--fpdt-chunk-size", "48"], 2,
+     "not divisible by fpdt_chunk_size 48"),
+    (["--fpdt", "--fpdt-parallel-size", "4", "--attention-dropout", "0", "--fpdt-chunk-size", "6"], 4,
+     "use a multiple of 4"),
+    (["--fpdt-parallel-size", "2"], 2, "needs --fpdt"),
+    (["--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0"], 3, "world size 3 is not divisible"),
+    (["--tensor-model-parallel-size", "2", "--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0",
+      "--group-query-attention", "--num-query-groups", "1"], 4, "num_query_groups 1 is not divisible"),
+    (["--context-parallel-size", "2"], 2, "use --fpdt --fpdt-parallel-size"),
+    (["--pipeline-model-parallel-size", "2"], 2, "not supported by this training loop"),
+    (["--global-batch-size", "3"], 2, "use a multiple of 2"),
+    (["--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0", "--tensor-model-parallel-size", "2",
+      "--sequence-parallel"], 4, "--sequence-parallel"),
+    (["--offload-recompute-inputs"], 1, "needs --recompute-granularity full"),
+    (["--bf16", "--fp16"], 1, "choose one"),
+])
+def test_bad_configurations_are_rejected_with_what_to_change(extra, world_size, message):
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        _validate(extra, world_size)
+
+
+def test_deepspeed_fpdt_flags_are_aliases():
+    args = _validate(["--ds-sequence-parallel-fpdt", "--ds-sequence-parallel-size", "2",
+                      "--ds-sequence-parallel-fpdt-chunk-size", "16", "--ds-sequence-parallel-fpdt-offloading",
+                      "--attention-dropout", "0"])
+    assert (args.fpdt, args.fpdt_parallel_size, args.fpdt_chunk_size, args.fpdt_offload) == (True, 2, 16, True)
+    assert args.fpdt_num_chunks == 4 and args.data_parallel_size == 1
+
+
+def test_flops_formula():
+    # L=1, h=4, H=KV=2 heads of d=2, f=8, V=10, S=6, GeLU:
+    # qkv 2*4*6*2=96, attention 2*2*2*6=48, projection 2*2*2*4=32, mlp 2*4*8*2=128, logits 2*4*10=80
+    flops = training_flops_per_token(num_layers=1, hidden_size=4, num_heads=2, num_kv_heads=2, head_dim=2,
+                                     ffn_hidden_size=8, vocab_size=10, seq_length=6, gated=False)
+    assert flops == 3 * (96 + 48 + 32 + 128 + 80)
+
+
+def test_entry_point_reports_bad_flags_and_exits_2():
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, "--fpdt-parallel-size", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--fpdt-parallel-size 2 needs --fpdt" in proc.stderr
+
+
+LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+         "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "128", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "2",
+         "--lr-decay-style", "cosine", "--min-lr", "3e-4", "--clip-grad", "1.0", "--weight-decay", "0.1",
+         "--log-interval", "1", "--eval-iters", "0", "--mock-data", "--vocab-size", "256", "--seed", "42",
+         "--recompute-granularity", "full"]
+
+
+def _run(tmp_path, name, nproc, extra):
+    log = tmp_path / f"{name}.jsonl"
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        str(free_port())]
+    proc = subprocess.run([*launcher, "pretrain_llama.py", *LLAMA, "--loss-log-file", str(log), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_fpdt_training_matches_baseline_losses(tmp_path):
+    baseline = _run(tmp_path, "baseline", 1, [])
+    fpdt = _run(tmp_path, "fpdt", 2, ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32",
+                                      "--fpdt-offload", "--offload-recompute-inputs"])
+    assert [r["iteration"] for r in baseline] == list(range(1, 11))
+    assert [r["iteration"] for r in fpdt] == list(range(1, 11))
+    for b, f in zip(baseline, fpdt):
+        assert f["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5), (b, f)
+        assert f["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, f)
+    assert baseline[-1]["lm_loss"] < baseline[0]["lm_loss"], "the loss should fall over 10 iterations"
