@@ -104,3 +104,21 @@ def test_fpdt_training_matches_baseline_losses(tmp_path):
         assert f["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5), (b, f)
         assert f["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (b, f)
     assert baseline[-1]["lm_loss"] < baseline[0]["lm_loss"], "the loss should fall over 10 iterations"
+
+
+def test_data_parallel_x_fpdt_matches_baseline_losses(tmp_path):
+    """4 processes = DP 2 x FPDT 2: gradients reduced over data x FPDT ranks give the baseline's losses."""
+    baseline = _run(tmp_path, "baseline", 1, ["--train-iters", "4"])
+    fpdt = _run(tmp_path, "dp2_fpdt2", 4, ["--train-iters", "4", "--fpdt", "--fpdt-parallel-size", "2",
+                                           "--fpdt-chunk-size", "64"])
+    for b, f in zip(baseline, fpdt):
+        assert f["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5), (b, f)
+
+
+def test_bf16_fpdt_training_runs_and_learns(tmp_path):
+    bf16 = _run(tmp_path, "bf16", 2, ["--bf16", "--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32"])
+    fp32 = _run(tmp_path, "fp32", 1, [])
+    assert all(r["lm_loss"] == r["lm_loss"] for r in bf16), "NaN loss"
+    assert bf16[-1]["lm_loss"] < bf16[0]["lm_loss"]
+    for b, f in zip(bf16, fp32):
+        assert b["lm_loss"] == pytest.approx(f["lm_loss"], rel=3e-2), (b, f)

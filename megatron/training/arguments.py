@@ -131,6 +131,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = 
     return parser.parse_args(argv)
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -161,6 +167,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     if args.bf16 and args.fp16:
         raise ArgumentError("choose one of --bf16 and --fp16")
+    if args.fp16 and not cuda_available():
+        raise ArgumentError("--fp16 needs a GPU (loss scaling lives in megatron-core's GPU optimizer); use "
+                            "--bf16 or float32 on the CPU")
     args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
     if args.kv_channels is None:
         if args.hidden_size % args.num_attention_heads:

@@ -62,6 +62,8 @@ class Trainer:
         self.groups = initialize(args)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
+        if args.use_distributed_optimizer and self.device.type == "cpu":
+            print_rank_0("note: --use-distributed-optimizer has no effect on the CPU (HostAdamW keeps full state)")
         self.tokenizer = MockTokenizer(args.vocab_size)  # real tokenizers arrive with the data issue
         model = build_model(args, self.groups, self.tokenizer.vocab_size)
         ddp_config = DistributedDataParallelConfig(
@@ -101,9 +103,11 @@ class Trainer:
         sp_size = self.groups.layout.fpdt_parallel_size
         loss_sum = torch.zeros((), dtype=torch.float64)
         token_sum = torch.zeros((), dtype=torch.float64)
+        # megatron-core's mixed-precision optimizers unscale the gradients by their loss scale.
+        loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
         for batch in self.train_data.global_batch():
             local_sum, tokens = self._loss_terms(batch)
-            (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches).backward()
+            (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches * loss_scale).backward()
             loss_sum += local_sum.detach().double().cpu()
             token_sum += tokens.detach().double().cpu() / sp_size
         self.model.finish_grad_sync()
