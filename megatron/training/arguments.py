@@ -19,6 +19,7 @@ import os
 from typing import Optional, Sequence
 
 from fpdt_ext.config import FPDTConfig, check_heads
+from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args
 
 
 class ArgumentError(ValueError):
@@ -102,10 +103,22 @@ def _add_training_args(p):
 
 def _add_data_and_logging_args(p):
     g = p.add_argument_group("data")
-    g.add_argument("--mock-data", action="store_true", help="random tokens (megatron-core's MockGPTDataset)")
-    g.add_argument("--data-path", nargs="+", default=None)
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens (megatron-core's MockGPTDataset)")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX [PREFIX ...] or WEIGHT PREFIX [WEIGHT PREFIX ...] of .bin/.idx datasets")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each EOD")
+    g.add_argument("--reset-attention-mask", action="store_true", help="not supported (see validate_args)")
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate the whole configuration (layout, divisibility, tokenizer files), print the "
+                        "plan, and exit without starting processes")
+    g.add_argument("--dry-run-world-size", type=int, default=None,
+                   help="with --dry-run: the number of processes the real run will have")
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -117,7 +130,8 @@ def _add_data_and_logging_args(p):
 
 def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_and_logging_args):
+    for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_and_logging_args,
+                add_tokenizer_args):
         add(p)
     return p
 
@@ -143,7 +157,8 @@ def _world_size() -> int:
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Check every combination; fill derived values. Raises ArgumentError."""
-    world_size = _world_size() if world_size is None else world_size
+    if world_size is None:
+        world_size = args.dry_run_world_size if args.dry_run and args.dry_run_world_size else _world_size()
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     fpdt_size = args.fpdt_parallel_size
     if args.context_parallel_size != 1:
@@ -227,8 +242,33 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--lr-warmup-iters is longer than the decay (--lr-decay-iters / --train-iters)")
     if not args.mock_data and not args.data_path:
         raise ArgumentError("give --data-path PREFIX [PREFIX ...] or --mock-data")
-    if args.mock_data and args.vocab_size is None:
-        raise ArgumentError("--mock-data needs --vocab-size")
+    if args.tokenizer_type is None:
+        if not args.mock_data:
+            raise ArgumentError("--data-path needs the tokenizer it was made with: set --tokenizer-type (and its "
+                                "files)")
+        if args.vocab_size is None:
+            raise ArgumentError("--mock-data without a tokenizer needs --vocab-size")
+        args.tokenizer_type = "NullTokenizer"
+    problem = check_tokenizer_args(args)
+    if problem:
+        raise ArgumentError(problem)
+    if args.reset_attention_mask:
+        raise ArgumentError("--reset-attention-mask is not supported: FPDT and the baseline attend causally over "
+                            "the whole sequence (no per-document masks); drop it (--reset-position-ids and "
+                            "--eod-mask-loss do work)")
+    if args.reset_position_ids and args.position_embedding_type == "rope":
+        raise ArgumentError("--reset-position-ids with --position-embedding-type rope is not supported: "
+                            "megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 whatever the position "
+                            "ids; use it with learned_absolute positions")
+    if args.data_path and not args.mock_data:
+        prefixes = [p for i, p in enumerate(args.data_path) if not (len(args.data_path) % 2 == 0 and i % 2 == 0)]
+        for prefix in prefixes:
+            missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise ArgumentError(f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found "
+                                    f"(make it with tools/preprocess_data.py)")
+    if args.save_interval is not None and not args.save:
+        raise ArgumentError("--save-interval needs --save DIR")
     for name in ("log_interval", "eval_interval", "train_iters", "micro_batch_size", "seq_length"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive")

@@ -1,8 +1,9 @@
 """megatron-core on a machine without CUDA: the few places it assumes CUDA.
 
-megatron-core 0.16 runs its GPT model, DDP wrapper and recompute on the CPU
-once three assumptions are redirected; :func:`install` does exactly that and
-nothing else, and only when CUDA is unavailable (it is a no-op on GPUs):
+megatron-core 0.16 runs its GPT model, DDP wrapper, recompute and distributed
+checkpointing on the CPU once four assumptions are redirected; :func:`install`
+does exactly that and nothing else, and only when CUDA is unavailable (it is a
+no-op on GPUs):
 
 1. Device lookups. Layers, buffers and the rotary embedding ask
    ``torch.cuda.current_device()`` where to allocate; here the answer is "cpu".
@@ -13,6 +14,9 @@ nothing else, and only when CUDA is unavailable (it is a no-op on GPUs):
    generator, so recompute replays dropout masks exactly.
 3. Mask helpers. The default causal mask of megatron-core's local core
    attention is built on "cuda"; here it is built on the CPU.
+4. Synchronisation. dist_checkpointing calls ``torch.cuda.synchronize()``
+   after copying tensors to host memory; on the CPU there is nothing to wait
+   for, so it returns at once.
 """
 
 from __future__ import annotations
@@ -101,5 +105,6 @@ def install() -> bool:
     mrandom._get_cuda_rng_state = _cpu_rng_state
     mrandom._set_cuda_rng_state = _set_cpu_rng_state
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # (3) where the local core attention looks it up
+    torch.cuda.synchronize = lambda device=None: None  # (4)
     _INSTALLED = True
     return True

@@ -15,44 +15,67 @@ from typing import Dict, Iterator, Optional
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
 
 from fpdt_ext.layout import fpdt_shard_batch
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-class MockTokenizer:
-    """What megatron-core's datasets need of a tokenizer when there is none: size and end of document."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.eod = vocab_size - 1
-        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": vocab_size}  # dataset cache key
-
-
-def dataset_config(args, tokenizer, blend=None) -> GPTDatasetConfig:
+def dataset_config(args, tokenizer) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
-        blend=blend,
+        blend=None if args.mock_data else get_blend_from_list(args.data_path),
         split=args.split,
         path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=False,
+        reset_position_ids=args.reset_position_ids,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,  # FPDT and the baseline attention are causal by construction
     )
 
 
-def build_datasets(args, tokenizer, blend=None):
-    """(train, valid, test) datasets sized for the whole run."""
+def resolve_split(split: str, prefixes, needed) -> str:
+    """The split to build with: each split the run reads (``needed``: names among train/validation)
+    must give every dataset at least one document, or this raises ValueError saying what to change;
+    a split the run does not read that would be empty is dropped (weight 0), because megatron-core
+    would otherwise loop forever looking for tokens that are not there."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weights = parse_and_normalize_split(split)
+    names = ("train", "validation", "test")
+    for prefix in prefixes:
+        num_docs = len(IndexedDataset(prefix).document_indices) - 1
+        for i, bounds in enumerate(convert_split_vector_to_split_matrix(weights)):
+            if bounds is None:
+                continue
+            docs = int(round(bounds[1] * num_docs)) - int(round(bounds[0] * num_docs))
+            if docs >= 1:
+                continue
+            if names[i] in needed:
+                raise ValueError(f"{prefix} has {num_docs} documents, which leaves the {names[i]} split empty "
+                                 f"under --split {split}; use more documents or a split such as 90,10,0")
+            weights[i] = 0.0
+    return ",".join(f"{w:.12g}" for w in weights)
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) datasets sized for the whole run, as Megatron-LM sizes them."""
     num_evals = args.train_iters // args.eval_interval + 1
     sizes = [args.train_iters * args.global_batch_size,
              num_evals * args.eval_iters * args.global_batch_size,
              args.eval_iters * args.global_batch_size]
+    config = dataset_config(args, tokenizer)
+    if not args.mock_data:
+        needed = ("train", "validation") if args.eval_iters else ("train",)
+        config.split = resolve_split(args.split, config.blend[0], needed)
+        config.__post_init__()  # recompute the split matrix
     cls = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset_config(args, tokenizer, blend)).build()
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
 
 
 class MicroBatches:

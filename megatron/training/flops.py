@@ -33,6 +33,21 @@ def training_flops_per_token(*, num_layers, hidden_size, num_heads, num_kv_heads
     return 3.0 * (num_layers * (qkv + attention + projection + mlp) + logits)
 
 
+def count_parameters(args, vocab_size: int) -> int:
+    """Parameters of the GPT/Llama model the arguments describe (all ranks together)."""
+    h, d, f = args.hidden_size, args.kv_channels, args.ffn_hidden_size
+    heads, kv = args.num_attention_heads, args.num_query_groups
+    bias = args.add_bias_linear
+    norm = 2 * h if args.normalization == "LayerNorm" else h
+    attention = h * (heads + 2 * kv) * d + heads * d * h + (bias and (heads + 2 * kv) * d + h)
+    mlp = h * f * (2 if args.swiglu else 1) + f * h + (bias and f * (2 if args.swiglu else 1) + h)
+    layer = attention + mlp + 2 * norm
+    embeddings = vocab_size * h * (1 if not args.untie_embeddings_and_output_weights else 2)
+    if args.position_embedding_type == "learned_absolute":
+        embeddings += args.max_position_embeddings * h
+    return args.num_layers * layer + norm + embeddings
+
+
 def flops_per_token_from_args(args, vocab_size: int) -> float:
     return training_flops_per_token(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_heads=args.num_attention_heads,

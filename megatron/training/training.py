@@ -26,11 +26,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from fpdt_ext.offload import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.data import MicroBatches, MockTokenizer, build_datasets, to_model_layout
+from megatron.training.checkpointing import save_checkpoint
+from megatron.training.data import MicroBatches, build_datasets, to_model_layout
 from megatron.training.flops import device_peak_tflops, flops_per_token_from_args
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model, transformer_config
 from megatron.training.optimizer import build_optimizer
+from megatron.training.tokenizer import build_tokenizer
 
 
 @dataclasses.dataclass
@@ -64,7 +66,7 @@ class Trainer:
             else torch.device("cpu")
         if args.use_distributed_optimizer and self.device.type == "cpu":
             print_rank_0("note: --use-distributed-optimizer has no effect on the CPU (HostAdamW keeps full state)")
-        self.tokenizer = MockTokenizer(args.vocab_size)  # real tokenizers arrive with the data issue
+        self.tokenizer = build_tokenizer(args)
         model = build_model(args, self.groups, self.tokenizer.vocab_size)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -149,7 +151,8 @@ class Trainer:
                      f"{args.global_batch_size} ({args.num_microbatches} micro batches)")
         log_file = open(args.loss_log_file, "a") if args.loss_log_file and dist.get_rank() == 0 else None
         tokens_per_iter = args.global_batch_size * args.seq_length
-        interval_start, interval_iters = time.perf_counter(), 0
+        run_start = interval_start = time.perf_counter()
+        interval_iters = 0
         losses, last = [], {}
         while self.state.iteration < args.train_iters:
             loss, grad_norm = self.train_step()
@@ -164,19 +167,30 @@ class Trainer:
                             tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
                             peak_mem_gib=peak_memory_bytes() / 2**30)
                 self._log(last)
-                if log_file:
-                    log_file.write(json.dumps(last) + "\n")
-                    log_file.flush()
                 interval_start, interval_iters = time.perf_counter(), 0
+            if args.save and ((args.save_interval and it % args.save_interval == 0) or it == args.train_iters):
+                last["checkpoint"] = save_checkpoint(self, it)
+                print_rank_0(f" saved checkpoint at iteration {it} to {last['checkpoint']}")
+                interval_start = time.perf_counter()
             if args.eval_iters and (it % args.eval_interval == 0 or it == args.train_iters):
                 val = self.evaluate()
                 print_rank_0(f" validation loss at iteration {it} | lm loss value: {val:.6E} | "
                              f"lm loss PPL: {math.exp(min(val, 20)):.6E} |")
                 last["val_loss"] = val
                 interval_start = time.perf_counter()
+            if log_file and last.get("iteration") == it:
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
         if log_file:
             log_file.close()
-        return dict(last, losses=losses)
+        run_seconds = time.perf_counter() - run_start
+        summary = dict(last, losses=losses, first_loss=losses[0], final_loss=losses[-1],
+                       mean_tokens_per_s=tokens_per_iter * len(losses) / run_seconds)
+        print_rank_0(f"summary: {len(losses)} iterations in {run_seconds:.0f}s | lm loss {losses[0]:.3f} -> "
+                     f"{losses[-1]:.3f} | {summary['mean_tokens_per_s']:.0f} tokens/s overall"
+                     + (f" | validation loss {last['val_loss']:.3f}" if "val_loss" in last else "")
+                     + (f" | checkpoint: {last['checkpoint']}" if "checkpoint" in last else ""))
+        return summary
 
     def _log(self, m):
         mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
@@ -190,6 +204,37 @@ class Trainer:
             f"peak mem (GiB): {m['peak_mem_gib']:.2f} |")
 
 
+def describe_plan(args) -> str:
+    """What a validated configuration will run, for --dry-run."""
+    from megatron.training.arguments import padded_vocab_size
+    from megatron.training.flops import count_parameters
+    from megatron.training.tokenizer import build_tokenizer, tokenizer_files
+
+    vocab = build_tokenizer(args).vocab_size
+    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    sp = args.fpdt_parallel_size
+    lines = [
+        "dry run: the configuration is valid",
+        f"  world {args.world_size} = TP {args.tensor_model_parallel_size} x FPDT {sp} x PP "
+        f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}",
+        f"  model: {count_parameters(args, padded) / 1e9:.2f}B parameters (L={args.num_layers}, h={args.hidden_size}, "
+        f"heads {args.num_attention_heads}/kv {args.num_query_groups}, ffn {args.ffn_hidden_size}, vocab {vocab} "
+        f"padded to {padded})",
+        f"  batch: {args.global_batch_size} sequences of {args.seq_length} tokens = {args.num_microbatches} micro "
+        f"batches of {args.micro_batch_size} per data-parallel rank",
+    ]
+    if args.fpdt:
+        u = args.fpdt_num_chunks
+        lines.append(f"  FPDT: {args.seq_length // sp} tokens per rank in {u} chunks of {args.seq_length // u} "
+                     f"tokens ({args.seq_length // u // sp} per rank); offload {'on' if args.fpdt_offload else 'off'}")
+    else:
+        lines.append("  baseline: megatron-core GPTModel, standard spec")
+    files = tokenizer_files(args)
+    lines.append(f"  tokenizer: {args.tokenizer_type}" + (f" ({', '.join(files)}: found)" if files else ""))
+    lines.append("  data: " + ("mock" if args.mock_data else " ".join(args.data_path)))
+    return "\n".join(lines)
+
+
 def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[str] = None) -> int:
     """Entry point of pretrain_*.py: parse, validate, train. Returns the exit code."""
     args = parse_args(argv, defaults=defaults, description=description)
@@ -198,6 +243,9 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     except ArgumentError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(describe_plan(args))
+        return 0
     trainer = Trainer(args)
     trainer.train()
     if dist.is_initialized():
