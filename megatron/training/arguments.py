@@ -114,6 +114,14 @@ def _add_data_and_logging_args(p):
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--load", default=None, help="directory to resume from (newest usable checkpoint)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (e.g. SLURM preemption): finish the iteration, save, exit")
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit after an iteration divisible "
+                                                                   "by this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after the first iteration that ends past this many minutes")
     g.add_argument("--dry-run", action="store_true",
                    help="validate the whole configuration (layout, divisibility, tokenizer files), print the "
                         "plan, and exit without starting processes")
@@ -238,8 +246,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.lr_decay_iters = args.train_iters
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError("--lr-warmup-iters is longer than the decay (--lr-decay-iters / --train-iters)")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be shorter than the decay "
+                            f"({args.lr_decay_iters} iterations: --lr-decay-iters, default --train-iters)")
     if not args.mock_data and not args.data_path:
         raise ArgumentError("give --data-path PREFIX [PREFIX ...] or --mock-data")
     if args.tokenizer_type is None:
@@ -269,6 +278,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                     f"(make it with tools/preprocess_data.py)")
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ArgumentError("--keep-last must be at least 1")
+    for name in ("save_interval", "exit_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be positive")
     for name in ("log_interval", "eval_interval", "train_iters", "micro_batch_size", "seq_length"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive")

@@ -1,66 +1,150 @@
-"""Saving checkpoints: megatron-core distributed checkpoints, written atomically.
+"""Checkpoints: megatron-core distributed checkpoints, written atomically, verified on load.
 
 Layout (Megatron-LM's names)::
 
-    SAVE/latest_checkpointed_iteration.txt      the iteration of the newest complete checkpoint
-    SAVE/iter_0000100/                          megatron-core dist_checkpointing of the model
-    SAVE/iter_0000100/train_state/rank_00000.pt optimizer, scheduler, RNG and data position of each rank
+    SAVE/latest_checkpointed_iteration.txt     the iteration of the newest complete checkpoint
+    SAVE/iter_0000100/                         one checkpoint
+        *.distcp, .metadata, common.pt, metadata.json   megatron-core dist_checkpointing: model,
+                                                        optimizer (sharded like the parameters),
+                                                        scheduler, iteration, data position
+        train_state/rank_00000.pt              RNG states of each rank
+        manifest.json                          size and sha256 of every file, written last
 
-Every checkpoint is written into ``iter_XXXXXXX.tmp-<nonce>`` and renamed to its
-final name by rank 0 after all ranks finished; the "latest" file moves only
-after that rename (write to a temporary file, then ``os.replace``). A crash at
-any point leaves the previous checkpoint and pointer intact.
+Saving: every rank writes into ``iter_XXXXXXX.tmp-<nonce>``; after a barrier the
+files are hashed (spread over the ranks), rank 0 writes the manifest, renames
+the directory to its final name, then moves the "latest" pointer (temporary
+file + ``os.replace``), then prunes old checkpoints (``--keep-last``). A crash
+at any point leaves the previous checkpoint and pointer untouched.
+
+Loading (``--load DIR``): checkpoints are tried newest first (starting at the
+pointer); one whose manifest is missing or whose files are missing, truncated
+or altered is reported with the reason and skipped for the previous one.
+Model and optimizer are sharded tensors, so a checkpoint saved with one
+TP / FPDT / DP layout loads into another. RNG states are restored when the
+layout is the same (exact resume); otherwise ranks are re-seeded from the seed
+and iteration, with a note.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import time
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 LATEST = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, with the reasons."""
 
 
 def checkpoint_name(save_dir: str, iteration: int) -> str:
     return os.path.join(save_dir, f"iter_{iteration:07d}")
 
 
-def _broadcast_str(value: str) -> str:
+def _broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: str) -> List[str]:
+    out = []
+    for directory, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(directory, n), root) for n in names if n != MANIFEST]
+    return sorted(out)
+
+
+def _hash_spread(root: str, names: List[str]) -> dict:
+    """{name: [size, sha256]} for every file, each rank hashing every world-th file."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: [os.path.getsize(os.path.join(root, n)), _sha256(os.path.join(root, n))]
+            for n in names[rank::world] if os.path.exists(os.path.join(root, n))}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+# -- state ---------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout(trainer) -> dict:
+    args = trainer.args
+    return {"world_size": args.world_size, "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "fpdt_parallel_size": args.fpdt_parallel_size, "data_parallel_size": args.data_parallel_size}
+
+
+def _sharded_state(trainer, *, loading: bool) -> dict:
+    model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
+    return {
+        "model": model_state,
+        "optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading),
+        "scheduler": trainer.scheduler.state_dict(),
+        "iteration": trainer.state.iteration,
+        "consumed_samples": trainer.state.consumed_samples,
+        "layout": _layout(trainer),
+    }
+
+
+# -- save ------------------------------------------------------------------------------
+
+
 def save_checkpoint(trainer, iteration: int) -> str:
-    """Save model, optimizer, scheduler, RNG and data position; returns the checkpoint path."""
+    """Save everything needed to continue exactly; returns the checkpoint path."""
     from megatron.core import dist_checkpointing
 
     args = trainer.args
     rank = dist.get_rank()
     final = checkpoint_name(args.save, iteration)
-    staging = _broadcast_str(f"{final}.tmp-{int(time.time() * 1e3)}" if rank == 0 else "")
+    staging = _broadcast_object(f"{final}.tmp-{int(time.time() * 1e6)}" if rank == 0 else None)
     if rank == 0:
-        os.makedirs(staging, exist_ok=False)
+        os.makedirs(staging)
     dist.barrier()
-    dist_checkpointing.save(trainer.model.sharded_state_dict(), staging)
+    dist_checkpointing.save(_sharded_state(trainer, loading=False), staging)
     os.makedirs(os.path.join(staging, "train_state"), exist_ok=True)
-    torch.save(
-        {
-            "iteration": iteration,
-            "consumed_samples": trainer.state.consumed_samples,
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-            "args": vars(args).copy(),
-        },
-        os.path.join(staging, "train_state", f"rank_{rank:05d}.pt"),
-    )
-    dist.barrier()  # every rank's shards are on disk
+    torch.save(_rng_state(), os.path.join(staging, "train_state", f"rank_{rank:05d}.pt"))
+    dist.barrier()  # every rank's files are on disk
+    names = _broadcast_object(_files(staging) if rank == 0 else None)
+    manifest = {"iteration": iteration, "files": _hash_spread(staging, names)}
     if rank == 0:
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         if os.path.exists(final):  # re-saving an iteration replaces it
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -70,5 +154,99 @@ def save_checkpoint(trainer, iteration: int) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer + ".tmp", pointer)
+        if args.keep_last:
+            for old in list_checkpoints(args.save)[args.keep_last:]:
+                shutil.rmtree(checkpoint_name(args.save, old), ignore_errors=True)
     dist.barrier()
     return final
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+def list_checkpoints(directory: str) -> List[int]:
+    """Iterations of the published checkpoints in ``directory``, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = [int(m.group(1)) for name in os.listdir(directory) if (m := _ITER_DIR.match(name))]
+    return sorted(found, reverse=True)
+
+
+def _latest_pointer(directory: str) -> Optional[int]:
+    try:
+        with open(os.path.join(directory, LATEST)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """Why the checkpoint at ``path`` is unusable, or None (collective: all ranks take part)."""
+    problem = None
+    manifest = None
+    if dist.get_rank() == 0:
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            problem = f"{MANIFEST} is missing (the save did not finish)"
+        except json.JSONDecodeError as e:
+            problem = f"{MANIFEST} is unreadable ({e})"
+    problem, manifest = _broadcast_object((problem, manifest))
+    if problem:
+        return problem
+    expected = manifest["files"]
+    actual = _hash_spread(path, sorted(expected))
+    for name, (size, digest) in sorted(expected.items()):
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name][0] != size:
+            return f"{name} has {actual[name][0]} bytes, {size} were written (truncated or altered)"
+        if actual[name][1] != digest:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def load_checkpoint(trainer, directory: str) -> Optional[int]:
+    """Load the newest usable checkpoint in ``directory``; returns its iteration, or None if there
+    is none at all. Raises CheckpointError when checkpoints exist but none is usable."""
+    from megatron.core import dist_checkpointing
+
+    candidates = list_checkpoints(directory)
+    pointer = _latest_pointer(directory)
+    if pointer is not None:
+        candidates = [it for it in candidates if it <= pointer] or candidates
+    reasons = []
+    for iteration in candidates:
+        path = checkpoint_name(directory, iteration)
+        problem = verify_checkpoint(path)
+        if problem:
+            reasons.append(f"{path}: {problem}")
+            _print0(f" checkpoint {path} is unusable: {problem}; trying the previous one")
+            continue
+        state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
+        trainer.model.module.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.state.iteration = state["iteration"]
+        trainer.state.consumed_samples = state["consumed_samples"]
+        trainer.train_data.consumed_samples = state["consumed_samples"]
+        rng_file = os.path.join(path, "train_state", f"rank_{dist.get_rank():05d}.pt")
+        if state["layout"] == _layout(trainer) and os.path.exists(rng_file):
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            from megatron.training.initialize import set_seed
+
+            _print0(f" note: checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}; "
+                    f"RNG streams re-seeded from --seed and the iteration")
+            set_seed(trainer.args.seed + iteration, tp_rank=trainer.groups.tp_rank)
+        _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
+        return iteration
+    if reasons:
+        raise CheckpointError(f"no usable checkpoint in {directory}:\n  " + "\n  ".join(reasons))
+    return None
+
+
+def _print0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)

@@ -88,17 +88,37 @@ class HostAdamW:
                     param.copy_(master)
         return True, grad_norm, None
 
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(),
-                "master": [m.detach().clone() for m, p in self._pairs if m is not p]}
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
+        """Adam moments and fp32 master weights as tensors sharded like the model parameters
+        (megatron-core's helpers), so the state reshards with the model; the step is common."""
+        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                               make_sharded_optimizer_tensor,
+                                                               optim_state_to_sharding_state)
+
+        if is_loading:  # Adam creates its state lazily: give the loader tensors to fill
+            for master, _ in self._pairs:
+                if master not in self.optimizer.state:
+                    self.optimizer.state[master] = {"step": torch.zeros(()),
+                                                    "exp_avg": torch.zeros_like(master),
+                                                    "exp_avg_sq": torch.zeros_like(master)}
+        state = self.optimizer.state_dict()
+        state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # torch shares the live dicts
+        steps = {float(entry.pop("step")) for entry in state["state"].values()}
+        by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, [p for _, p in self._pairs])
+        optim_state_to_sharding_state(state, by_index, exclude_keys=("step",))
+        masters = {i: make_sharded_optimizer_tensor(by_index[i], master, "optimizer.master")
+                   for i, (master, param) in enumerate(self._pairs) if master is not param}
+        return {"adam": state, "step": max(steps, default=0.0), "master": masters}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        masters = iter(state["master"])
+        adam = state["adam"]
+        for entry in adam["state"].values():
+            entry["step"] = torch.tensor(state["step"])
+        self.optimizer.load_state_dict(adam)
         with torch.no_grad():
-            for master, param in self._pairs:
+            for i, (master, param) in enumerate(self._pairs):
                 if master is not param:
-                    master.copy_(next(masters))
+                    master.copy_(state["master"][i])
                     param.copy_(master)
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -26,13 +27,28 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from fpdt_ext.offload import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.checkpointing import save_checkpoint
+from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron.training.data import MicroBatches, build_datasets, to_model_layout
 from megatron.training.flops import device_peak_tflops, flops_per_token_from_args
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model, transformer_config
 from megatron.training.optimizer import build_optimizer
 from megatron.training.tokenizer import build_tokenizer
+
+
+class _Signal:
+    """SIGTERM sets a flag; the loop saves and exits after the current iteration."""
+
+    received = False
+
+    @classmethod
+    def install(cls):
+        def handler(signum, frame):
+            cls.received = True
+        signal.signal(signal.SIGTERM, handler)
+
+
+_SIGNAL = _Signal
 
 
 @dataclasses.dataclass
@@ -81,6 +97,8 @@ class Trainer:
         self.train_data = MicroBatches(train_ds, **batches)
         self.valid_data = MicroBatches(valid_ds, **batches)
         self.num_chunks = args.fpdt_num_chunks if args.fpdt else None
+        if args.load:
+            load_checkpoint(self, args.load)
         self.flops_per_token = flops_per_token_from_args(args, self.tokenizer.vocab_size)
         self.peak_tflops = device_peak_tflops(args.peak_tflops)
         self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -168,7 +186,9 @@ class Trainer:
                             peak_mem_gib=peak_memory_bytes() / 2**30)
                 self._log(last)
                 interval_start, interval_iters = time.perf_counter(), 0
-            if args.save and ((args.save_interval and it % args.save_interval == 0) or it == args.train_iters):
+            exit_reason = self._exit_reason(it, run_start)
+            due = (args.save_interval and it % args.save_interval == 0) or it == args.train_iters
+            if args.save and (due or exit_reason):
                 last["checkpoint"] = save_checkpoint(self, it)
                 print_rank_0(f" saved checkpoint at iteration {it} to {last['checkpoint']}")
                 interval_start = time.perf_counter()
@@ -181,9 +201,15 @@ class Trainer:
             if log_file and last.get("iteration") == it:
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
+            if exit_reason:
+                print_rank_0(f" exiting at iteration {it}: {exit_reason}")
+                break
         if log_file:
             log_file.close()
         run_seconds = time.perf_counter() - run_start
+        if not losses:
+            print_rank_0(f"summary: nothing to train (at iteration {self.state.iteration} of {args.train_iters})")
+            return dict(last, losses=[])
         summary = dict(last, losses=losses, first_loss=losses[0], final_loss=losses[-1],
                        mean_tokens_per_s=tokens_per_iter * len(losses) / run_seconds)
         print_rank_0(f"summary: {len(losses)} iterations in {run_seconds:.0f}s | lm loss {losses[0]:.3f} -> "
@@ -191,6 +217,26 @@ class Trainer:
                      + (f" | validation loss {last['val_loss']:.3f}" if "val_loss" in last else "")
                      + (f" | checkpoint: {last['checkpoint']}" if "checkpoint" in last else ""))
         return summary
+
+    def _exit_reason(self, iteration: int, run_start: float) -> Optional[str]:
+        """Why to stop after this iteration (all ranks agree), or None."""
+        args = self.args
+        local = 0
+        if args.exit_signal_handler and _SIGNAL.received:
+            local = 1
+        if args.exit_duration_in_mins and (time.perf_counter() - run_start) / 60 > args.exit_duration_in_mins:
+            local = max(local, 2)
+        if args.exit_signal_handler or args.exit_duration_in_mins:
+            flag = torch.tensor([local], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item())
+        if local == 1:
+            return "SIGTERM received"
+        if local == 2:
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            return f"--exit-interval {args.exit_interval}"
+        return None
 
     def _log(self, m):
         mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
@@ -246,7 +292,13 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     if args.dry_run:
         print(describe_plan(args))
         return 0
-    trainer = Trainer(args)
+    if args.exit_signal_handler:
+        _SIGNAL.install()
+    try:
+        trainer = Trainer(args)
+    except CheckpointError as e:
+        print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        return 1
     trainer.train()
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,131 @@
+"""Checkpoints: exact resume, faults (kill during save, corruption, SIGTERM), resharding.
+
+Runs are real ``pretrain_llama.py`` processes (FPDT size 2 on 2 gloo processes
+unless said otherwise), with hidden dropout on so that RNG restore matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fpdt_ext.spawn import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+         "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "128", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+         "--min-lr", "3e-4", "--hidden-dropout", "0.1", "--log-interval", "1", "--eval-iters", "0",
+         "--mock-data", "--vocab-size", "256", "--seed", "11"]
+FPDT = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--fpdt-offload"]
+
+
+def _cmd(nproc, args):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return [*launcher, "pretrain_llama.py", *MODEL, *args]
+
+
+def _kill_tree(pid):
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [*parent.children(recursive=True), parent]:
+        p.kill()
+
+
+def _run(tmp_path, name, args, nproc=2, expect_rc=0):
+    log = tmp_path / f"{name}.jsonl"
+    proc = subprocess.run(_cmd(nproc, [*args, "--loss-log-file", str(log)]), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return rows, proc.stdout + proc.stderr
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    straight, _ = _run(tmp_path, "straight", [*FPDT, "--train-iters", "6"])
+    first, out = _run(tmp_path, "first", [*FPDT, "--train-iters", "6", "--save", str(tmp_path / "ckpt"),
+                                          "--exit-interval", "3"])
+    assert [r["iteration"] for r in first] == [1, 2, 3] and "exiting at iteration 3" in out
+    second, out = _run(tmp_path, "second", [*FPDT, "--train-iters", "6", "--load", str(tmp_path / "ckpt")])
+    assert "loaded checkpoint" in out
+    assert [r["iteration"] for r in second] == [4, 5, 6]
+    for a, b in zip(straight, first + second):
+        assert a["lm_loss"] == b["lm_loss"] and a["grad_norm"] == b["grad_norm"], (a, b)  # bit for bit
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(_cmd(2, [*FPDT, "--train-iters", "200", "--save", str(ckpt), "--save-interval", "1"]),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not staging:  # a save in progress after one was published
+            names = os.listdir(ckpt) if ckpt.exists() else []
+            if "latest_checkpointed_iteration.txt" in names:
+                staging = [n for n in names if ".tmp-" in n]
+            time.sleep(0.001)
+        _kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own
+    finally:
+        proc.wait()
+    assert staging, "no save was caught in progress"
+    names = os.listdir(ckpt)
+    assert any(".tmp-" in n for n in names), names  # the interrupted save never became a checkpoint
+    published = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert (ckpt / f"iter_{published:07d}" / "manifest.json").exists()
+    resumed, out = _run(tmp_path, "resumed", [*FPDT, "--train-iters", str(published + 1), "--lr-decay-iters", "200",
+                                              "--load", str(ckpt)])
+    assert f"(iteration {published}," in out
+    assert [r["iteration"] for r in resumed] == [published + 1]
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path, "save", [*FPDT, "--train-iters", "4", "--save", str(ckpt), "--save-interval", "2"])
+    shard = sorted(p for p in (ckpt / "iter_0000004").iterdir() if p.suffix == ".distcp")[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    rows, out = _run(tmp_path, "resume", [*FPDT, "--train-iters", "5", "--load", str(ckpt)])
+    assert f"{shard.name} does not match its sha256 (corrupted)" in out
+    assert "iter_0000002 (iteration 2" in out and [r["iteration"] for r in rows] == [3, 4, 5]
+    # a truncated shard in every checkpoint: a clear error, no training
+    for it in ("iter_0000002", "iter_0000004"):
+        for p in (ckpt / it).iterdir():
+            if p.suffix == ".distcp":
+                p.write_bytes(p.read_bytes()[:10])
+    _, out = _run(tmp_path, "none", [*FPDT, "--train-iters", "6", "--load", str(ckpt)], expect_rc=1)
+    assert "no usable checkpoint" in out and "truncated or altered" in out
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    log = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(_cmd(1, ["--train-iters", "1000", "--save", str(ckpt), "--exit-signal-handler",
+                                     "--loss-log-file", str(log)]),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "exiting at iteration" in out and "SIGTERM received" in out
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    rows, out = _run(tmp_path, "after", ["--train-iters", str(saved + 1), "--load", str(ckpt)], nproc=1)
+    assert [r["iteration"] for r in rows] == [saved + 1]
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path, "keep", ["--train-iters", "4", "--save", str(ckpt), "--save-interval", "1", "--keep-last", "2"],
+         nproc=1)
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
