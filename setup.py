@@ -21,12 +21,14 @@ setup(
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
         "sentencepiece>=0.2",  # SentencePieceTokenizer / Llama2Tokenizer
         "tokenizers>=0.20",  # GPT2BPETokenizer / HuggingFaceTokenizer (local files only)
+        "safetensors>=0.4",  # tools/checkpoint/convert.py reads and writes Hugging Face weights
     ],
     extras_require={
         # All optional at run time: the code picks them up when importable.
         # NVIDIA apex is not on PyPI (the PyPI package "apex" is unrelated): build it from
         # https://github.com/NVIDIA/apex if you want its fused kernels.
         "gpu": ["flash-attn>=2.5,<3", "transformer-engine[pytorch]>=1.13"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tiktoken>=0.7"],  # tiktoken: GPT-2 reference in tests
+        # tiktoken: the GPT-2 reference in tests; transformers: the reference models of the conversion tests
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tiktoken>=0.7", "transformers>=4.45"],
     },
 )

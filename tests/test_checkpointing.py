@@ -129,3 +129,19 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(tmp_path, "keep", ["--train-iters", "4", "--save", str(ckpt), "--save-interval", "1", "--keep-last", "2"],
          nproc=1)
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
+
+
+def test_checkpoint_from_fpdt2_continues_identically_under_tp2(tmp_path):
+    """Saved with FPDT 2; resumed with FPDT 2 and with TP 2 x FPDT 1: the same losses afterwards,
+    so model and optimizer state both reshard (dropout off: RNG streams differ across layouts)."""
+    ckpt = tmp_path / "ckpt"
+    no_dropout = ["--hidden-dropout", "0", "--eval-iters", "1", "--eval-interval", "4"]
+    _run(tmp_path, "save", [*FPDT, *no_dropout, "--train-iters", "4", "--exit-interval", "2", "--save", str(ckpt)])
+    same, _ = _run(tmp_path, "fpdt2", [*FPDT, *no_dropout, "--train-iters", "4", "--load", str(ckpt)])
+    tp2, out = _run(tmp_path, "tp2", [*no_dropout, "--tensor-model-parallel-size", "2", "--train-iters", "4",
+                                      "--load", str(ckpt)])
+    assert "RNG streams re-seeded" in out
+    assert [r["iteration"] for r in same] == [r["iteration"] for r in tp2] == [3, 4]
+    for a, b in zip(same, tp2):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5), (a, b)
+    assert tp2[-1]["val_loss"] == pytest.approx(same[-1]["val_loss"], rel=1e-5)

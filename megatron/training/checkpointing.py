@@ -117,26 +117,32 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "iteration": trainer.state.iteration,
         "consumed_samples": trainer.state.consumed_samples,
         "layout": _layout(trainer),
+        "kind": "training",
+        "model_args": model_args_dict(trainer.args),
+        "true_vocab_size": trainer.tokenizer.vocab_size,
     }
 
 
 # -- save ------------------------------------------------------------------------------
 
 
-def save_checkpoint(trainer, iteration: int) -> str:
-    """Save everything needed to continue exactly; returns the checkpoint path."""
+def write_checkpoint(save_dir: str, iteration: int, sharded_state: dict, rank_files: dict,
+                     keep_last: Optional[int] = None) -> str:
+    """Write one checkpoint atomically (collective): megatron-core dist_checkpointing of
+    ``sharded_state``, then each rank's ``rank_files`` ({relative path: object} for torch.save),
+    then the manifest, the rename and the "latest" pointer."""
     from megatron.core import dist_checkpointing
 
-    args = trainer.args
     rank = dist.get_rank()
-    final = checkpoint_name(args.save, iteration)
+    final = checkpoint_name(save_dir, iteration)
     staging = _broadcast_object(f"{final}.tmp-{int(time.time() * 1e6)}" if rank == 0 else None)
     if rank == 0:
         os.makedirs(staging)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(trainer, loading=False), staging)
-    os.makedirs(os.path.join(staging, "train_state"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(staging, "train_state", f"rank_{rank:05d}.pt"))
+    dist_checkpointing.save(sharded_state, staging)
+    for relative, obj in rank_files.items():
+        os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
+        torch.save(obj, os.path.join(staging, relative))
     dist.barrier()  # every rank's files are on disk
     names = _broadcast_object(_files(staging) if rank == 0 else None)
     manifest = {"iteration": iteration, "files": _hash_spread(staging, names)}
@@ -148,17 +154,35 @@ def save_checkpoint(trainer, iteration: int) -> str:
         if os.path.exists(final):  # re-saving an iteration replaces it
             shutil.rmtree(final)
         os.replace(staging, final)
-        pointer = os.path.join(args.save, LATEST)
+        pointer = os.path.join(save_dir, LATEST)
         with open(pointer + ".tmp", "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer + ".tmp", pointer)
-        if args.keep_last:
-            for old in list_checkpoints(args.save)[args.keep_last:]:
-                shutil.rmtree(checkpoint_name(args.save, old), ignore_errors=True)
+        if keep_last:
+            for old in list_checkpoints(save_dir)[keep_last:]:
+                shutil.rmtree(checkpoint_name(save_dir, old), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def save_checkpoint(trainer, iteration: int) -> str:
+    """Save everything needed to continue exactly; returns the checkpoint path."""
+    rank = dist.get_rank()
+    return write_checkpoint(trainer.args.save, iteration, _sharded_state(trainer, loading=False),
+                            {f"train_state/rank_{rank:05d}.pt": _rng_state()}, keep_last=trainer.args.keep_last)
+
+
+def model_args_dict(args) -> dict:
+    """The arguments that define the model, stored in every checkpoint (for converters and evaluation)."""
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+            "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
+            "rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "normalization",
+            "norm_epsilon", "swiglu", "openai_gelu", "add_bias_linear", "untie_embeddings_and_output_weights",
+            "qk_layernorm", "make_vocab_size_divisible_by", "vocab_size", "tokenizer_type", "vocab_file",
+            "merge_file", "tokenizer_model", "params_dtype", "init_method_std", "seq_length")
+    return {k: getattr(args, k, None) for k in keys}
 
 
 # -- load ------------------------------------------------------------------------------
@@ -224,6 +248,12 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
             reasons.append(f"{path}: {problem}")
             _print0(f" checkpoint {path} is unusable: {problem}; trying the previous one")
             continue
+        kind = dist_checkpointing.load_common_state_dict(path).get("kind")
+        if kind == "weights":  # a converted or exported model: weights only, training starts at 0
+            state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
+            trainer.model.module.load_state_dict(state["model"])
+            _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
+            return 0
         state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
         trainer.model.module.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])

@@ -15,6 +15,17 @@ from megatron.training.baseline import baseline_layer_spec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def openai_gelu(x):
+    """GPT-2's GeLU (tanh approximation), Megatron's --openai-gelu."""
+    return F.gelu(x, approximate="tanh")
+
+
+def activation(args):
+    if args.swiglu:
+        return F.silu
+    return openai_gelu if getattr(args, "openai_gelu", False) else F.gelu
+
+
 def transformer_config(args) -> TransformerConfig:
     cuda = torch.cuda.is_available()
     recompute = args.recompute_granularity == "full"
@@ -31,7 +42,7 @@ def transformer_config(args) -> TransformerConfig:
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
         gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
+        activation_func=activation(args),
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_bias_linear,
         hidden_dropout=args.hidden_dropout,
@@ -44,7 +55,7 @@ def transformer_config(args) -> TransformerConfig:
         # The same full weights whatever the TP size (initialised on the CPU, then split).
         use_cpu_initialization=not cuda,
         # Fused kernels need CUDA.
-        bias_activation_fusion=cuda and args.add_bias_linear and not args.swiglu,
+        bias_activation_fusion=cuda and args.add_bias_linear and activation(args) is F.gelu,
         bias_dropout_fusion=cuda,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Convert between Hugging Face checkpoints and this project's (megatron-core) checkpoints.
+
+    # Hugging Face -> megatron-core (weights only; load with --load, any TP / FPDT layout)
+    python tools/checkpoint/convert.py --model-type llama --loader hf --saver mcore \\
+        --load-dir /models/Llama-3-8B --save-dir ckpt/llama3_8b
+    # megatron-core -> Hugging Face (newest usable checkpoint in --load-dir, any layout it was saved with)
+    python tools/checkpoint/convert.py --model-type llama --loader mcore --saver hf \\
+        --load-dir runs/llama3_8b --save-dir hf/llama3_8b_trained
+
+Model types: ``llama`` (LlamaForCausalLM: RMSNorm, SwiGLU, RoPE with its base, GQA, tied or
+untied embeddings) and ``gpt2`` (GPT2LMHeadModel: LayerNorm, tanh-GeLU, biases, learned
+positions, tied embeddings). Hugging Face weights are read from safetensors (single file
+or sharded with an index) or pytorch_model.bin and written as model.safetensors with a
+config.json. Runs in one process on the CPU; megatron-core's distributed checkpoints
+reshard on load, so one converted checkpoint serves every parallel layout.
+
+The mapping, both ways (megatron-core local-spec names):
+    embed_tokens / wte            embedding.word_embeddings.weight (rows padded to the padded vocab)
+    wpe                           embedding.position_embeddings.weight            (gpt2)
+    q,k,v (llama) / c_attn (gpt2) self_attention.linear_qkv: per query group [q heads, k, v]
+    o_proj / attn.c_proj          self_attention.linear_proj
+    gate_proj,up_proj / mlp.c_fc  mlp.linear_fc1 ([gate; up] for SwiGLU)
+    down_proj / mlp.c_proj        mlp.linear_fc2
+    norms                         input_layernorm, pre_mlp_layernorm, decoder.final_layernorm
+    lm_head (untied)              output_layer.weight
+GPT-2's Conv1D weights are stored transposed ([in, out]); they are transposed on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+MODEL_TYPES = ("llama", "gpt2")
+
+
+# -- configs -----------------------------------------------------------------------------
+
+
+def _rope_theta(config: dict) -> float:
+    if "rope_theta" in config:
+        return float(config["rope_theta"])
+    return float((config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+def _vocab_multiple(vocab: int) -> int:
+    """The largest power of two up to 128 that divides the vocabulary: no padded rows at TP 1, so the
+    softmax runs over exactly the model's tokens (padded logits would be 0, not -inf)."""
+    return next(m for m in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % m == 0)
+
+
+def flags_from_hf_config(model_type: str, c: dict) -> list:
+    """Our command-line flags for the model a Hugging Face config.json describes."""
+    if model_type == "llama":
+        scaling = c.get("rope_scaling") or (c.get("rope_parameters") or {})
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+            raise SystemExit(f"rope scaling {scaling.get('rope_type')} is not supported by the converter")
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        flags = ["--num-layers", c["num_hidden_layers"], "--hidden-size", c["hidden_size"],
+                 "--ffn-hidden-size", c["intermediate_size"], "--num-attention-heads", heads,
+                 "--kv-channels", head_dim, "--group-query-attention",
+                 "--num-query-groups", c.get("num_key_value_heads", heads),
+                 "--normalization", "RMSNorm", "--norm-epsilon", c.get("rms_norm_eps", 1e-6), "--swiglu",
+                 "--disable-bias-linear", "--position-embedding-type", "rope", "--rotary-base", _rope_theta(c),
+                 "--vocab-size", c["vocab_size"], "--max-position-embeddings", c.get("max_position_embeddings", 4096)]
+        if not c.get("tie_word_embeddings", False):
+            flags.append("--untie-embeddings-and-output-weights")
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise SystemExit("Llama checkpoints with attention or MLP biases are not supported")
+    else:
+        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise SystemExit(f"GPT-2 activation {c.get('activation_function')} is not supported")
+        flags = ["--num-layers", c["n_layer"], "--hidden-size", c["n_embd"],
+                 "--ffn-hidden-size", c.get("n_inner") or 4 * c["n_embd"], "--num-attention-heads", c["n_head"],
+                 "--normalization", "LayerNorm", "--norm-epsilon", c.get("layer_norm_epsilon", 1e-5),
+                 "--openai-gelu", "--position-embedding-type", "learned_absolute",
+                 "--vocab-size", c["vocab_size"], "--max-position-embeddings", c["n_positions"]]
+    flags += ["--make-vocab-size-divisible-by", _vocab_multiple(c["vocab_size"])]
+    return [str(f) for f in flags]
+
+
+def hf_config_from_args(model_type: str, a: dict, vocab: int) -> dict:
+    """A Hugging Face config.json for the model our arguments describe."""
+    if model_type == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+                "hidden_size": a["hidden_size"], "intermediate_size": a["ffn_hidden_size"],
+                "num_hidden_layers": a["num_layers"], "num_attention_heads": a["num_attention_heads"],
+                "num_key_value_heads": a["num_query_groups"], "head_dim": a["kv_channels"],
+                "rms_norm_eps": a["norm_epsilon"], "rope_theta": float(a["rotary_base"]),
+                "max_position_embeddings": a["max_position_embeddings"], "hidden_act": "silu",
+                "tie_word_embeddings": not a["untie_embeddings_and_output_weights"],
+                "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+            "n_embd": a["hidden_size"], "n_layer": a["num_layers"], "n_head": a["num_attention_heads"],
+            "n_inner": a["ffn_hidden_size"], "n_positions": a["max_position_embeddings"],
+            "layer_norm_epsilon": a["norm_epsilon"], "activation_function": "gelu_new",
+            "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+# -- weights -----------------------------------------------------------------------------
+
+
+def _qkv_to_megatron(q, k, v, heads, groups):
+    """[heads*d, ...], [groups*d, ...] x2 -> per query group [q heads of the group, k, v]."""
+    d = q.shape[0] // heads
+    tail = q.shape[1:]
+    q = q.reshape(groups, heads // groups, d, *tail)
+    k = k.reshape(groups, 1, d, *tail)
+    v = v.reshape(groups, 1, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def _qkv_from_megatron(qkv, heads, groups):
+    per = heads // groups
+    d = qkv.shape[0] // (groups * (per + 2))
+    tail = qkv.shape[1:]
+    x = qkv.reshape(groups, per + 2, d, *tail)
+    return (x[:, :per].reshape(heads * d, *tail), x[:, per].reshape(groups * d, *tail),
+            x[:, per + 1].reshape(groups * d, *tail))
+
+
+def _pad_rows(weight, rows):
+    if weight.shape[0] == rows:
+        return weight
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
+
+
+def hf_to_megatron(model_type, hf, a, padded_vocab):
+    heads, groups = a["num_attention_heads"], a["num_query_groups"]
+    out = {}
+    if model_type == "llama":
+        g = lambda name: hf[f"model.{name}"]  # noqa: E731
+        out["embedding.word_embeddings.weight"] = _pad_rows(g("embed_tokens.weight"), padded_vocab)
+        for i in range(a["num_layers"]):
+            p, m = f"layers.{i}.", f"decoder.layers.{i}."
+            out[m + "input_layernorm.weight"] = g(p + "input_layernorm.weight")
+            out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(
+                g(p + "self_attn.q_proj.weight"), g(p + "self_attn.k_proj.weight"), g(p + "self_attn.v_proj.weight"),
+                heads, groups)
+            out[m + "self_attention.linear_proj.weight"] = g(p + "self_attn.o_proj.weight")
+            out[m + "pre_mlp_layernorm.weight"] = g(p + "post_attention_layernorm.weight")
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([g(p + "mlp.gate_proj.weight"), g(p + "mlp.up_proj.weight")])
+            out[m + "mlp.linear_fc2.weight"] = g(p + "mlp.down_proj.weight")
+        out["decoder.final_layernorm.weight"] = g("norm.weight")
+        if a["untie_embeddings_and_output_weights"]:
+            out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
+        return out
+    g = lambda name: hf[name] if name in hf else hf[f"transformer.{name}"]  # noqa: E731
+    out["embedding.word_embeddings.weight"] = _pad_rows(g("wte.weight"), padded_vocab)
+    out["embedding.position_embeddings.weight"] = g("wpe.weight")
+    for i in range(a["num_layers"]):
+        p, m = f"h.{i}.", f"decoder.layers.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            out[m + ours + ".weight"], out[m + ours + ".bias"] = g(p + theirs + ".weight"), g(p + theirs + ".bias")
+        w, b = g(p + "attn.c_attn.weight").t(), g(p + "attn.c_attn.bias")  # Conv1D: [in, out]
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(*w.chunk(3), heads, heads)
+        out[m + "self_attention.linear_qkv.bias"] = _qkv_to_megatron(*b.chunk(3), heads, heads)
+        out[m + "self_attention.linear_proj.weight"] = g(p + "attn.c_proj.weight").t()
+        out[m + "self_attention.linear_proj.bias"] = g(p + "attn.c_proj.bias")
+        out[m + "mlp.linear_fc1.weight"], out[m + "mlp.linear_fc1.bias"] = g(p + "mlp.c_fc.weight").t(), g(p + "mlp.c_fc.bias")
+        out[m + "mlp.linear_fc2.weight"] = g(p + "mlp.c_proj.weight").t()
+        out[m + "mlp.linear_fc2.bias"] = g(p + "mlp.c_proj.bias")
+    out["decoder.final_layernorm.weight"], out["decoder.final_layernorm.bias"] = g("ln_f.weight"), g("ln_f.bias")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def megatron_to_hf(model_type, sd, a, vocab):
+    heads, groups = a["num_attention_heads"], a["num_query_groups"]
+    out = {}
+    if model_type == "llama":
+        out["model.embed_tokens.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
+        for i in range(a["num_layers"]):
+            p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+            out[p + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
+            q, k, v = _qkv_from_megatron(sd[m + "self_attention.linear_qkv.weight"], heads, groups)
+            out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
+            out[p + "self_attn.v_proj.weight"] = v
+            out[p + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
+            out[p + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
+            gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2)
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            out[p + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
+        out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
+        if a["untie_embeddings_and_output_weights"]:
+            out["lm_head.weight"] = sd["output_layer.weight"][:vocab]
+    else:
+        out["transformer.wte.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
+        out["transformer.wpe.weight"] = sd["embedding.position_embeddings.weight"]
+        for i in range(a["num_layers"]):
+            p, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
+            for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+                out[p + theirs + ".weight"], out[p + theirs + ".bias"] = sd[m + ours + ".weight"], sd[m + ours + ".bias"]
+            w = torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.weight"], heads, heads))
+            b = torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.bias"], heads, heads))
+            out[p + "attn.c_attn.weight"], out[p + "attn.c_attn.bias"] = w.t(), b
+            out[p + "attn.c_proj.weight"] = sd[m + "self_attention.linear_proj.weight"].t()
+            out[p + "attn.c_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
+            out[p + "mlp.c_fc.weight"] = sd[m + "mlp.linear_fc1.weight"].t()
+            out[p + "mlp.c_fc.bias"] = sd[m + "mlp.linear_fc1.bias"]
+            out[p + "mlp.c_proj.weight"] = sd[m + "mlp.linear_fc2.weight"].t()
+            out[p + "mlp.c_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["decoder.final_layernorm.weight"], \
+            sd["decoder.final_layernorm.bias"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def read_hf_weights(directory: str) -> dict:
+    from safetensors.torch import load_file
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for name in files for k, v in load_file(os.path.join(directory, name)).items()}
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+    if bins:
+        return {k: v for b in bins for k, v in torch.load(b, map_location="cpu", weights_only=True).items()}
+    raise SystemExit(f"{directory}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+# -- the two directions ------------------------------------------------------------------
+
+
+def _single_process_model(flags):
+    """Our model (baseline spec, TP 1) in a world of one process, with its validated args."""
+    from megatron.training.arguments import padded_vocab_size, parse_args, validate_args
+    from megatron.training.initialize import initialize
+    from megatron.training.models import build_model
+
+    args = validate_args(parse_args(flags + ["--mock-data", "--train-iters", "1", "--micro-batch-size", "1",
+                                             "--attention-dropout", "0", "--hidden-dropout", "0"]), world_size=1)
+    groups = initialize(args)
+    model = build_model(args, groups, args.vocab_size)
+    return args, model, padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, 1)
+
+
+def hf_to_mcore(model_type, load_dir, save_dir):
+    from megatron.training.checkpointing import model_args_dict, write_checkpoint
+
+    with open(os.path.join(load_dir, "config.json")) as f:
+        config = json.load(f)
+    flags = flags_from_hf_config(model_type, config) + ["--seq-length", str(flags_max_positions(model_type, config))]
+    args, model, padded = _single_process_model(flags)
+    state = hf_to_megatron(model_type, {k: v.float() for k, v in read_hf_weights(load_dir).items()},
+                           vars(args), padded)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise SystemExit(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    path = write_checkpoint(save_dir, 0, {"model": model.sharded_state_dict(), "kind": "weights",
+                                          "model_args": model_args_dict(args), "true_vocab_size": args.vocab_size},
+                            {})
+    return path
+
+
+def flags_max_positions(model_type, config):
+    return config.get("max_position_embeddings", 4096) if model_type == "llama" else config["n_positions"]
+
+
+def mcore_to_hf(model_type, load_dir, save_dir):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+
+    from megatron.training.checkpointing import checkpoint_name, list_checkpoints, verify_checkpoint
+
+    from fpdt_ext.parallel_state import init_distributed
+
+    init_distributed()
+    for iteration in list_checkpoints(load_dir):
+        path = checkpoint_name(load_dir, iteration)
+        problem = verify_checkpoint(path)
+        if problem is None:
+            break
+        print(f"skipping {path}: {problem}")
+    else:
+        raise SystemExit(f"no usable checkpoint in {load_dir}")
+    common = dist_checkpointing.load_common_state_dict(path)
+    a = common["model_args"]
+    flags = _flags_from_model_args(a)
+    args, model, _ = _single_process_model(flags)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
+    model.load_state_dict(loaded)
+    vocab = common.get("true_vocab_size") or a["vocab_size"]
+    hf = megatron_to_hf(model_type, {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
+                        vars(args), vocab)
+    os.makedirs(save_dir, exist_ok=True)
+    save_file(hf, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(save_dir, "config.json"), "w") as f:
+        json.dump(hf_config_from_args(model_type, vars(args), vocab), f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return save_dir
+
+
+def _flags_from_model_args(a: dict) -> list:
+    flags = []
+    for key, value in a.items():
+        if value is None or key in ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
+                                    "params_dtype", "group_query_attention"):
+            continue
+        name = "--" + key.replace("_", "-")
+        if key == "add_bias_linear":
+            flags += [] if value else ["--disable-bias-linear"]
+        elif isinstance(value, bool):
+            flags += [name] if value else []
+        else:
+            flags += [name, str(value)]
+    if a.get("group_query_attention") or a["num_query_groups"] != a["num_attention_heads"]:
+        flags.append("--group-query-attention")
+    return flags
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-type", choices=MODEL_TYPES, required=True)
+    parser.add_argument("--loader", choices=["hf", "mcore"], required=True, help="format of --load-dir")
+    parser.add_argument("--saver", choices=["hf", "mcore"], required=True, help="format to write to --save-dir")
+    parser.add_argument("--load-dir", required=True)
+    parser.add_argument("--save-dir", required=True)
+    args = parser.parse_args(argv)
+    from fpdt_ext.spawn import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # a world of one process, on this machine
+    if args.loader == args.saver:
+        parser.error("--loader and --saver must differ")
+    if not os.path.isdir(args.load_dir):
+        parser.error(f"--load-dir {args.load_dir} does not exist")
+    convert = hf_to_mcore if args.loader == "hf" else mcore_to_hf
+    print(f"wrote {convert(args.model_type, args.load_dir, args.save_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
