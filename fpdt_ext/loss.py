@@ -72,12 +72,23 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
+# At most this many logits (tokens x local vocabulary) per loss chunk: 256 MiB in float32.
+MAX_CHUNK_LOGITS = 1 << 26
+
+
+def loss_chunks(tokens: int, vocab_local: int, at_least: int = 1) -> int:
+    """Chunks for the loss: at least ``at_least``, more when one chunk's logits would exceed
+    MAX_CHUNK_LOGITS (large vocabularies: 128K x 16K tokens would be 8 GiB in one chunk)."""
+    return min(tokens, max(at_least, -(-tokens * vocab_local // MAX_CHUNK_LOGITS)))
+
+
 def chunked_lm_loss(hidden, weight, labels, *, tp_group=None, num_chunks: int = 1):
     """Per-token cross entropy ``[b, s]`` from hidden ``[s, b, h]`` and labels ``[b, s]``.
 
-    Computed in float32 (float64 for float64 inputs), as megatron-core's cross entropy.
+    Computed in float32 (float64 for float64 inputs), as megatron-core's cross entropy. Chunks
+    need not divide the sequence (the last one is shorter).
     """
-    if num_chunks < 1 or hidden.shape[0] % num_chunks:
-        raise ValueError(f"local sequence {hidden.shape[0]} is not divisible by loss chunks {num_chunks}")
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be positive, got {num_chunks}")
     loss = _ChunkedVocabParallelLoss.apply(hidden, weight, labels.t().contiguous(), tp_group, num_chunks)
     return loss.t()  # [b, s]

@@ -18,7 +18,7 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from fpdt_ext.config import FPDTConfig
-from fpdt_ext.loss import chunked_lm_loss
+from fpdt_ext.loss import chunked_lm_loss, loss_chunks
 
 
 class FPDTGPTModel(GPTModel):
@@ -58,5 +58,6 @@ class FPDTGPTModel(GPTModel):
             logits, _ = self.output_layer(hidden, weight=weight)
             return logits.transpose(0, 1).contiguous()  # [b, s/P, V/tp]
         seq = hidden.shape[0] * self.fpdt_config.fpdt_parallel_size
-        return chunked_lm_loss(hidden, weight, labels, tp_group=self.pg_collection.tp,
-                               num_chunks=self.fpdt_config.num_chunks(seq))
+        chunks = loss_chunks(hidden.shape[0] * hidden.shape[1], weight.shape[0],
+                             at_least=self.fpdt_config.num_chunks(seq))
+        return chunked_lm_loss(hidden, weight, labels, tp_group=self.pg_collection.tp, num_chunks=chunks)

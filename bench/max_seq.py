@@ -1,0 +1,101 @@
+"""The longest sequence FPDT and the baseline can train under a memory cap.
+
+    python bench/max_seq.py                       # CPU: llama-tiny, 2 processes, 2 GiB per process
+    python bench/max_seq.py --cap-gib 4 --fpdt-lens 2048 4096 8192 16384
+
+Method (printed with the result). For each setup, one training step's peak
+memory per process is measured at four or more lengths (bench/train_step.py:
+the memory the training added to the process, the largest rank). Memory must
+grow linearly in the sequence length (FPDT: fixed chunk size, everything else
+per token; baseline: activations, logits and softmax per token): a
+least-squares line is fitted and its largest relative deviation from the
+points is reported; it must stay under 5%. The maximum trainable length under
+the cap is where the line meets it, rounded down to a multiple of the chunk
+size (both, so that FPDT can run at the baseline's maximum). The baseline's maximum is then confirmed by a
+direct run at that length (its peak must be under the cap), and FPDT is run at
+the same length for the time-per-token ratio. Longer FPDT runs are not made
+on the CPU: attention time grows with the square of the length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.train_step import measure  # noqa: E402
+
+
+def fit_line(points):
+    """(intercept, slope, largest relative deviation) of a least-squares line through (x, y) points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    intercept = my - slope * mx
+    deviation = max(abs(intercept + slope * x - y) / y for x, y in points)
+    return intercept, slope, deviation
+
+
+def max_length(intercept, slope, cap, multiple):
+    return int((cap - intercept) / slope) // multiple * multiple
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-tiny")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--cap-gib", type=float, default=2.0, help="memory cap per process")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
+    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[2048, 4096, 8192, 12288])
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if min(len(a.baseline_lens), len(a.fpdt_lens)) < 4:
+        p.error("measure at least four lengths for each setup")
+    cap = a.cap_gib * 2**30
+    report = {"cap_bytes": cap, "model": a.model, "nproc": a.nproc, "chunk_size": a.chunk_size, "setups": {}}
+    for kind, lens, multiple in (("baseline", a.baseline_lens, a.chunk_size), ("fpdt", a.fpdt_lens, a.chunk_size)):
+        rows = [measure(kind, a.model, s, a.nproc, a.chunk_size) for s in lens]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        intercept, slope, deviation = fit_line([(r["seq"], r["peak_bytes"]) for r in rows])
+        report["setups"][kind] = dict(points=rows, intercept_bytes=intercept, bytes_per_token=slope,
+                                      linear_fit_max_deviation=deviation,
+                                      max_seq=max_length(intercept, slope, cap, multiple))
+    base_max = report["setups"]["baseline"]["max_seq"]
+    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size) for k in ("baseline", "fpdt")}
+    report["confirm"] = confirm
+    b, f = report["setups"]["baseline"], report["setups"]["fpdt"]
+    ratio = f["max_seq"] / b["max_seq"]
+    per_token = confirm["fpdt"]["seconds"] / confirm["baseline"]["seconds"]
+    report.update(max_seq_ratio=ratio, time_per_token_ratio_at_baseline_max=per_token)
+    print(f"\n# longest trainable sequence under {a.cap_gib:g} GiB per process, {a.model}, {a.nproc} processes "
+          f"(baseline: TP {a.nproc} + full recompute; FPDT: size {a.nproc}, chunk {a.chunk_size}"
+          f"{', offload' if torch.cuda.is_available() else ''})")
+    print("# method: peak memory of one training step at >= 4 lengths, least-squares line (deviation shown),\n"
+          "#   maximum = where the line meets the cap; baseline maximum confirmed by a direct run")
+    for kind, s in report["setups"].items():
+        print(f"{kind:>9}: {s['bytes_per_token'] / 1024:8.1f} KiB/token + {s['intercept_bytes'] / 2**20:7.1f} MiB "
+              f"(fit within {100 * s['linear_fit_max_deviation']:.1f}%) -> max {s['max_seq']} tokens")
+    for kind, r in confirm.items():
+        print(f"  direct run at {base_max} tokens, {kind}: peak {r['peak_bytes'] / 2**30:.2f} GiB "
+              f"({'under' if r['peak_bytes'] <= cap else 'OVER'} the cap), step {r['seconds']:.2f} s")
+    print(f"FPDT / baseline: {ratio:.1f}x longer sequences; time per token at {base_max} tokens: {per_token:.2f}x")
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    for kind, s in report["setups"].items():
+        if s["linear_fit_max_deviation"] > 0.05:
+            print(f"WARNING: {kind} memory is not linear in the length (deviation "
+                  f"{100 * s['linear_fit_max_deviation']:.1f}% > 5%); the extrapolated maximum is unreliable")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One training step, FPDT against the baseline, at growing sequence lengths.
+
+    python bench/train_step.py                         # CPU: a small Llama, 2 processes each
+    python bench/train_step.py --seq-lens 2048 4096 8192 --plot bench_train_step.png
+
+Both setups train the same model (same flags) on the same number of processes:
+FPDT (``--fpdt``, FPDT size = processes, chunked; offload on CUDA only: on the
+CPU the host is the same RAM, so offloading would only add copies) and the baseline,
+megatron-core's standard spec on the same processes with tensor parallelism
+(the layout megatron-core offers there without FPDT) and its best memory
+setting, full recompute. One warm-up step, then timed steps (forward,
+backward, optimizer). Memory is per process, the larger of the ranks: on the
+CPU the peak resident memory the training added to the process (parameters,
+gradients, optimizer state and activations; the interpreter and libraries
+excluded), on CUDA ``max_memory_allocated``. Ratios are FPDT / baseline at
+the same length, from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODEL = {  # a small Llama with a real 32K vocabulary
+    "llama-tiny": ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "688",
+                   "--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "4",
+                   "--vocab-size", "32000"],
+    # a second shape, for checking tools/memory_planner.py away from the one it was calibrated on
+    "llama-wide": ["--num-layers", "2", "--hidden-size", "384", "--ffn-hidden-size", "1024",
+                   "--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "2",
+                   "--vocab-size", "32000"],
+    # Llama-3.2-1B's shape (the GPU check)
+    "llama3.2-1b": ["--num-layers", "16", "--hidden-size", "2048", "--ffn-hidden-size", "8192",
+                    "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8",
+                    "--kv-channels", "64", "--rotary-base", "500000", "--vocab-size", "128256"],
+}
+LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+         "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0"]
+
+
+def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool) -> list:
+    flags = MODEL[model] + LLAMA + [
+        "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", "1",
+        "--global-batch-size", "1", "--train-iters", "100", "--lr", "1e-4", "--mock-data", "--eval-iters", "0",
+        "--recompute-granularity", "full", "--log-interval", "1000"] + (["--bf16"] if bf16 else [])
+    if kind == "fpdt":
+        flags += ["--fpdt", "--fpdt-parallel-size", str(nproc), "--fpdt-chunk-size", str(min(chunk, seq))]
+        if offload:  # on the CPU the host is the same RAM: offloading would only add copies
+            flags += ["--fpdt-offload", "--offload-recompute-inputs"]
+    elif nproc > 1:
+        flags += ["--tensor-model-parallel-size", str(nproc)]
+    return flags
+
+
+def _rss_bytes(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def step_worker(rank, world_size, flags, steps):
+    """Build the trainer, warm up one step, time ``steps`` steps; report time and peak memory."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.initialize import initialize
+
+    args = validate_args(parse_args(flags), world_size=world_size)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    initialize(args)  # groups and seeds first: the baseline memory excludes the runtime
+    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(args)
+    trainer.train_step()  # warm-up: optimizer state, pools, caches
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - base
+    return {"seconds": statistics.median(times), "peak_bytes": peak}
+
+
+def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=None, timeout=3600):
+    """One setup at one length: median step seconds (slowest rank) and peak bytes (largest rank).
+    FPDT offloads (chunks and checkpointed inputs) on CUDA; on the CPU, where host and device are
+    the same RAM, it does not unless ``offload`` says so."""
+    import torch
+
+    from bench.memory import malloc_env
+    from fpdt_ext.spawn import run_world
+
+    malloc_env()
+    offload = torch.cuda.is_available() if offload is None else offload
+    flags = setup_flags(kind, model, seq, nproc, chunk, bf16, offload)
+    try:
+        per_rank = run_world(nproc, step_worker, flags, steps, timeout=timeout)
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            return {"kind": kind, "seq": seq, "oom": True}
+        raise
+    return {"kind": kind, "seq": seq, "nproc": nproc, "oom": False,
+            "seconds": max(r["seconds"] for r in per_rank), "peak_bytes": max(r["peak_bytes"] for r in per_rank),
+            "tokens_per_s": seq / max(r["seconds"] for r in per_rank)}
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("baseline", "o-"), ("fpdt", "s-")):
+        rows = [r for r in results if r["kind"] == kind and not r.get("oom")]
+        ax_mem.plot([r["seq"] for r in rows], [r["peak_bytes"] / 2**30 for r in rows], style, label=kind)
+        ax_time.plot([r["seq"] for r in rows], [r["seconds"] for r in rows], style, label=kind)
+    for ax, label in ((ax_mem, "peak memory per process (GiB)"), (ax_time, "step time (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(results):
+    print(f"{'seq':>8}  {'setup':<9} {'step s':>9} {'tokens/s':>9} {'peak MiB':>9} {'time x':>7} {'mem x':>7}")
+    for seq in sorted({r["seq"] for r in results}):
+        rows = {r["kind"]: r for r in results if r["seq"] == seq}
+        base = rows.get("baseline")
+        for kind in ("baseline", "fpdt"):
+            r = rows.get(kind)
+            if r is None:
+                continue
+            if r.get("oom"):
+                print(f"{seq:>8}  {kind:<9} {'out of memory':>28}")
+                continue
+            ratio = base and not base.get("oom")
+            print(f"{seq:>8}  {kind:<9} {r['seconds']:>9.3f} {r['tokens_per_s']:>9.0f} {r['peak_bytes'] / 2**20:>9.1f} "
+                  f"{(r['seconds'] / base['seconds']) if ratio else float('nan'):>7.2f} "
+                  f"{(r['peak_bytes'] / base['peak_bytes']) if ratio else float('nan'):>7.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODEL), default="llama-tiny")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=1024, help="FPDT tokens per global chunk")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--plot", default=None, help="write a PNG of memory and time against length")
+    p.add_argument("--out", default=None, help="write the raw results as JSON")
+    a = p.parse_args(argv)
+    results = []
+    for seq in a.seq_lens:
+        for kind in ("baseline", "fpdt"):
+            results.append(measure(kind, a.model, seq, a.nproc, a.chunk_size, a.steps, a.bf16))
+            print(json.dumps(results[-1]), flush=True)
+    print(f"# one training step, {a.model}, {a.nproc} processes, FPDT chunk {a.chunk_size}; baseline: TP "
+          f"{a.nproc} + full recompute")
+    print_table(results)
+    if a.plot:
+        plot(results, a.plot)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Predict per-GPU device memory and host memory of a training run before queueing it.
+
+    python tools/memory_planner.py --preset llama3-8b --gpus 4 --fpdt 4 --gpu-mem-gib 80 --host-mem-gib 1000 \\
+        --seq-length 2097152 --chunk-size 65536
+    python tools/memory_planner.py --preset llama3-70b --gpus 32 --tp 8 --fpdt 4 --gpu-mem-gib 141 \\
+        --host-mem-gib 2000 --seq-length 4194304
+
+For the model (a preset or shape flags), layout (TP x FPDT x DP over --gpus), chunk size and
+offload setting it prints the device and host bytes per GPU at --seq-length broken into
+terms, which term dominates, the longest trainable sequence under the device and host
+limits, and a recommended chunk size. ``--baseline`` plans megatron-core's standard spec
+instead (TP only, full recompute, whole-sequence logits). ``--device cpu`` plans this
+project's CPU runs (float32, everything in one RAM, HostAdamW), which is how the model
+is validated against measurements (bench/max_seq.py; docs/BENCHMARKS.md).
+
+The model counts the tensors the implementation keeps (see each term's comment):
+parameters, fp32 gradient buffer and Adam state (sharded over data x FPDT ranks with the
+distributed optimizer); full recompute, so one layer input per layer is kept (on the host
+with --offload-recompute-inputs) and one layer's working set exists at a time; FPDT keeps
+whole-local-sequence tensors around attention (QKV projection, rotary copies, attention
+output and their gradients) and chunk-sized ones inside attention, MLP and loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+PRESETS = {
+    # name: (layers, hidden, ffn, heads, kv_heads, vocab, gated, tied)
+    "gpt-2.7b": (32, 2560, 10240, 32, 32, 50304, False, True),
+    "llama3.2-1b": (16, 2048, 8192, 32, 8, 128256, True, True),
+    "llama3-8b": (32, 4096, 14336, 32, 8, 128256, True, False),
+    "llama3-70b": (80, 8192, 28672, 64, 8, 128256, True, False),
+    "llama-tiny": (4, 256, 688, 8, 4, 32000, True, False),
+}
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class Model:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    gated: bool
+    tied: bool
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+@dataclasses.dataclass
+class Plan:
+    model: Model
+    gpus: int
+    tp: int = 1
+    fpdt: int = 1
+    chunk_size: int = 65536
+    offload: bool = True
+    offload_checkpoints: bool = True
+    baseline: bool = False
+    device: str = "cuda"
+    distributed_optimizer: bool = True
+
+    @property
+    def dp(self):
+        return self.gpus // (self.tp * self.fpdt)
+
+    @property
+    def act_bytes(self):
+        return 4 if self.device == "cpu" else 2  # float32 on the CPU, bf16 on GPUs
+
+    def params_per_rank(self):
+        m, t = self.model, self.tp
+        attn = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim + m.heads * m.head_dim * m.hidden
+        mlp = m.hidden * m.ffn * (3 if m.gated else 2)
+        embed = m.vocab * m.hidden * (1 if m.tied else 2)
+        return (m.layers * (attn + mlp) + embed) / t + (2 * m.layers + 1) * m.hidden
+
+    def static_terms(self):
+        """(name, device bytes, host bytes) of what does not depend on the sequence length."""
+        m, t = self.model, self.tp
+        n = self.params_per_rank()
+        if self.device == "cpu":  # fp32 params, fp32 grad buffer, HostAdamW moments (no sharding)
+            terms = [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
+                     ("Adam moments (fp32)", 8 * n, 0)]
+        else:
+            shard = self.dp * self.fpdt if self.distributed_optimizer else 1
+            terms = [("parameters (bf16)", 2 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
+                     ("fp32 master + Adam moments", 12 * n / shard, 0)]
+        # the [V/tp, h] weight gradients of the output layer and the embedding, made in backward
+        terms.append(("vocabulary weight-gradient buffers", 2 * m.vocab / t * m.hidden * 4, 0))
+        if not self.baseline:  # the chunked loss: one chunk of fp32 logits, and its softmax in backward
+            rows = self.loss_rows()
+            terms.append(("loss chunk logits + softmax (fp32)", 2 * rows * m.vocab / t * 4, 0))
+        return terms
+
+    def loss_rows(self):
+        """Tokens per rank in one loss chunk: the attention chunk, or fewer for large vocabularies
+        (fpdt_ext.loss.MAX_CHUNK_LOGITS)."""
+        return min(self.chunk_size / self.fpdt, (1 << 26) / (self.model.vocab / self.tp))
+
+    # Tensors of the whole local sequence alive at the peak, in units of [tokens, hidden] of the
+    # activation dtype, beyond the checkpointed layer inputs and the final hidden state: the
+    # layer working set and gradients (and, for FPDT without offload, the stored attention
+    # chunks). Calibrated on CPU measurements of llama-tiny (bench/max_seq.py, 2 processes);
+    # checked on a second shape (docs/BENCHMARKS.md).
+    WORKING_SET = {"baseline": 3.6, "fpdt": 3.75}
+
+    def sequence_terms(self, seq):
+        """(name, device bytes, host bytes) that grow with the sequence (batch 1)."""
+        m, a, t = self.model, self.act_bytes, self.tp
+        host_split = self.device != "cpu"  # on the CPU the host buffers are the same RAM
+        n = seq / (1 if self.baseline else self.fpdt)  # tokens per rank
+        h = m.hidden
+        terms = []
+
+        def add(name, nbytes, on_host=False):
+            host = on_host and host_split
+            terms.append((name, 0 if host else nbytes, nbytes if host else 0))
+
+        add("checkpointed layer inputs", m.layers * n * h * a, on_host=self.offload_checkpoints)
+        add("final hidden state (loss input)", n * h * a)
+        kind = "baseline" if self.baseline else "fpdt"
+        stored = 0.0
+        if not self.baseline:  # q, out, k, v (KV heads replicated up to the FPDT size) and lse per token
+            stored = a * (2 * m.heads + 2 * max(m.kv_heads, self.fpdt)) * m.head_dim / t + 4 * m.heads / t
+        working = self.WORKING_SET[kind] * n * h * a
+        if not self.baseline and self.offload and host_split:  # the stored chunks go to the host
+            working = max(working - n * stored, 0.0)
+            add("FPDT attention chunks (host)", n * stored, on_host=True)
+            chunk_rows = min(seq, self.chunk_size) / self.fpdt
+            add("FPDT attention chunks (resident: 2 KV + query side)", 4 * chunk_rows * stored)
+        add("layer working set and gradients", working)
+        if self.baseline:  # whole-sequence logits; on GPUs bf16 logits + fp32 softmax/gradient
+            add("logits and softmax", n * m.vocab / t * (4 if self.device == "cpu" else 8))
+        return terms
+    def totals(self, seq):
+        terms = self.static_terms() + self.sequence_terms(seq)
+        return sum(x[1] for x in terms), sum(x[2] for x in terms), terms
+
+    def max_sequence(self, device_limit, host_limit):
+        """Longest sequence (a multiple of the chunk size, or 1024 for the baseline) under both limits."""
+        step = 1024 if self.baseline else self.chunk_size
+        lo, hi = 0, 1
+        while self.fits(hi * step, device_limit, host_limit) and hi < 1 << 24:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.fits(mid * step, device_limit, host_limit) else (lo, mid)
+        return lo * step
+
+    def fits(self, seq, device_limit, host_limit):
+        if not self.baseline and seq % self.chunk_size:
+            return False
+        dev, host, _ = self.totals(seq)
+        return dev <= device_limit and host <= host_limit
+
+
+def recommend_chunk(plan: Plan, seq: int, device_limit: float, host_limit: float) -> int:
+    """The largest chunk (fewer, bigger kernels) whose working set leaves the run within limits:
+    chunk-sized terms (loss, MLP, resident attention chunks) stay under 10% of the device limit."""
+    best = None
+    for chunk in (2**k for k in range(12, 23)):
+        if chunk > seq or seq % chunk or chunk % plan.fpdt:
+            continue
+        trial = dataclasses.replace(plan, chunk_size=chunk)
+        dev, host, terms = trial.totals(seq)
+        chunk_bytes = sum(t[1] for t in terms if "chunk" in t[0])
+        if dev <= device_limit and host <= host_limit and chunk_bytes <= 0.1 * device_limit:
+            best = chunk
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    for name in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--fpdt", type=int, default=1, help="FPDT parallel size")
+    p.add_argument("--chunk-size", type=int, default=65536)
+    p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--no-offload-checkpoints", action="store_true")
+    p.add_argument("--baseline", action="store_true", help="plan megatron-core's standard spec instead")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--host-mem-gib", type=float, default=1000.0, help="host memory per node")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--seq-length", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.preset:
+        model = Model(*PRESETS[a.preset])
+    elif all(getattr(a, k) for k in ("layers", "hidden", "ffn", "heads", "vocab")):
+        model = Model(a.layers, a.hidden, a.ffn, a.heads, a.kv_heads or a.heads, a.vocab, True, False)
+    else:
+        p.error("give --preset or all of --layers --hidden --ffn --heads --vocab")
+    if a.gpus % (a.tp * a.fpdt):
+        p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt = {a.tp * a.fpdt}")
+    # the baseline is megatron-core's own: its layer checkpoints stay on the device
+    plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
+                not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device)
+    device_limit = a.gpu_mem_gib * GiB
+    host_limit = a.host_mem_gib * GiB / min(a.gpus_per_node, a.gpus)
+    seq = a.seq_length or plan.max_sequence(device_limit, host_limit)
+    dev, host, terms = plan.totals(seq)
+    name = "baseline (megatron-core standard spec)" if a.baseline else f"FPDT {plan.fpdt}, chunk {plan.chunk_size}"
+    print(f"{a.preset or 'model'}: {plan.params_per_rank() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
+          f"FPDT {plan.fpdt} x DP {plan.dp}; {name}; offload {'on' if plan.offload else 'off'}")
+    print(f"at {seq} tokens, per GPU: device {dev / GiB:.1f} GiB of {a.gpu_mem_gib:g}, host {host / GiB:.1f} GiB "
+          f"of {host_limit / GiB:.0f}")
+    for term, d_bytes, h_bytes in sorted(terms, key=lambda t: -(t[1] + t[2])):
+        print(f"  {term:<40} device {d_bytes / GiB:9.2f} GiB   host {h_bytes / GiB:9.2f} GiB")
+    top = max(terms, key=lambda t: t[1])
+    print(f"dominant device term: {top[0]} ({100 * top[1] / max(dev, 1):.0f}% of device memory)")
+    longest = plan.max_sequence(device_limit, host_limit)
+    print(f"longest trainable sequence: {longest} tokens"
+          + ("" if plan.fits(seq, device_limit, host_limit) else f"  (--seq-length {seq} does NOT fit)"))
+    if not a.baseline:
+        chunk = recommend_chunk(plan, seq, device_limit, host_limit)
+        print(f"recommended chunk size at {seq} tokens: {chunk if chunk else 'none fits'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
