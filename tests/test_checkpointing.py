@@ -145,3 +145,12 @@ def test_checkpoint_from_fpdt2_continues_identically_under_tp2(tmp_path):
     for a, b in zip(same, tp2):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5), (a, b)
     assert tp2[-1]["val_loss"] == pytest.approx(same[-1]["val_loss"], rel=1e-5)
+
+
+def test_exit_duration_saves_and_stops(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    rows, out = _run(tmp_path, "duration", ["--train-iters", "1000", "--save", str(ckpt),
+                                            "--exit-duration-in-mins", "0.0001"], nproc=1)
+    assert [r["iteration"] for r in rows] == [1]
+    assert "--exit-duration-in-mins 0.0001 reached" in out
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
