@@ -1,7 +1,7 @@
 """The longest sequence FPDT and the baseline can train under a memory cap.
 
-    python bench/max_seq.py                       # CPU: llama-tiny, 2 processes, 2 GiB per process
-    python bench/max_seq.py --cap-gib 4 --fpdt-lens 2048 4096 8192 16384
+    python bench/max_seq.py                       # CPU: llama-tiny, 2 processes, 1 GiB per process
+    python bench/max_seq.py --cap-gib 2 --fpdt-lens 16384 20480 24576 28672
 
 Method (printed with the result). For each setup, one training step's peak
 memory per process is measured at four or more lengths (bench/train_step.py:
@@ -15,6 +15,14 @@ size (both, so that FPDT can run at the baseline's maximum). The baseline's maxi
 direct run at that length (its peak must be under the cap), and FPDT is run at
 the same length for the time-per-token ratio. Longer FPDT runs are not made
 on the CPU: attention time grows with the square of the length.
+
+A step has two memory peaks: the backward of the logits + loss and the
+backward of one recomputed layer. The points must be measured where the
+peak that binds at the maximum already dominates, or the line is straight
+but wrong: for FPDT that is the layer backward, which overtakes the loss
+backward near 8K tokens on llama-tiny (hence the default FPDT lengths,
+12K-24K; ``tools/memory_planner.py --device cpu`` names the binding phase
+for other shapes).
 """
 
 from __future__ import annotations
@@ -50,10 +58,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--cap-gib", type=float, default=2.0, help="memory cap per process")
+    p.add_argument("--cap-gib", type=float, default=1.0, help="memory cap per process")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
-    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[2048, 4096, 8192, 12288])
+    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[12288, 16384, 20480, 24576])
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if min(len(a.baseline_lens), len(a.fpdt_lens)) < 4:

@@ -133,7 +133,7 @@ def plot(results, path):
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, style in (("baseline", "o-"), ("fpdt", "s-")):
-        rows = [r for r in results if r["kind"] == kind and not r.get("oom")]
+        rows = sorted((r for r in results if r["kind"] == kind and not r.get("oom")), key=lambda r: r["seq"])
         ax_mem.plot([r["seq"] for r in rows], [r["peak_bytes"] / 2**30 for r in rows], style, label=kind)
         ax_time.plot([r["seq"] for r in rows], [r["seconds"] for r in rows], style, label=kind)
     for ax, label in ((ax_mem, "peak memory per process (GiB)"), (ax_time, "step time (s)")):

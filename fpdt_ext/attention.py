@@ -71,7 +71,10 @@ def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=Non
 class AttentionState:
     """What the forward leaves for the backward: the stored chunks and their bookkeeping."""
 
-    def __init__(self, plan: AttentionPlan, device: torch.device):
+    def __init__(self, plan: AttentionPlan, device: torch.device, for_backward: bool = True):
+        # Without a backward to come (no_grad: evaluation, the first pass of full recompute) only
+        # the KV chunks are kept, and only while the forward needs them.
+        self.for_backward = for_backward
         self.residency = Residency()
         self.kv = ChunkStore("kv", device, offload=plan.offload, residency=self.residency)
         self.qo = ChunkStore("qo", device, offload=plan.offload, residency=self.residency)
@@ -130,9 +133,11 @@ def fpdt_forward(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, state: At
             kernels.merge_into(acc, lse_i, blk_out, blk_lse)
             kv.release(j)
         out_i = acc.to(q.dtype)
-        qo.put(i, (q_i, out_i, lse_i))
+        if state.for_backward:
+            qo.put(i, (q_i, out_i, lse_i))
         outgoing.append(head_to_seq(out_i, group, out=out[i * c:(i + 1) * c], async_op=True))
-        qo.release(i)
+        if state.for_backward:
+            qo.release(i)
         _inflight_guard(outgoing)
     for p in outgoing:
         p.wait()
@@ -216,11 +221,16 @@ class FPDTAttentionFunction(torch.autograd.Function):
     """Thin autograd wrapper: forward and backward above mirror each other."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: AttentionPlan):
-        state = AttentionState(plan, q.device)
+    def forward(ctx, q, k, v, plan: AttentionPlan, for_backward: bool = True):
+        state = AttentionState(plan, q.device, for_backward)
         out = fpdt_forward(q, k, v, plan, state)
         ctx.plan, ctx.state, ctx.kv_heads = plan, state, k.shape[2]
-        ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
+        if for_backward:
+            ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
+        else:
+            for store in state.stores():
+                store.close()
+            state.consumed = True
         return out
 
     @staticmethod
@@ -240,7 +250,7 @@ class FPDTAttentionFunction(torch.autograd.Function):
         state.consumed = True
         for store in state.stores():
             store.close()
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 def fpdt_attention(
@@ -264,5 +274,6 @@ def fpdt_attention(
     """
     plan = make_plan(q, k, v, sp_group=sp_group, num_chunks=num_chunks, offload=offload,
                      softmax_scale=softmax_scale, backend=backend)
-    return FPDTAttentionFunction.apply(q, k, v, plan)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return FPDTAttentionFunction.apply(q, k, v, plan, for_backward)
 

@@ -67,19 +67,28 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
             rows[idx, local.clamp(0, vocab_local - 1).reshape(-1)] -= in_shard.reshape(-1).to(rows.dtype)
             probs.mul_(g_c.unsqueeze(-1))  # dL/dlogits
             gh_c.copy_(torch.matmul(probs.to(hidden.dtype), weight))  # partial over the vocab shard
-            grad_weight.add_(rows.t().matmul(h_c.reshape(-1, h_c.shape[-1]).to(rows.dtype)))
+            grad_weight.addmm_(rows.t(), h_c.reshape(-1, h_c.shape[-1]).to(rows.dtype))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # every TP rank saw part of the vocab
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-# At most this many logits (tokens x local vocabulary) per loss chunk: 256 MiB in float32.
-MAX_CHUNK_LOGITS = 1 << 26
+# A loss chunk holds at most this many logits (tokens x local vocabulary; 16 MiB in float32),
+# but no fewer than MIN_CHUNK_TOKENS tokens, so the weight-gradient GEMM (whose inner size is the
+# chunk's token count) stays efficient.
+MAX_CHUNK_LOGITS = 1 << 22
+MIN_CHUNK_TOKENS = 128
+
+
+def loss_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per loss chunk for a local vocabulary size."""
+    return max(MIN_CHUNK_TOKENS, MAX_CHUNK_LOGITS // vocab_local)
 
 
 def loss_chunks(tokens: int, vocab_local: int, at_least: int = 1) -> int:
-    """Chunks for the loss: at least ``at_least``, more when one chunk's logits would exceed
-    MAX_CHUNK_LOGITS (large vocabularies: 128K x 16K tokens would be 8 GiB in one chunk)."""
-    return min(tokens, max(at_least, -(-tokens * vocab_local // MAX_CHUNK_LOGITS)))
+    """Chunks for the loss over ``tokens`` tokens: at least ``at_least``, and enough that none
+    holds more than :func:`loss_chunk_tokens` tokens (the loss's memory is one chunk of logits,
+    whatever the attention chunk size)."""
+    return min(tokens, max(at_least, -(-tokens // loss_chunk_tokens(vocab_local))))
 
 
 def chunked_lm_loss(hidden, weight, labels, *, tp_group=None, num_chunks: int = 1):

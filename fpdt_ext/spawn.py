@@ -14,6 +14,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -54,19 +55,34 @@ def run_world(world_size: int, fn, *args, timeout: float = 600):
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()
-    values, errors = {}, []
+    values, errors, reported = {}, [], set()
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, value = results.get(timeout=timeout)
+        while len(reported) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                # A process that died before reporting (killed, crashed in start-up) never will.
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+                if dead:
+                    time.sleep(1.0)  # its report may still be in the pipe
+                    if results.empty():
+                        errors.append(f"rank(s) {dead} exited (exit codes "
+                                      f"{[procs[r].exitcode for r in dead]}) without reporting")
+                        break
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout}s waiting for "
+                                  f"{world_size - len(reported)} rank(s)")
+                    break
+                continue
+            reported.add(rank)
             if ok:
                 values[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
-    except queue.Empty:
-        errors.append(f"timed out after {timeout}s waiting for {world_size - len(values) - len(errors)} rank(s)")
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=10 if not errors else 1)
             if p.is_alive():
                 p.kill()
     if errors:

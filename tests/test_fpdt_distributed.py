@@ -86,6 +86,24 @@ def residency_peaks(group, world_size, num_chunks, offload):
     return forward_peak, dict(state.residency.peak), dict(state.residency.current)
 
 
+def no_grad_forward(group, world_size, num_chunks=4):
+    """Without a backward to come, the forward keeps no query/output chunks and frees its KV
+    chunks before returning; its output is the same as with autograd."""
+    seq = world_size * num_chunks * SUB_CHUNK
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(seq // world_size, BATCH, 4, HEAD_DIM, generator=gen).requires_grad_()
+    k, v = (torch.randn(seq // world_size, BATCH, 2, HEAD_DIM, generator=gen) for _ in range(2))
+    with_grad = fpdt_attention(q, k, v, sp_group=group, num_chunks=num_chunks)
+    with torch.no_grad():
+        without = fpdt_attention(q, k, v, sp_group=group, num_chunks=num_chunks)
+    plan = make_plan(q, k, v, sp_group=group, num_chunks=num_chunks)
+    state = AttentionState(plan, q.device, for_backward=False)
+    with torch.no_grad():
+        fpdt_forward(q, k, v, plan, state)
+    return dict(same=torch.equal(with_grad.detach(), without), peak=dict(state.residency.peak),
+                requires_grad=without.requires_grad)
+
+
 def bad_input_errors(group, world_size):
     """Bad inputs must raise before any collective: collectives are made to fail here."""
     def no_comm(*args, **kwargs):
@@ -144,7 +162,7 @@ def all_to_all_errors(rank, world_size, group):
 def world_worker(rank, world_size):
     group = dist.new_group(list(range(world_size)))
     report = {"cases": {}, "residency": {}, "bad": bad_input_errors(group, world_size),
-              "comm": all_to_all_errors(rank, world_size, group)}
+              "comm": all_to_all_errors(rank, world_size, group), "no_grad": no_grad_forward(group, world_size)}
     for case in case_list(world_size):
         report["cases"][case_id(case)] = run_case(rank, world_size, case, group)
     for offload in (False, True):
@@ -184,6 +202,16 @@ def test_offload_bounds_device_residency(world_size):
         assert all(n == 0 for n in after.values()), f"chunks left on the device after backward: {after}"
         fwd_resident, _, _ = report["residency"][False]
         assert fwd_resident["kv"] == 8, "without offload every KV chunk stays resident"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_forward_without_grad_stores_nothing_for_backward(world_size):
+    for report in world_report(world_size):
+        no_grad = report["no_grad"]
+        assert no_grad["same"], "the no_grad forward differs from the autograd one"
+        assert not no_grad["requires_grad"]
+        assert no_grad["peak"].get("qo", 0) == 0, f"query/output chunks stored: {no_grad['peak']}"
+        assert no_grad["peak"]["kv"] == 4, no_grad["peak"]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

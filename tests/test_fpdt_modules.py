@@ -111,3 +111,18 @@ def test_chunked_loss_equals_cross_entropy_without_full_logits():
     r = report()["loss"]
     assert r["loss"] < 1e-12 and r["grads"] < 1e-12, r
     assert r["largest_logits_rows"] == S // 3, f"logits of {r['largest_logits_rows']} rows were built"
+
+
+def test_loss_chunks_bound_the_logits_of_one_chunk():
+    from fpdt_ext.loss import MAX_CHUNK_LOGITS, MIN_CHUNK_TOKENS, loss_chunk_tokens, loss_chunks
+
+    # 32K vocabulary: 131 tokens per chunk (16 MiB of float32 logits), whatever the attention chunk
+    assert loss_chunk_tokens(32000) == MAX_CHUNK_LOGITS // 32000
+    assert loss_chunks(8192, 32000) == -(-8192 // loss_chunk_tokens(32000))
+    assert loss_chunks(8192, 32000, at_least=128) == 128  # never fewer than asked
+    # a huge vocabulary still keeps enough tokens per chunk for an efficient weight-gradient GEMM
+    assert loss_chunk_tokens(1 << 20) == MIN_CHUNK_TOKENS
+    assert loss_chunks(100, 32000) == 1 and loss_chunks(3, 10**6) == 1  # short inputs: one chunk
+    for tokens, vocab in ((8192, 32000), (65536, 128256), (1000, 50257)):
+        chunks = loss_chunks(tokens, vocab)
+        assert -(-tokens // chunks) <= loss_chunk_tokens(vocab)

@@ -59,7 +59,8 @@ def test_cli_explains_the_dominant_term():
 
 @pytest.mark.slow
 def test_predictions_within_15_percent_of_measured_cpu_runs():
-    """A shape the planner was not calibrated on (llama-wide), FPDT and baseline, two lengths."""
+    """A shape the planner was not calibrated on (llama-wide), FPDT and baseline, two lengths each;
+    FPDT's span both peaks of a step (loss backward at 4K, layer backward at 12K)."""
     sys.path.insert(0, ROOT)
     from bench.train_step import measure
 
@@ -67,7 +68,21 @@ def test_predictions_within_15_percent_of_measured_cpu_runs():
     for kind in ("baseline", "fpdt"):
         plan = Plan(model, 2, tp=1 if kind == "fpdt" else 2, fpdt=2 if kind == "fpdt" else 1, chunk_size=1024,
                     offload=False, offload_checkpoints=False, baseline=kind == "baseline", device="cpu")
-        for seq in (2048, 4096):
+        lengths = (4096, 12288) if kind == "fpdt" else (2048, 4096)
+        phases = {[t[0] for t in plan.totals(seq)[2] if "[" in t[0]][0].split("[")[1] for seq in lengths}
+        assert len(phases) == 2 or kind == "baseline", phases
+        for seq in lengths:
             measured = measure(kind, "llama-wide", seq, 2, 1024)["peak_bytes"]
             predicted = sum(plan.totals(seq)[:2])
             assert abs(predicted / measured - 1) < 0.15, (kind, seq, predicted, measured)
+
+
+def test_loss_chunk_constants_match_the_implementation():
+    import memory_planner
+
+    from fpdt_ext import loss
+
+    assert memory_planner.LOSS_MAX_CHUNK_LOGITS == loss.MAX_CHUNK_LOGITS
+    assert memory_planner.LOSS_MIN_CHUNK_TOKENS == loss.MIN_CHUNK_TOKENS
+    plan = Plan(Model(*PRESETS["llama3-8b"]), gpus=8, tp=2)
+    assert plan.loss_rows() == loss.loss_chunk_tokens(128256 // 2)

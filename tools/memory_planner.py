@@ -17,9 +17,12 @@ is validated against measurements (bench/max_seq.py; docs/BENCHMARKS.md).
 The model counts the tensors the implementation keeps (see each term's comment):
 parameters, fp32 gradient buffer and Adam state (sharded over data x FPDT ranks with the
 distributed optimizer); full recompute, so one layer input per layer is kept (on the host
-with --offload-recompute-inputs) and one layer's working set exists at a time; FPDT keeps
-whole-local-sequence tensors around attention (QKV projection, rotary copies, attention
-output and their gradients) and chunk-sized ones inside attention, MLP and loss.
+with --offload-recompute-inputs) and one layer's working set exists at a time. A step has
+two peaks and the larger one counts: the backward of the logits + loss (whole-sequence
+logits for the baseline, one loss chunk for FPDT) and the backward of one recomputed layer
+(FPDT keeps whole-local-sequence tensors around attention: QKV projection, rotary copies,
+attention output and their gradients, plus its stored attention chunks, which go to the
+host with offload).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ PRESETS = {
     "llama-tiny": (4, 256, 688, 8, 4, 32000, True, False),
 }
 GiB = 2**30
+# fpdt_ext.loss: a loss chunk holds at most this many logits, and at least this many tokens
+# (kept in step by tests/test_memory_planner.py; the planner imports neither torch nor megatron).
+LOSS_MAX_CHUNK_LOGITS = 1 << 22
+LOSS_MIN_CHUNK_TOKENS = 128
 
 
 @dataclasses.dataclass
@@ -86,65 +93,83 @@ class Plan:
 
     def static_terms(self):
         """(name, device bytes, host bytes) of what does not depend on the sequence length."""
-        m, t = self.model, self.tp
         n = self.params_per_rank()
+        runtime = ("runtime buffers", self.RUNTIME[self.device], 0)
         if self.device == "cpu":  # fp32 params, fp32 grad buffer, HostAdamW moments (no sharding)
-            terms = [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
-                     ("Adam moments (fp32)", 8 * n, 0)]
-        else:
-            shard = self.dp * self.fpdt if self.distributed_optimizer else 1
-            terms = [("parameters (bf16)", 2 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
-                     ("fp32 master + Adam moments", 12 * n / shard, 0)]
-        # the [V/tp, h] weight gradients of the output layer and the embedding, made in backward
-        terms.append(("vocabulary weight-gradient buffers", 2 * m.vocab / t * m.hidden * 4, 0))
-        if not self.baseline:  # the chunked loss: one chunk of fp32 logits, and its softmax in backward
-            rows = self.loss_rows()
-            terms.append(("loss chunk logits + softmax (fp32)", 2 * rows * m.vocab / t * 4, 0))
-        return terms
+            return [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
+                    ("Adam moments (fp32)", 8 * n, 0), runtime]
+        shard = self.dp * self.fpdt if self.distributed_optimizer else 1
+        return [("parameters (bf16)", 2 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
+                ("fp32 master + Adam moments", 12 * n / shard, 0), runtime]
 
     def loss_rows(self):
-        """Tokens per rank in one loss chunk: the attention chunk, or fewer for large vocabularies
-        (fpdt_ext.loss.MAX_CHUNK_LOGITS)."""
-        return min(self.chunk_size / self.fpdt, (1 << 26) / (self.model.vocab / self.tp))
+        """Tokens per rank in one loss chunk (fpdt_ext.loss.loss_chunk_tokens), at most the local sequence."""
+        vocab_local = self.model.vocab // self.tp
+        return max(LOSS_MIN_CHUNK_TOKENS, LOSS_MAX_CHUNK_LOGITS // vocab_local)
 
-    # Tensors of the whole local sequence alive at the peak, in units of [tokens, hidden] of the
-    # activation dtype, beyond the checkpointed layer inputs and the final hidden state: the
-    # layer working set and gradients (and, for FPDT without offload, the stored attention
-    # chunks). Calibrated on CPU measurements of llama-tiny (bench/max_seq.py, 2 processes);
-    # checked on a second shape (docs/BENCHMARKS.md).
-    WORKING_SET = {"baseline": 3.6, "fpdt": 3.75}
+    # Whole-local-sequence tensors at the two peaks of a step, in units of [tokens, hidden] of the
+    # activation dtype, beyond the checkpointed layer inputs. Calibrated on CPU measurements of
+    # llama-tiny (bench/max_seq.py, 2 processes) and checked on a second shape (docs/BENCHMARKS.md).
+    #  - "loss": the backward of the logits + loss: the last layer's output, the final norm's
+    #    saved tensors, the loss input and its gradient;
+    #  - "layer": the backward of one recomputed layer: its saved activations (norm outputs,
+    #    QKV, rotary copies, attention output, residual) and their gradients. FPDT's stored
+    #    attention chunks are counted separately (they move to the host with offload).
+    FINAL_STATES = {"baseline": 4.5, "fpdt": 4.75}
+    LAYER_WORKING = {"baseline": 10.35, "fpdt": 10.35}  # baseline: FPDT's value, never binding (logits)
+    # What the runtime adds beside tensors: allocator and communication buffers (measured on the
+    # CPU); on GPUs an allowance for the CUDA context, NCCL buffers and fragmentation (not measured).
+    RUNTIME = {"cpu": 30 * 2**20, "cuda": 2 * GiB}
 
-    def sequence_terms(self, seq):
-        """(name, device bytes, host bytes) that grow with the sequence (batch 1)."""
+    def attention_store_bytes(self):
+        """Bytes per local token of FPDT's stored attention chunks during a layer's backward: q,
+        out, dout and the float32 dq accumulator (heads), k and v (KV heads, replicated up to the
+        FPDT size), float32 logsumexp."""
+        m, a, t = self.model, self.act_bytes, self.tp
+        heads, kv = m.heads / t, max(m.kv_heads / t, self.fpdt)
+        return (a * (3 * heads + 2 * kv) + 4 * heads) * m.head_dim + 4 * heads
+
+    def phase_terms(self, seq):
+        """{phase: [(name, device bytes, host bytes)]} of what grows with the sequence (batch 1)."""
         m, a, t = self.model, self.act_bytes, self.tp
         host_split = self.device != "cpu"  # on the CPU the host buffers are the same RAM
         n = seq / (1 if self.baseline else self.fpdt)  # tokens per rank
         h = m.hidden
-        terms = []
-
-        def add(name, nbytes, on_host=False):
-            host = on_host and host_split
-            terms.append((name, 0 if host else nbytes, nbytes if host else 0))
-
-        add("checkpointed layer inputs", m.layers * n * h * a, on_host=self.offload_checkpoints)
-        add("final hidden state (loss input)", n * h * a)
         kind = "baseline" if self.baseline else "fpdt"
-        stored = 0.0
-        if not self.baseline:  # q, out, k, v (KV heads replicated up to the FPDT size) and lse per token
-            stored = a * (2 * m.heads + 2 * max(m.kv_heads, self.fpdt)) * m.head_dim / t + 4 * m.heads / t
-        working = self.WORKING_SET[kind] * n * h * a
-        if not self.baseline and self.offload and host_split:  # the stored chunks go to the host
-            working = max(working - n * stored, 0.0)
-            add("FPDT attention chunks (host)", n * stored, on_host=True)
-            chunk_rows = min(seq, self.chunk_size) / self.fpdt
-            add("FPDT attention chunks (resident: 2 KV + query side)", 4 * chunk_rows * stored)
-        add("layer working set and gradients", working)
+
+        def term(name, nbytes, on_host=False):
+            host = on_host and host_split
+            return (name, 0 if host else nbytes, nbytes if host else 0)
+
+        common = [term("checkpointed layer inputs", m.layers * n * h * a, on_host=self.offload_checkpoints)]
+        loss = [term("final hidden states, loss input and gradient", self.FINAL_STATES[kind] * n * h * a),
+                term("output-layer weight gradient (fp32)", m.vocab / t * h * 4)]
         if self.baseline:  # whole-sequence logits; on GPUs bf16 logits + fp32 softmax/gradient
-            add("logits and softmax", n * m.vocab / t * (4 if self.device == "cpu" else 8))
-        return terms
+            loss.append(term("logits and softmax", n * m.vocab / t * (4 if self.device == "cpu" else 8)))
+        else:  # one chunk of fp32 logits (softmax in place)
+            loss.append(term("loss chunk logits (fp32)", min(n, self.loss_rows()) * m.vocab / t * 4))
+        layer = [term("layer working set and gradients", self.LAYER_WORKING[kind] * n * h * a)]
+        if not self.baseline:  # one MLP chunk recomputed in backward: fc1 output, activation, their grads
+            rows = min(seq, self.chunk_size) / self.fpdt
+            layer.append(term("MLP chunk intermediates (resident)", rows * m.ffn / t * a * (6 if m.gated else 4)))
+            stored = self.attention_store_bytes()
+            if self.offload and host_split:
+                chunk_rows = min(seq, self.chunk_size) / self.fpdt
+                layer += [term("FPDT attention chunks (host)", n * stored, on_host=True),
+                          term("FPDT attention chunks (resident: 2 of each kind)", 2 * chunk_rows * stored)]
+            else:
+                layer.append(term("FPDT attention chunks", n * stored))
+        return {"loss backward": common + loss, "layer backward": common + layer}
+
     def totals(self, seq):
-        terms = self.static_terms() + self.sequence_terms(seq)
-        return sum(x[1] for x in terms), sum(x[2] for x in terms), terms
+        """(device bytes, host bytes, terms) at the step's peak: the larger of the two phases."""
+        static = self.static_terms()
+        phases = self.phase_terms(seq)
+        name = max(phases, key=lambda k: sum(x[1] for x in phases[k]))
+        terms = static + [(f"{t[0]} [{name}]", t[1], t[2]) for t in phases[name]]
+        # host buffers of either phase persist (pools), so host use is the larger of the two
+        host = sum(x[2] for x in static) + max(sum(x[2] for x in p) for p in phases.values())
+        return sum(x[1] for x in terms), host, terms
 
     def max_sequence(self, device_limit, host_limit):
         """Longest sequence (a multiple of the chunk size, or 1024 for the baseline) under both limits."""
@@ -173,7 +198,7 @@ def recommend_chunk(plan: Plan, seq: int, device_limit: float, host_limit: float
             continue
         trial = dataclasses.replace(plan, chunk_size=chunk)
         dev, host, terms = trial.totals(seq)
-        chunk_bytes = sum(t[1] for t in terms if "chunk" in t[0])
+        chunk_bytes = sum(t[1] for t in terms if "resident" in t[0] or "loss chunk" in t[0])
         if dev <= device_limit and host <= host_limit and chunk_bytes <= 0.1 * device_limit:
             best = chunk
     return best

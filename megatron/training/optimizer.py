@@ -43,7 +43,8 @@ class HostAdamW:
             groups.append(dict(params=master, wd_mult=g["wd_mult"], model_params=g["params"]))
         self.optimizer = torch.optim.AdamW(
             [dict(params=g["params"], wd_mult=g["wd_mult"]) for g in groups],
-            lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+            lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+            fused=True)  # no whole-model temporaries (the foreach path makes several)
         self._pairs = [(m, p) for g in groups for m, p in zip(g["params"], g["model_params"])]
         self.clip_grad = clip_grad
         self.tp_group = tp_group
@@ -62,7 +63,9 @@ class HostAdamW:
         total = torch.zeros((), dtype=torch.float64)
         for master, param in self._pairs:
             if master.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                total += master.grad.double().pow(2).sum()
+                # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
+                # float64: no float64 copy of a whole gradient
+                total += torch.linalg.vector_norm(master.grad).double() ** 2
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(total, group=self.tp_group)
         return math.sqrt(total.item())
