@@ -224,13 +224,12 @@ class FPDTAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: AttentionPlan, for_backward: bool = True):
         state = AttentionState(plan, q.device, for_backward)
         out = fpdt_forward(q, k, v, plan, state)
-        ctx.plan, ctx.state, ctx.kv_heads = plan, state, k.shape[2]
-        if for_backward:
-            ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
-        else:
+        if not for_backward:  # no backward will run: keep nothing
             for store in state.stores():
                 store.close()
-            state.consumed = True
+            return out
+        ctx.plan, ctx.state, ctx.kv_heads = plan, state, k.shape[2]
+        ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
         return out
 
     @staticmethod

