@@ -1,7 +1,7 @@
 """The longest sequence FPDT and the baseline can train under a memory cap.
 
     python bench/max_seq.py                       # CPU: llama-tiny, 2 processes, 1 GiB per process
-    python bench/max_seq.py --cap-gib 2 --fpdt-lens 16384 20480 24576 28672
+    python bench/max_seq.py --cap-gib 2 --fpdt-lens 24576 28672 32768 36864
 
 Method (printed with the result). For each setup, one training step's peak
 memory per process is measured at four or more lengths (bench/train_step.py:
@@ -9,19 +9,22 @@ the memory the training added to the process, the largest rank). Memory must
 grow linearly in the sequence length (FPDT: fixed chunk size, everything else
 per token; baseline: activations, logits and softmax per token): a
 least-squares line is fitted and its largest relative deviation from the
-points is reported; it must stay under 5%. The maximum trainable length under
+points is reported; it must stay under 5%, and the slopes between
+consecutive points must agree within 1.15x (a bend means the points straddle
+a change of binding peak, which a 5% fit can hide). The maximum trainable length under
 the cap is where the line meets it, rounded down to a multiple of the chunk
 size (both, so that FPDT can run at the baseline's maximum). The baseline's maximum is then confirmed by a
 direct run at that length (its peak must be under the cap), and FPDT is run at
-the same length for the time-per-token ratio. Longer FPDT runs are not made
+the same length for the time-per-token ratio (median of three timed steps
+each, after a warm-up step; single steps vary by a few percent on the CPU). Longer FPDT runs are not made
 on the CPU: attention time grows with the square of the length.
 
 A step has two memory peaks: the backward of the logits + loss and the
 backward of one recomputed layer. The points must be measured where the
 peak that binds at the maximum already dominates, or the line is straight
 but wrong: for FPDT that is the layer backward, which overtakes the loss
-backward near 8K tokens on llama-tiny (hence the default FPDT lengths,
-12K-24K; ``tools/memory_planner.py --device cpu`` names the binding phase
+backward near 17K tokens on llama-tiny (hence the default FPDT lengths,
+20K-32K; ``tools/memory_planner.py --device cpu`` names the binding phase
 for other shapes).
 """
 
@@ -50,6 +53,15 @@ def fit_line(points):
     return intercept, slope, deviation
 
 
+def segment_slope_spread(points):
+    """Largest / smallest slope between consecutive points: near 1 on one straight line. A
+    line fitted through points on both sides of a phase change can still lie within 1% of
+    them while its slope is far from the binding phase's; the spread shows the bend."""
+    points = sorted(points)
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(points, points[1:])]
+    return max(slopes) / min(slopes) if min(slopes) > 0 else float("inf")
+
+
 def max_length(intercept, slope, cap, multiple):
     return int((cap - intercept) / slope) // multiple * multiple
 
@@ -61,7 +73,9 @@ def main(argv=None):
     p.add_argument("--cap-gib", type=float, default=1.0, help="memory cap per process")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
-    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[12288, 16384, 20480, 24576])
+    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[20480, 24576, 28672, 32768])
+    p.add_argument("--confirm-steps", type=int, default=3,
+                   help="timed steps of the direct runs (the time ratio is of their medians)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if min(len(a.baseline_lens), len(a.fpdt_lens)) < 4:
@@ -72,12 +86,15 @@ def main(argv=None):
         rows = [measure(kind, a.model, s, a.nproc, a.chunk_size) for s in lens]
         for r in rows:
             print(json.dumps(r), flush=True)
-        intercept, slope, deviation = fit_line([(r["seq"], r["peak_bytes"]) for r in rows])
+        points = [(r["seq"], r["peak_bytes"]) for r in rows]
+        intercept, slope, deviation = fit_line(points)
         report["setups"][kind] = dict(points=rows, intercept_bytes=intercept, bytes_per_token=slope,
                                       linear_fit_max_deviation=deviation,
+                                      segment_slope_spread=segment_slope_spread(points),
                                       max_seq=max_length(intercept, slope, cap, multiple))
     base_max = report["setups"]["baseline"]["max_seq"]
-    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size) for k in ("baseline", "fpdt")}
+    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps)
+               for k in ("baseline", "fpdt")}
     report["confirm"] = confirm
     b, f = report["setups"]["baseline"], report["setups"]["fpdt"]
     ratio = f["max_seq"] / b["max_seq"]
@@ -90,7 +107,8 @@ def main(argv=None):
           "#   maximum = where the line meets the cap; baseline maximum confirmed by a direct run")
     for kind, s in report["setups"].items():
         print(f"{kind:>9}: {s['bytes_per_token'] / 1024:8.1f} KiB/token + {s['intercept_bytes'] / 2**20:7.1f} MiB "
-              f"(fit within {100 * s['linear_fit_max_deviation']:.1f}%) -> max {s['max_seq']} tokens")
+              f"(fit within {100 * s['linear_fit_max_deviation']:.1f}%, segment slopes within "
+              f"{s['segment_slope_spread']:.2f}x) -> max {s['max_seq']} tokens")
     for kind, r in confirm.items():
         print(f"  direct run at {base_max} tokens, {kind}: peak {r['peak_bytes'] / 2**30:.2f} GiB "
               f"({'under' if r['peak_bytes'] <= cap else 'OVER'} the cap), step {r['seconds']:.2f} s")
@@ -99,9 +117,11 @@ def main(argv=None):
         with open(a.out, "w") as fh:
             json.dump(report, fh, indent=1)
     for kind, s in report["setups"].items():
-        if s["linear_fit_max_deviation"] > 0.05:
+        if s["linear_fit_max_deviation"] > 0.05 or s["segment_slope_spread"] > 1.15:
             print(f"WARNING: {kind} memory is not linear in the length (deviation "
-                  f"{100 * s['linear_fit_max_deviation']:.1f}% > 5%); the extrapolated maximum is unreliable")
+                  f"{100 * s['linear_fit_max_deviation']:.1f}%, segment slopes within "
+                  f"{s['segment_slope_spread']:.2f}x; limits 5% and 1.15x): the points straddle a change "
+                  f"of binding peak, so the extrapolated maximum is unreliable; measure longer lengths")
     return report
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Llama-3-8B with FPDT at 2M tokens on 4 GPUs (one node): the FPDT paper's headline setup.
 # tools/memory_planner.py: fits 141 GB GPUs (H200); on 80 GB GPUs the model state alone takes
-# ~71 GB (the paper shards it with ZeRO-3) and the longest sequence is 1638400 tokens.
+# ~71 GB (the paper shards it with ZeRO-3) and the longest sequence is 589824 tokens.
 #   FPDT size 4 (each GPU holds 512K tokens), 32 chunks of 64K tokens, offload on,
 #   full recompute with the checkpointed layer inputs in host memory, distributed optimizer.
 #

@@ -19,13 +19,18 @@ backward, outer j = 0..u-1 over KV chunks, inner i = j..u-1 over query chunks
 With offload on, at most two KV chunks are on the device during the forward
 (the one computing and the one being fetched), and at most two chunks of each
 kind during the backward.
+
+:func:`forward_chunks` and :func:`backward_chunks` are the loops; they take
+chunks from a callback and hand finished gradients to a :class:`GradSink`, so
+:mod:`fpdt_ext.qkv` can project q/k/v from hidden states one chunk at a time
+and take each chunk's gradient back through the projection as it completes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -53,7 +58,9 @@ class AttentionPlan:
     backend: str
 
 
-def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=None, backend=None) -> AttentionPlan:
+def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=None, backend=None,
+              device=None) -> AttentionPlan:
+    """Validate q/k/v (tensors, or meta tensors of their shapes with ``device`` the real one)."""
     sp_size = group_size(sp_group)
     check_attention_inputs(q, k, v, sp_size=sp_size, num_chunks=num_chunks)
     head_dim = q.shape[-1]
@@ -64,7 +71,7 @@ def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=Non
         offload=bool(offload),
         scale=default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale),
         kv_rep=kv_replication(q.shape[2], k.shape[2], sp_size),
-        backend=kernels.select_backend(q.device, q.dtype, head_dim, backend),
+        backend=kernels.select_backend(device or q.device, q.dtype, head_dim, backend),
     )
 
 
@@ -99,18 +106,35 @@ def _repeat_kv(x: Tensor, rep: int) -> Tensor:
 
 
 def fpdt_forward(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, state: AttentionState) -> Tensor:
+    """Attention output ``[s/P, b, H, d]`` for local q/k/v pieces (see the module docstring)."""
+    c = q.shape[0] // plan.num_chunks
+
+    def chunk(i: int):
+        sl = slice(i * c, (i + 1) * c)
+        return q[sl], k[sl], v[sl]
+
+    return forward_chunks(chunk, torch.empty_like(q), plan, state)
+
+
+def forward_chunks(chunk_qkv: Callable[[int], Tuple[Tensor, Tensor, Tensor]], out: Tensor,
+                   plan: AttentionPlan, state: AttentionState) -> Tensor:
+    """The chunked forward; ``chunk_qkv(i)`` makes local chunk i's q/k/v, ``[c, b, heads, d]``.
+
+    Chunks are made one at a time, just before their all-to-all, so a caller that
+    projects them from hidden states never holds whole-sequence q/k/v.
+    ``out`` (``[s/P, b, H, d]``) is filled chunk by chunk and returned.
+    """
     num_chunks, group = plan.num_chunks, plan.sp_group
-    c = q.shape[0] // num_chunks
-    out = torch.empty_like(q)  # [s/P, b, H, d]
+    c = out.shape[0] // num_chunks
     kv, qo = state.kv, state.qo
     block = dict(scale=plan.scale, backend=plan.backend)
 
     def send(i: int):  # sequence -> head all-to-all of local chunk i, in flight
-        sl = slice(i * c, (i + 1) * c)
+        q_i, k_i, v_i = chunk_qkv(i)
         return (
-            seq_to_head(q[sl], group, async_op=True),  # -> [b, P*c, H/P, d]
-            seq_to_head(_repeat_kv(k[sl], plan.kv_rep), group, async_op=True),  # -> [b, P*c, KV*rep/P, d]
-            seq_to_head(_repeat_kv(v[sl], plan.kv_rep), group, async_op=True),
+            seq_to_head(q_i, group, async_op=True),  # -> [b, P*c, H/P, d]
+            seq_to_head(_repeat_kv(k_i, plan.kv_rep), group, async_op=True),  # -> [b, P*c, KV*rep/P, d]
+            seq_to_head(_repeat_kv(v_i, plan.kv_rep), group, async_op=True),
         )
 
     outgoing = collections.deque()
@@ -132,7 +156,7 @@ def fpdt_forward(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, state: At
             blk_out, blk_lse = kernels.block_forward(q_i, k_j, v_j, causal=False, **block)
             kernels.merge_into(acc, lse_i, blk_out, blk_lse)
             kv.release(j)
-        out_i = acc.to(q.dtype)
+        out_i = acc.to(out.dtype)
         if state.for_backward:
             qo.put(i, (q_i, out_i, lse_i))
         outgoing.append(head_to_seq(out_i, group, out=out[i * c:(i + 1) * c], async_op=True))
@@ -144,11 +168,60 @@ def fpdt_forward(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, state: At
     return out
 
 
+class GradSink:
+    """Where the backward's per-chunk gradients land.
+
+    ``targets(i)`` gives the sequence-layout buffers ``[c, b, heads, d]`` that chunk
+    i's dq, dk (KV heads replicated) and dv are written into; ``complete(i)`` runs
+    once all three have landed. Chunks complete in order 0, 1, ...
+    """
+
+    def targets(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def complete(self, i: int) -> None:
+        raise NotImplementedError
+
+
+class _WholeGrads(GradSink):
+    """dq/dk/dv for the whole local sequence: the gradients of fpdt_attention's q, k and v."""
+
+    def __init__(self, dout: Tensor, kv_heads: int, rep: int, num_chunks: int):
+        s_local, b, _, d = dout.shape
+        self.c, self.kv_heads = s_local // num_chunks, kv_heads
+        self.grad_q = torch.empty_like(dout)  # [s/P, b, H, d]
+        self.grad_k = dout.new_empty(s_local, b, kv_heads * rep, d)  # [s/P, b, KV*rep, d]
+        self.grad_v = torch.empty_like(self.grad_k)
+
+    def targets(self, i: int) -> Tuple[Tensor, Tensor, Tensor]:
+        sl = slice(i * self.c, (i + 1) * self.c)
+        return self.grad_q[sl], self.grad_k[sl], self.grad_v[sl]
+
+    def complete(self, i: int) -> None:
+        pass  # written in place
+
+    def result(self) -> Tuple[Tensor, Tensor, Tensor]:
+        return self.grad_q, unreplicate_kv(self.grad_k, self.kv_heads), unreplicate_kv(self.grad_v, self.kv_heads)
+
+
+def unreplicate_kv(grad: Tensor, kv_heads: int) -> Tensor:
+    """Gradient of :func:`_repeat_kv`: [c, b, KV*rep, d] -> [c, b, KV, d], the copies summed."""
+    if grad.shape[2] == kv_heads:
+        return grad
+    return grad.unflatten(2, (kv_heads, grad.shape[2] // kv_heads)).sum(3)
+
+
 def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_heads: int):
     """Gradients (dq, dk, dv) in the local layout, from the chunks the forward stored."""
-    num_chunks, group, rep = plan.num_chunks, plan.sp_group, plan.kv_rep
-    s_local, b, heads, d = dout.shape
-    c = s_local // num_chunks
+    sink = _WholeGrads(dout, kv_heads, plan.kv_rep, plan.num_chunks)
+    backward_chunks(dout, plan, state, sink)
+    return sink.result()
+
+
+def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, sink: GradSink) -> None:
+    """The pipelined backward; chunk j's dq/dk/dv go to ``sink`` as soon as they are complete."""
+    num_chunks, group = plan.num_chunks, plan.sp_group
+    c = dout.shape[0] // num_chunks
     kv, qo = state.kv, state.qo
     device = dout.device
     do_store = ChunkStore("do", device, offload=plan.offload, residency=state.residency)
@@ -164,10 +237,15 @@ def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_h
         do_store.put(i, (do_i,))
         do_store.release(i)
 
-    grad_q = torch.empty_like(dout)  # [s/P, b, H, d]
-    grad_k = dout.new_empty(s_local, b, kv_heads * rep, d)  # [s/P, b, KV*rep, d]
-    grad_v = torch.empty_like(grad_k)
-    outgoing = collections.deque()
+    dq_sent = {}  # chunk -> its dq all-to-all, in flight
+    outgoing = collections.deque()  # (chunk, its three all-to-alls), completed in order
+
+    def finish_oldest():
+        j, sends = outgoing.popleft()
+        for p in sends:
+            p.wait()
+        sink.complete(j)
+
     pairs = [(j, i) for j in range(num_chunks) for i in range(j, num_chunks)]
     kv.prefetch(0)
     for store in (qo, do_store):
@@ -190,9 +268,8 @@ def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_h
         dq_i = _accumulate(dq_i, dq_blk, lse_i.dtype)
         dk_j = _accumulate(None if i == j else dk_j, dk_blk, lse_i.dtype)
         dv_j = _accumulate(None if i == j else dv_j, dv_blk, lse_i.dtype)
-        sl = slice(i * c, (i + 1) * c)
         if i == j:  # dq_i has seen KV chunks 0..i: complete
-            outgoing.append(head_to_seq(dq_i.to(dout.dtype), group, out=grad_q[sl], async_op=True))
+            dq_sent[i] = head_to_seq(dq_i.to(dout.dtype), group, out=sink.targets(i)[0], async_op=True)
             if dq_store.has(i):
                 dq_store.pop(i)
         else:
@@ -203,18 +280,46 @@ def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_h
             do_store.release(i)
         if i == num_chunks - 1:  # end of outer step j: dk_j, dv_j complete
             kv.pop(j)
-            sl_j = slice(j * c, (j + 1) * c)
-            outgoing.append(head_to_seq(dk_j.to(dout.dtype), group, out=grad_k[sl_j], async_op=True))
-            outgoing.append(head_to_seq(dv_j.to(dout.dtype), group, out=grad_v[sl_j], async_op=True))
+            _, dk_out, dv_out = sink.targets(j)
+            outgoing.append((j, (dq_sent.pop(j),
+                                 head_to_seq(dk_j.to(dout.dtype), group, out=dk_out, async_op=True),
+                                 head_to_seq(dv_j.to(dout.dtype), group, out=dv_out, async_op=True))))
             qo.pop(j)
             do_store.pop(j)
-        _inflight_guard(outgoing)
-    for p in outgoing:
-        p.wait()
-    if rep > 1:  # gradient of the KV-head replication: sum the copies
-        grad_k = grad_k.unflatten(2, (kv_heads, rep)).sum(3)
-        grad_v = grad_v.unflatten(2, (kv_heads, rep)).sum(3)
-    return grad_q, grad_k, grad_v
+            while len(outgoing) > _MAX_INFLIGHT // 2:
+                finish_oldest()
+    while outgoing:
+        finish_oldest()
+
+
+def keep_for_backward(ctx, state: AttentionState, *tensors: Optional[Tensor]) -> None:
+    """Save ``tensors`` and the state's stored chunks on ctx (``save_for_backward`` keeps them
+    in the autograd graph's accounting, e.g. for saved-tensor hooks)."""
+    ctx.state, ctx.num_own = state, len(tensors)
+    ctx.save_for_backward(*tensors, *(t for store in state.stores() for t in store.stored_tensors()))
+
+
+def take_for_backward(ctx) -> list:
+    """The tensors given to :func:`keep_for_backward`; the state's stores are refilled."""
+    state = ctx.state
+    if state.consumed:
+        raise RuntimeError(
+            "fpdt_attention's backward ran twice; its stored chunks are freed after the first "
+            "backward, so retain_graph=True / double backward is not supported"
+        )
+    saved = list(ctx.saved_tensors)
+    own, saved = saved[:ctx.num_own], saved[ctx.num_own:]
+    for store in state.stores():
+        n = len(store.stored_tensors())
+        store.restore(saved[:n])
+        saved = saved[n:]
+    return own
+
+
+def close_state(state: AttentionState) -> None:
+    state.consumed = True
+    for store in state.stores():
+        store.close()
 
 
 class FPDTAttentionFunction(torch.autograd.Function):
@@ -225,30 +330,17 @@ class FPDTAttentionFunction(torch.autograd.Function):
         state = AttentionState(plan, q.device, for_backward)
         out = fpdt_forward(q, k, v, plan, state)
         if not for_backward:  # no backward will run: keep nothing
-            for store in state.stores():
-                store.close()
+            close_state(state)
             return out
-        ctx.plan, ctx.state, ctx.kv_heads = plan, state, k.shape[2]
-        ctx.save_for_backward(*(t for store in state.stores() for t in store.stored_tensors()))
+        ctx.plan, ctx.kv_heads = plan, k.shape[2]
+        keep_for_backward(ctx, state)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        state = ctx.state
-        if state.consumed:
-            raise RuntimeError(
-                "fpdt_attention's backward ran twice; its stored chunks are freed after the first "
-                "backward, so retain_graph=True / double backward is not supported"
-            )
-        saved = list(ctx.saved_tensors)
-        for store in state.stores():
-            n = len(store.stored_tensors())
-            store.restore(saved[:n])
-            saved = saved[n:]
-        grads = fpdt_backward(dout.contiguous(), ctx.plan, state, ctx.kv_heads)
-        state.consumed = True
-        for store in state.stores():
-            store.close()
+        take_for_backward(ctx)
+        grads = fpdt_backward(dout.contiguous(), ctx.plan, ctx.state, ctx.kv_heads)
+        close_state(ctx.state)
         return (*grads, None, None)
 
 

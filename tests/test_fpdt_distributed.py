@@ -21,8 +21,9 @@ import torch.distributed as dist
 from fpdt_ext.comm import head_to_seq, seq_to_head
 from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
 from fpdt_ext.layout import fpdt_shard
+from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
 from fpdt_ext.spawn import run_world
-from tests.reference import dense_causal_attention, rel_error
+from tests.reference import dense_causal_attention, dense_qkv_attention, rel_error, rotary_angles, rotate
 
 WORLD_SIZES = (1, 2, 4)
 CHUNKS = (1, 2, 3, 4, 8)
@@ -70,6 +71,57 @@ def run_case(rank, world_size, case, group):
     grads = torch.autograd.grad(out, local, shard(dout).to(dtype))
     names = ("out", "dq", "dk", "dv")
     return {n: rel_error(a, shard(e)) for n, a, e in zip(names, (out, *grads), (ref_out, *ref_grads))}
+
+
+def qkv_case_list(world_size):
+    """fpdt_qkv_attention (projection and rotary inside the chunk loop) cases: heads, bias and
+    rotary vary with the chunk count so each world covers every combination once or more."""
+    cases = []
+    for (u, offload), heads, extras in zip(itertools.product((1, 3, 4), (False, True)),
+                                           itertools.cycle(("gqa", "mqa", "mha")),
+                                           itertools.cycle(((True, True), (False, True), (True, False)))):
+        cases.append((u, offload, heads, "fp32", None) + extras)
+    cases.append((3, True, "gqa", "fp64", "math", True, True))
+    return cases
+
+
+def qkv_case_id(case):
+    *core, bias, rope = case
+    return case_id(tuple(core)) + ("-bias" if bias else "") + ("-rope" if rope else "")
+
+
+def run_qkv_case(rank, world_size, case, group):
+    u, offload, heads, dtype_name, backend, bias, rope = case
+    dtype = DTYPES[dtype_name]
+    num_heads, kv_heads = HEADS[heads]
+    hidden, seq = 16, world_size * u * SUB_CHUNK
+    layout = QKVLayout(num_heads, kv_heads, HEAD_DIM)
+    gen = torch.Generator().manual_seed(zlib.crc32(qkv_case_id(case).encode()))
+    full = [torch.randn(seq, BATCH, hidden, generator=gen), torch.randn(layout.width, hidden, generator=gen) / 4]
+    full.append(torch.randn(layout.width, generator=gen) if bias else None)
+    full = [None if t is None else t.to(dtype).double() for t in full]
+    angles = rotary_angles(seq, HEAD_DIM) if rope else None
+    dout = torch.randn(seq, BATCH, num_heads * HEAD_DIM, generator=gen).to(dtype).double()
+    ref_in = [t.clone().requires_grad_() for t in full if t is not None]
+    ref_out = dense_qkv_attention(*ref_in, *([None] if not bias else []), num_heads, kv_heads, angles)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+
+    def shard(t):
+        return fpdt_shard(t, dim=0, sp_rank=rank, sp_size=world_size, num_chunks=u)
+
+    x = shard(full[0]).to(dtype).requires_grad_()
+    params = [t.to(dtype).requires_grad_() for t in full[1:] if t is not None]
+    out = fpdt_qkv_attention(x, params[0], params[1] if bias else None, layout,
+                             rotary_freqs=None if angles is None else shard(angles).to(torch.promote_types(dtype, torch.float32)),
+                             rotary=rotate if rope else None, sp_group=group, num_chunks=u,
+                             offload=offload, backend=backend)
+    grads = torch.autograd.grad(out, [x, *params], shard(dout).to(dtype))
+    errors = {"out": rel_error(out, shard(ref_out)), "dx": rel_error(grads[0], shard(ref_grads[0]))}
+    for name, g, e in zip(("dW", "db"), grads[1:], ref_grads[1:]):  # each rank: its tokens' share
+        total = g.double().clone()
+        dist.all_reduce(total, group=group)
+        errors[name] = rel_error(total, e)
+    return errors
 
 
 def residency_peaks(group, world_size, num_chunks, offload):
@@ -131,6 +183,15 @@ def bad_input_errors(group, world_size):
                 messages[name] = None
             except ValueError as e:
                 messages[name] = str(e)
+        layout = QKVLayout(4 * world_size, 2 * world_size, d)
+        w = torch.randn(layout.width, 16)
+        for name, (x, weight, u) in {"qkv_weight_shape": (torch.randn(s, b, 16), w[1:], 1),
+                                     "qkv_indivisible_chunks": (torch.randn(s + 1, b, 16), w, 4)}.items():
+            try:
+                fpdt_qkv_attention(x, weight, None, layout, sp_group=group, num_chunks=u)
+                messages[name] = None
+            except ValueError as e:
+                messages[name] = str(e)
     finally:
         dist.all_to_all_single = saved
     return messages
@@ -165,6 +226,7 @@ def world_worker(rank, world_size):
               "comm": all_to_all_errors(rank, world_size, group), "no_grad": no_grad_forward(group, world_size)}
     for case in case_list(world_size):
         report["cases"][case_id(case)] = run_case(rank, world_size, case, group)
+    report["qkv"] = {qkv_case_id(c): run_qkv_case(rank, world_size, c, group) for c in qkv_case_list(world_size)}
     for offload in (False, True):
         report["residency"][offload] = residency_peaks(group, world_size, 8, offload)
     return report
@@ -180,11 +242,23 @@ ALL_CASES = [(w, c) for w in WORLD_SIZES for c in case_list(w)]
 
 @pytest.mark.parametrize("world_size,case", ALL_CASES, ids=[f"sp{w}-{case_id(c)}" for w, c in ALL_CASES])
 def test_matches_float64_reference(world_size, case):
-    tolerance = TOLERANCE[case[3]]
+    _assert_within_tolerance(world_size, "cases", case_id(case), TOLERANCE[case[3]])
+
+
+def _assert_within_tolerance(world_size, section, name, tolerance):
     for rank, report in enumerate(world_report(world_size)):
-        errors = report["cases"][case_id(case)]
+        errors = report[section][name]
         worst = max(errors, key=errors.get)
         assert errors[worst] <= tolerance, f"rank {rank}: {worst} rel error {errors[worst]:.2e} > {tolerance:.0e}; {errors}"
+
+
+QKV_CASES = [(w, c) for w in WORLD_SIZES for c in qkv_case_list(w)]
+
+
+@pytest.mark.parametrize("world_size,case", QKV_CASES, ids=[f"sp{w}-{qkv_case_id(c)}" for w, c in QKV_CASES])
+def test_qkv_attention_matches_float64_reference(world_size, case):
+    """Projection + rotary + attention: output and the gradients of x, W and b."""
+    _assert_within_tolerance(world_size, "qkv", qkv_case_id(case), TOLERANCE[case[3]])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -224,3 +298,5 @@ def test_bad_inputs_fail_before_communication(world_size):
     assert "num_query_groups" in messages["kv_heads_not_dividing"]
     assert "sequence length" in messages["shape_mismatch"]
     assert "dtype" in messages["dtype_mismatch"]
+    assert "QKV weight must be" in messages["qkv_weight_shape"]
+    assert "multiple of fpdt_parallel_size*num_chunks" in messages["qkv_indivisible_chunks"]

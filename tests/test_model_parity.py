@@ -36,6 +36,9 @@ CONFIGS = {
               "rope", "--rotary-base", "500000", "--group-query-attention", "--num-query-groups", "2",
               "--untie-embeddings-and-output-weights"],
 }
+# q/k layernorm: megatron-core's own SelfAttention forward (whole-sequence QKV) into FPDT core attention
+CONFIGS["llama_qk_layernorm"] = CONFIGS["llama"] + ["--qk-layernorm"]
+CHUNKED_QKV = {"gpt": True, "llama": True, "llama_qk_layernorm": False}
 FPDT = ["--fpdt", "--fpdt-chunk-size", "16", "--fpdt-offload"]  # 3 chunks of 16 tokens
 
 
@@ -72,7 +75,8 @@ def reference_worker(rank, world_size, config):
     from megatron.training.models import build_model
 
     args, groups = _setup(CONFIGS[config], world_size)
-    model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(normalization=args.normalization))
+    model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(normalization=args.normalization,
+                                                                                qk_layernorm=args.qk_layernorm))
     batch = _batch()
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, S]
     (losses * batch["loss_mask"]).sum().div(batch["loss_mask"].sum()).backward()
@@ -84,6 +88,7 @@ class _Forbidden:
     """megatron-core's global parallel-state getters, made to raise while active."""
 
     depth = 0
+    calls = {}
 
     @classmethod
     def install(cls):
@@ -103,6 +108,8 @@ class _Forbidden:
         fn = getattr(owner, attr)
 
         def forbidding(*args, **kwargs):
+            key = f"{getattr(owner, '__name__', owner)}.{attr}"
+            cls.calls[key] = cls.calls.get(key, 0) + 1
             cls.depth += 1
             try:
                 return fn(*args, **kwargs)
@@ -116,12 +123,15 @@ def _forbid_globals_in_fpdt_hot_paths():
     import fpdt_ext.attention as attention
     import fpdt_ext.loss as loss
     import fpdt_ext.model as model
+    import fpdt_ext.qkv as qkv
     from fpdt_ext.spec import FPDTCoreAttention
 
     _Forbidden.install()
     _Forbidden.wrap(FPDTCoreAttention, "forward")
-    _Forbidden.wrap(attention, "fpdt_forward")
-    _Forbidden.wrap(attention, "fpdt_backward")
+    _Forbidden.wrap(attention, "forward_chunks")
+    _Forbidden.wrap(attention, "backward_chunks")
+    _Forbidden.wrap(qkv.FPDTQKVAttentionFunction, "forward")
+    _Forbidden.wrap(qkv.FPDTQKVAttentionFunction, "backward")
     _Forbidden.wrap(model, "chunked_lm_loss")
     _Forbidden.wrap(loss._ChunkedVocabParallelLoss, "backward")
 
@@ -144,7 +154,7 @@ def fpdt_worker(rank, world_size, config, tp):
         grads[name] = _full_grad(param, grad, groups)
     weights = {n: _full_grad(p, p.detach().clone(), groups) for n, p in model.named_parameters()}
     return {"losses": losses.detach(), "grads": grads, "weights": weights, "sp_rank": groups.sp_rank,
-            "num_chunks": args.fpdt_num_chunks}
+            "num_chunks": args.fpdt_num_chunks, "calls": dict(_Forbidden.calls)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,6 +176,12 @@ def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
         for name, w in ref["weights"].items():
             assert result["weights"][name].shape == w.shape, name
             assert torch.equal(result["weights"][name], w), f"{name}: initial weights differ"
+        # every layer took the chunked QKV path (projection and rotary inside FPDT's loop), or the fallback
+        calls = result["calls"]
+        chunked = 2 if CHUNKED_QKV[config] else None
+        assert calls.get("FPDTQKVAttentionFunction.forward") == chunked, calls
+        assert calls.get("FPDTQKVAttentionFunction.backward") == chunked, calls
+        assert calls.get("FPDTCoreAttention.forward") == (None if chunked else 2), calls
         expected = fpdt_shard(ref["losses"], dim=1, sp_rank=result["sp_rank"], sp_size=2,
                               num_chunks=result["num_chunks"])
         torch.testing.assert_close(result["losses"], expected, rtol=1e-5, atol=1e-5)

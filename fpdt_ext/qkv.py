@@ -1,0 +1,172 @@
+"""FPDT attention from hidden states: QKV projection and rotary inside the chunk loop.
+
+This is DESIGN.md's data flow: per local chunk i, ``x_i @ W_qkv^T (+ b)``, the
+split into q/k/v heads, the rotary embedding, then the all-to-all and the
+chunked attention of :mod:`fpdt_ext.attention`. No whole-sequence q, k, v or
+``[s/P, b, 3h]`` projection exists in forward or backward; what the backward
+keeps besides the attention chunks is the input ``x`` (which the projection's
+weight gradient needs anyway).
+
+backward, per chunk j as soon as its dq/dk/dv are complete (end of outer step j)
+    all-to-all back; sum the KV-head copies; the rotary's adjoint (a rotation by
+    the negated angles); join into the projection's layout; then
+    ``dx_j = dqkv_j @ W`` and ``dW += dqkv_j^T x_j`` (``db += sum dqkv_j``).
+
+The projection's output layout is megatron-core's: per KV-head group, that
+group's query heads, then its key head, then its value head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
+                                keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
+
+Tensor = torch.Tensor
+Rotary = Callable[[Tensor, Tensor], Tensor]  # (t [c, b, heads, d], angles [c, b|1, 1, rot]) -> rotated t
+
+
+@dataclasses.dataclass(frozen=True)
+class QKVLayout:
+    """Head counts of the projection's output (this tensor-parallel rank's share)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def split(self, mixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """[c, b, width] -> q [c, b, H, d], k and v [c, b, KV, d] (views where possible)."""
+        d, group = self.head_dim, self.num_heads // self.num_kv_heads
+        grouped = mixed.unflatten(2, (self.num_kv_heads, (group + 2) * d))
+        q, k, v = grouped.split([group * d, d, d], dim=3)
+        return q.reshape(*q.shape[:2], self.num_heads, d), k, v
+
+    def join(self, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+        """The adjoint of :meth:`split`: -> [c, b, width]."""
+        grouped_q = dq.unflatten(2, (self.num_kv_heads, -1)).flatten(3)
+        return torch.cat([grouped_q, dk, dv], dim=3).flatten(2)
+
+
+class _ProjectionGrads(GradSink):
+    """Takes each chunk's dq/dk/dv back through the rotary and the QKV projection."""
+
+    def __init__(self, x, weight, has_bias, freqs, layout: QKVLayout, rotary, kv_rep, num_chunks):
+        self.x, self.weight, self.freqs, self.layout, self.rotary = x, weight, freqs, layout, rotary
+        self.c, self.kv_rep = x.shape[0] // num_chunks, kv_rep
+        self.grad_x = torch.empty_like(x)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate bf16/fp16 weights in fp32
+        self.grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        self.grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if has_bias else None
+        self.chunks = {}
+
+    def targets(self, i):
+        if i not in self.chunks:
+            c, b, lay = self.c, self.x.shape[1], self.layout
+            self.chunks[i] = (self.x.new_empty(c, b, lay.num_heads, lay.head_dim),
+                              self.x.new_empty(c, b, lay.num_kv_heads * self.kv_rep, lay.head_dim),
+                              self.x.new_empty(c, b, lay.num_kv_heads * self.kv_rep, lay.head_dim))
+        return self.chunks[i]
+
+    def complete(self, i):
+        sl = slice(i * self.c, (i + 1) * self.c)
+        dq, dk, dv = self.chunks.pop(i)
+        kv = self.layout.num_kv_heads
+        dk, dv = unreplicate_kv(dk, kv), unreplicate_kv(dv, kv)
+        if self.freqs is not None:  # a rotation's adjoint is the rotation by the negated angles
+            angles = -self.freqs[sl]
+            dq, dk = self.rotary(dq, angles), self.rotary(dk, angles)
+        dqkv = self.layout.join(dq, dk, dv).flatten(0, 1)  # [c*b, width]
+        x_i = self.x[sl].flatten(0, 1)  # [c*b, h]
+        torch.mm(dqkv, self.weight, out=self.grad_x[sl].view(x_i.shape))
+        if self.grad_w.dtype == dqkv.dtype:
+            self.grad_w.addmm_(dqkv.t(), x_i)
+        else:  # a low-precision product per chunk, summed in float32
+            self.grad_w.add_(dqkv.t() @ x_i)
+        if self.grad_b is not None:
+            self.grad_b.add_(dqkv.sum(0))
+
+    def result(self):
+        grad_b = None if self.grad_b is None else self.grad_b.to(self.weight.dtype)
+        return self.grad_x, self.grad_w.to(self.weight.dtype), grad_b
+
+
+class FPDTQKVAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, freqs, plan, layout: QKVLayout, rotary: Optional[Rotary], for_backward):
+        s_local, b, _ = x.shape
+        c = s_local // plan.num_chunks
+        state = AttentionState(plan, x.device, for_backward)
+
+        def chunk(i: int):
+            sl = slice(i * c, (i + 1) * c)
+            q, k, v = layout.split(F.linear(x[sl], weight, bias))
+            if freqs is not None:
+                q, k = rotary(q, freqs[sl]), rotary(k, freqs[sl])
+            return q, k, v
+
+        out = forward_chunks(chunk, x.new_empty(s_local, b, layout.num_heads, layout.head_dim), plan, state)
+        if not for_backward:
+            close_state(state)
+        else:
+            ctx.plan, ctx.layout, ctx.rotary, ctx.has_bias = plan, layout, rotary, bias is not None
+            ctx.has_freqs = freqs is not None
+            keep_for_backward(ctx, state, x, weight, freqs if freqs is not None else x.new_empty(0))
+        return out.flatten(2)  # [s/P, b, H*d]
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, freqs = take_for_backward(ctx)
+        plan, layout = ctx.plan, ctx.layout
+        sink = _ProjectionGrads(x, weight, ctx.has_bias, freqs if ctx.has_freqs else None, layout,
+                                ctx.rotary, plan.kv_rep, plan.num_chunks)
+        dout = dout.unflatten(2, (layout.num_heads, layout.head_dim)).contiguous()
+        backward_chunks(dout, plan, ctx.state, sink)
+        close_state(ctx.state)
+        return (*sink.result(), None, None, None, None, None)
+
+
+def fpdt_qkv_attention(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    layout: QKVLayout,
+    *,
+    rotary_freqs: Optional[Tensor] = None,
+    rotary: Optional[Rotary] = None,
+    sp_group=None,
+    num_chunks: int = 1,
+    offload: bool = False,
+    softmax_scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Causal self-attention of hidden states ``x [s/P, b, h]`` in the FPDT layout.
+
+    ``weight [layout.width, h]`` and ``bias`` are the QKV projection's (this TP
+    rank's rows; the caller makes x's gradient all-reduce over TP).
+    ``rotary_freqs [s/P, b|1, 1, rot]`` are the angles at the tokens' global
+    positions; ``rotary(t, angles)`` applies them and must be the rotation
+    ``t*cos + rotate_half(t)*sin`` (possibly scaled), so that rotating by the
+    negated angles is its adjoint. Returns ``[s/P, b, H*d]``.
+    """
+    s_local, b, _ = x.shape
+    if weight.shape != (layout.width, x.shape[2]):
+        raise ValueError(f"QKV weight must be [{layout.width}, {x.shape[2]}] for {layout}, "
+                         f"got {tuple(weight.shape)}")
+    if (rotary_freqs is None) != (rotary is None):
+        raise ValueError("pass both rotary_freqs and rotary, or neither")
+    shape = lambda heads: torch.empty(s_local, b, heads, layout.head_dim, dtype=x.dtype, device="meta")
+    plan = make_plan(shape(layout.num_heads), shape(layout.num_kv_heads), shape(layout.num_kv_heads),
+                     sp_group=sp_group, num_chunks=num_chunks, offload=offload, softmax_scale=softmax_scale,
+                     backend=backend, device=x.device)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return FPDTQKVAttentionFunction.apply(x, weight, bias, rotary_freqs, plan, layout, rotary, for_backward)
