@@ -151,6 +151,8 @@ def fpdt_worker(rank, world_size, config, tp):
     for name, param in model.named_parameters():
         grad = param.grad.clone()
         dist.all_reduce(grad, group=groups.sp)  # each FPDT rank saw part of the tokens
+        if "q_layernorm" in name or "k_layernorm" in name:  # each TP rank saw its own heads
+            dist.all_reduce(grad, group=groups.tp)
         grads[name] = _full_grad(param, grad, groups)
     weights = {n: _full_grad(p, p.detach().clone(), groups) for n, p in model.named_parameters()}
     return {"losses": losses.detach(), "grads": grads, "weights": weights, "sp_rank": groups.sp_rank,

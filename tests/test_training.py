@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fpdt_ext.spawn import free_port
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
@@ -113,6 +114,33 @@ def test_data_parallel_x_fpdt_matches_baseline_losses(tmp_path):
                                            "--fpdt-chunk-size", "64"])
     for b, f in zip(baseline, fpdt):
         assert f["lm_loss"] == pytest.approx(b["lm_loss"], rel=2e-5), (b, f)
+
+
+def _qk_layernorm_grads_worker(rank, world_size, flags):
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
+    trainer.train_step()
+    grads = {n: p.main_grad.clone() for n, p in trainer.model.named_parameters() if "layernorm" in n}
+    return {"tp_rank": trainer.groups.pg_collection.tp.rank(), "grads": grads}
+
+
+def test_qk_layernorm_gradients_are_summed_over_tensor_parallel_ranks():
+    """TP 2 x FPDT 2 with q/k layernorm (megatron-core's own attention forward): those weights see
+    only this TP rank's heads, so after a step their gradients must be the sum over TP, equal on
+    every rank (megatron-core's finalize_model_grads; a bare DDP sync leaves them partial)."""
+    from fpdt_ext.spawn import run_world
+
+    flags = LLAMA + ["--attention-dropout", "0", "--hidden-dropout", "0", "--qk-layernorm",
+                     "--tensor-model-parallel-size", "2", "--fpdt", "--fpdt-parallel-size",
+                     "2", "--fpdt-chunk-size", "64"]
+    results = run_world(4, _qk_layernorm_grads_worker, flags)
+    by_tp = {r["tp_rank"]: r["grads"] for r in results}
+    names = [n for n in by_tp[0] if "q_layernorm" in n or "k_layernorm" in n]
+    assert names, "no q/k layernorm parameters"
+    for name in names:
+        assert by_tp[0][name].abs().sum() > 0, name
+        torch.testing.assert_close(by_tp[0][name], by_tp[1][name], rtol=1e-6, atol=0, msg=name)
 
 
 def test_bf16_fpdt_training_runs_and_learns(tmp_path):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from fpdt_ext.offload import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
@@ -130,7 +130,9 @@ class Trainer:
             (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches * loss_scale).backward()
             loss_sum += local_sum.detach().double().cpu()
             token_sum += tokens.detach().double().cpu() / sp_size
-        self.model.finish_grad_sync()
+        # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
+        # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
+        finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
