@@ -61,8 +61,7 @@ class _ChunkedNormMixin:
         num_chunks = self.fpdt_config.num_chunks(x.shape[0] * self.fpdt_config.fpdt_parallel_size)
         if num_chunks == 1 or not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
-        return _ChunkedNorm.apply(x, self.weight, getattr(self, "bias", None), eps,
+        return _ChunkedNorm.apply(x, self.weight, getattr(self, "bias", None), self.eps,  # None: F.rms_norm's default
                                   isinstance(self, torch.nn.RMSNorm), num_chunks)
 
 

@@ -15,7 +15,7 @@ def _config(chunks, sp=1):
     return types.SimpleNamespace(fpdt_parallel_size=sp, num_chunks=lambda seq: chunks)
 
 
-@pytest.mark.parametrize("chunks", [1, 3, 4])
+@pytest.mark.parametrize("chunks", [2, 3, 4])  # 1 chunk is torch's own forward
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
 def test_chunked_norm_matches_torch_float64(kind, chunks):
     gen = torch.Generator().manual_seed(chunks)
