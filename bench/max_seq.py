@@ -23,9 +23,10 @@ A step has two memory peaks: the backward of the logits + loss and the
 backward of one recomputed layer. The points must be measured where the
 peak that binds at the maximum already dominates, or the line is straight
 but wrong: for FPDT that is the layer backward, which overtakes the loss
-backward near 17K tokens on llama-tiny (hence the default FPDT lengths,
-20K-32K; ``tools/memory_planner.py --device cpu`` names the binding phase
-for other shapes).
+backward near 27K tokens on llama-tiny now that the layers' norms run inside
+the chunk loops (hence the default FPDT lengths, 32K-44K;
+``tools/memory_planner.py --device cpu`` names the binding phase for other
+shapes).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(argv=None):
     p.add_argument("--cap-gib", type=float, default=1.0, help="memory cap per process")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
-    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[20480, 24576, 28672, 32768])
+    p.add_argument("--fpdt-lens", type=int, nargs="+", default=[32768, 36864, 40960, 45056])
     p.add_argument("--confirm-steps", type=int, default=3,
                    help="timed steps of the direct runs (the time ratio is of their medians)")
     p.add_argument("--out", default=None)

@@ -8,7 +8,9 @@ FPDT (``--fpdt``, FPDT size = processes, chunked; offload on CUDA only: on the
 CPU the host is the same RAM, so offloading would only add copies) and the baseline,
 megatron-core's standard spec on the same processes with tensor parallelism
 (the layout megatron-core offers there without FPDT) and its best memory
-setting, full recompute. One warm-up step, then timed steps (forward,
+setting, full recompute; both with --use-distributed-optimizer (Adam state split
+over the data x FPDT ranks, as megatron-core does; the baseline's ranks are all
+TP, so nothing is split there). One warm-up step, then timed steps (forward,
 backward, optimizer). Memory is per process, the larger of the ranks: on the
 CPU the peak resident memory the training added to the process (parameters,
 gradients, optimizer state and activations; the interpreter and libraries
@@ -48,7 +50,9 @@ def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: b
     flags = MODEL[model] + LLAMA + [
         "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", "1",
         "--global-batch-size", "1", "--train-iters", "100", "--lr", "1e-4", "--mock-data", "--eval-iters", "0",
-        "--recompute-granularity", "full", "--log-interval", "1000"] + (["--bf16"] if bf16 else [])
+        "--recompute-granularity", "full", "--log-interval", "1000",
+        # optimizer state split over data x FPDT ranks; the baseline's TP ranks have no such group
+        "--use-distributed-optimizer"] + (["--bf16"] if bf16 else [])
     if kind == "fpdt":
         flags += ["--fpdt", "--fpdt-parallel-size", str(nproc), "--fpdt-chunk-size", str(min(chunk, seq))]
         if offload:  # on the CPU the host is the same RAM: offloading would only add copies

@@ -8,6 +8,6 @@ q/k/v, or from hidden states with the QKV projection inside the chunk loop).
 from fpdt_ext.attention import fpdt_attention
 from fpdt_ext.config import FPDTConfig
 from fpdt_ext.layout import fpdt_shard, fpdt_unshard
-from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
+from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
 
-__all__ = ["FPDTConfig", "QKVLayout", "fpdt_attention", "fpdt_qkv_attention", "fpdt_shard", "fpdt_unshard"]
+__all__ = ["FPDTConfig", "InputNorm", "QKVLayout", "fpdt_attention", "fpdt_qkv_attention", "fpdt_shard", "fpdt_unshard"]

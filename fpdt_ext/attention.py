@@ -218,8 +218,13 @@ def fpdt_backward(dout: Tensor, plan: AttentionPlan, state: AttentionState, kv_h
     return sink.result()
 
 
-def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, sink: GradSink) -> None:
-    """The pipelined backward; chunk j's dq/dk/dv go to ``sink`` as soon as they are complete."""
+def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, sink: GradSink, *,
+                    overwrite_dout: bool = False) -> None:
+    """The pipelined backward; chunk j's dq/dk/dv go to ``sink`` as soon as they are complete.
+
+    ``overwrite_dout``: ``dout`` (contiguous) is scratch, and each chunk's head-layout copy is
+    received into its own storage instead of a new buffer.
+    """
     num_chunks, group = plan.num_chunks, plan.sp_group
     c = dout.shape[0] // num_chunks
     kv, qo = state.kv, state.qo
@@ -229,11 +234,11 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
     block = dict(scale=plan.scale, backend=plan.backend)
 
     # dout chunks to the head layout, each stored as soon as it lands.
-    incoming = seq_to_head(dout[0:c], group, async_op=True)
+    incoming = seq_to_head(dout[0:c], group, async_op=True, in_place=overwrite_dout)
     for i in range(num_chunks):
         do_i = incoming.wait()  # [b, P*c, H/P, d]
         if i + 1 < num_chunks:
-            incoming = seq_to_head(dout[(i + 1) * c:(i + 2) * c], group, async_op=True)
+            incoming = seq_to_head(dout[(i + 1) * c:(i + 2) * c], group, async_op=True, in_place=overwrite_dout)
         do_store.put(i, (do_i,))
         do_store.release(i)
 

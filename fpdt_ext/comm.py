@@ -55,23 +55,32 @@ def _copy(view: Tensor) -> Tensor:
     return buf.copy_(view)
 
 
-def _exchange(send: Tensor, group, async_op: bool, finish: Callable[[Tensor], Tensor]) -> Pending:
-    recv = torch.empty_like(send)
+def _exchange(send: Tensor, group, async_op: bool, finish: Callable[[Tensor], Tensor],
+              recv: Optional[Tensor] = None) -> Pending:
+    recv = torch.empty_like(send) if recv is None else recv.view(send.shape)
     work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
     return Pending(work, lambda: finish(recv), send)
 
 
-def seq_to_head(x: Tensor, group, *, async_op: bool = False) -> Pending:
-    """[c, b, H, d] local chunk -> [b, P*c, H/P, d] global chunk for this rank's heads."""
+def seq_to_head(x: Tensor, group, *, async_op: bool = False, in_place: bool = False) -> Pending:
+    """[c, b, H, d] local chunk -> [b, P*c, H/P, d] global chunk for this rank's heads.
+
+    ``in_place``: receive into x's own storage (x must be contiguous; it is overwritten,
+    and with batch 1 the result is a view of it), so no second buffer of the chunk's size
+    outlives the call.
+    """
     c, b, heads, d = x.shape
     sp = group_size(group)
     if sp == 1:
         return Pending(result=x.transpose(0, 1))  # [b, c, H, d] view
     send = _copy(x.unflatten(2, (sp, heads // sp)).permute(2, 1, 0, 3, 4))  # [P, b, c, H/P, d]
     # recv[r] is source rank r's sub-chunk, i.e. global sub-chunk i*P + r, for our heads.
+    if in_place and not x.is_contiguous():
+        raise ValueError("seq_to_head(in_place=True) needs a contiguous chunk")
     return _exchange(
         send, group, async_op,
         lambda recv: recv.transpose(0, 1).reshape(b, sp * c, heads // sp, d),  # [b, P*c, H/P, d]
+        recv=x if in_place else None,
     )
 
 

@@ -8,7 +8,9 @@ the forward differs in two places:
 * with labels, logits and loss come from :func:`chunked_lm_loss`, so no
   ``[s, vocab]`` tensor exists.
 
-It returns the per-token loss ``[b, s/P]`` like GPTModel. Pipeline
+It returns the per-token loss ``[b, s/P]`` like GPTModel. Each layer's input norm
+is fused into its FPDT self-attention (see :mod:`fpdt_ext.spec`), its pre-MLP
+norm into its chunked MLP (:mod:`fpdt_ext.mlp`). Pipeline
 parallelism is not supported by this forward (one stage holds the whole model).
 """
 
@@ -19,6 +21,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from fpdt_ext.config import FPDTConfig
 from fpdt_ext.loss import chunked_lm_loss, loss_chunks
+from fpdt_ext.mlp import FPDTMLP
+from fpdt_ext.spec import FPDTSelfAttention
 
 
 class FPDTGPTModel(GPTModel):
@@ -29,6 +33,11 @@ class FPDTGPTModel(GPTModel):
                              "--pipeline-model-parallel-size 1")
         self.fpdt_config = fpdt_config
         self._rotary_cache = {}
+        for layer in self.decoder.layers:  # each layer's norms run inside the chunk loops that follow them
+            if isinstance(getattr(layer, "self_attention", None), FPDTSelfAttention):
+                layer.self_attention.fuse_input_norm(layer.input_layernorm)
+            if isinstance(getattr(layer, "mlp", None), FPDTMLP):
+                layer.mlp.fuse_input_norm(layer.pre_mlp_layernorm)
 
     def _rotary_at(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Rotary frequencies at global positions: [s/P, b, 1, dim]."""

@@ -12,6 +12,8 @@ torch's (``weight``, and ``bias`` for LayerNorm), so checkpoints are unchanged.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +22,39 @@ from fpdt_ext.config import FPDTConfig
 Tensor = torch.Tensor
 
 
-def _norm(x: Tensor, weight: Tensor, bias, eps: float, rms: bool) -> Tensor:
+def normalize(x: Tensor, weight: Tensor, bias, eps, rms: bool) -> Tensor:
+    """LayerNorm (RMSNorm if ``rms``) over the last dim; ``eps=None``: RMSNorm's default."""
     shape = (x.shape[-1],)
     return F.rms_norm(x, shape, weight, eps) if rms else F.layer_norm(x, shape, weight, bias, eps)
+
+
+class ChunkNormGrads:
+    """A norm's backward one chunk at a time: each chunk's output is recomputed under autograd
+    from its input; the parameter gradients are summed over chunks (in float32 for bf16/fp16)."""
+
+    def __init__(self, weight: Tensor, bias, eps, rms: bool):
+        self.params = [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
+        self.grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
+        self.has_bias, self.eps, self.rms = bias is not None, eps, rms
+
+    def output(self, x_c: Tensor) -> Tuple[Tensor, Tensor]:
+        """(leaf, output): chunk ``x_c``'s norm, recomputed with a graph back to ``leaf``."""
+        leaf = x_c.detach().requires_grad_()
+        with torch.enable_grad():
+            y = normalize(leaf, self.params[0], self.params[1] if self.has_bias else None, self.eps, self.rms)
+        return leaf, y
+
+    def backward(self, leaf: Tensor, y: Tensor, dy: Tensor) -> Tensor:
+        """The chunk's input gradient; its parameter gradients are added to the sums."""
+        g_x, *g_params = torch.autograd.grad(y, [leaf, *self.params], dy)
+        for acc, g in zip(self.grads, g_params):
+            acc.add_(g)
+        return g_x
+
+    def result(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """(weight gradient, bias gradient or None) in the parameters' dtype."""
+        grads = [g.to(p.dtype) for g, p in zip(self.grads, self.params)]
+        return grads[0], grads[1] if self.has_bias else None
 
 
 class _ChunkedNorm(torch.autograd.Function):
@@ -30,7 +62,7 @@ class _ChunkedNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, rms, num_chunks):
         out = torch.empty_like(x)
         for x_c, out_c in zip(x.chunk(num_chunks), out.chunk(num_chunks)):
-            out_c.copy_(_norm(x_c, weight, bias, eps, rms))
+            out_c.copy_(normalize(x_c, weight, bias, eps, rms))
         ctx.save_for_backward(x, weight, bias)
         ctx.eps, ctx.rms, ctx.num_chunks = eps, rms, num_chunks
         return out
@@ -39,30 +71,32 @@ class _ChunkedNorm(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        params = [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
-        grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+        norm = ChunkNormGrads(weight, bias, ctx.eps, ctx.rms)
         for x_c, dout_c, grad_c in zip(x.chunk(ctx.num_chunks), dout.chunk(ctx.num_chunks),
                                        grad_x.chunk(ctx.num_chunks)):
-            with torch.enable_grad():
-                leaf = x_c.detach().requires_grad_()
-                y = _norm(leaf, params[0], params[1] if bias is not None else None, ctx.eps, ctx.rms)
-                g_x, *g_params = torch.autograd.grad(y, [leaf, *params], dout_c)
-            grad_c.copy_(g_x)
-            for acc, g in zip(grads, g_params):
-                acc.add_(g)
-        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
-        return grad_x, grads[0], grads[1] if bias is not None else None, None, None, None
+            grad_c.copy_(norm.backward(*norm.output(x_c), dout_c))
+        return grad_x, *norm.result(), None, None, None
 
 
 class _ChunkedNormMixin:
     fpdt_config: FPDTConfig
+    # Set by FPDTSelfAttention.fuse_input_norm: the attention normalises chunk by chunk inside
+    # its loop (this norm's parameters), so this module passes its input through.
+    fused_into_next = False
+
+    @property
+    def rms(self) -> bool:
+        return isinstance(self, torch.nn.RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:  # [s/P, b, h]
+        return x if self.fused_into_next else self.normalize(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
         num_chunks = self.fpdt_config.num_chunks(x.shape[0] * self.fpdt_config.fpdt_parallel_size)
         if num_chunks == 1 or not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
         return _ChunkedNorm.apply(x, self.weight, getattr(self, "bias", None), self.eps,  # None: F.rms_norm's default
-                                  isinstance(self, torch.nn.RMSNorm), num_chunks)
+                                  self.rms, num_chunks)
 
 
 class ChunkedLayerNorm(_ChunkedNormMixin, torch.nn.LayerNorm):

@@ -1,16 +1,19 @@
 """FPDT attention from hidden states: QKV projection and rotary inside the chunk loop.
 
-This is DESIGN.md's data flow: per local chunk i, ``x_i @ W_qkv^T (+ b)``, the
-split into q/k/v heads, the rotary embedding, then the all-to-all and the
-chunked attention of :mod:`fpdt_ext.attention`. No whole-sequence q, k, v or
+This is DESIGN.md's data flow: per local chunk i, the layer's input norm
+(optional), ``x_i @ W_qkv^T (+ b)``, the split into q/k/v heads, the rotary
+embedding, then the all-to-all and the chunked attention of
+:mod:`fpdt_ext.attention`. No whole-sequence norm output, q, k, v or
 ``[s/P, b, 3h]`` projection exists in forward or backward; what the backward
-keeps besides the attention chunks is the input ``x`` (which the projection's
-weight gradient needs anyway).
+keeps besides the attention chunks is the input ``x`` (the layer's input,
+which the residual stream keeps alive anyway).
 
 backward, per chunk j as soon as its dq/dk/dv are complete (end of outer step j)
     all-to-all back; sum the KV-head copies; the rotary's adjoint (a rotation by
-    the negated angles); join into the projection's layout; then
-    ``dx_j = dqkv_j @ W`` and ``dW += dqkv_j^T x_j`` (``db += sum dqkv_j``).
+    the negated angles); join into the projection's layout; recompute the
+    chunk's norm output n_j (n_j = x_j without a norm); then
+    ``dn_j = dqkv_j @ W``, ``dW += dqkv_j^T n_j`` (``db += sum dqkv_j``) and the
+    norm's backward from ``dn_j`` to ``dx_j`` and the norm's parameters.
 
 The projection's output layout is megatron-core's: per KV-head group, that
 group's query heads, then its key head, then its value head.
@@ -24,8 +27,11 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+import torch.distributed as dist
+
 from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
                                 keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
+from fpdt_ext.norm import ChunkNormGrads, normalize
 
 Tensor = torch.Tensor
 Rotary = Callable[[Tensor, Tensor], Tensor]  # (t [c, b, heads, d], angles [c, b|1, 1, rot]) -> rotated t
@@ -56,11 +62,24 @@ class QKVLayout:
         return torch.cat([grouped_q, dk, dv], dim=3).flatten(2)
 
 
-class _ProjectionGrads(GradSink):
-    """Takes each chunk's dq/dk/dv back through the rotary and the QKV projection."""
+@dataclasses.dataclass(frozen=True)
+class InputNorm:
+    """The norm applied to ``x`` before the projection: LayerNorm, or RMSNorm if ``rms``
+    (``eps=None``: RMSNorm's default). Its parameters get gradients like the projection's."""
 
-    def __init__(self, x, weight, has_bias, freqs, layout: QKVLayout, rotary, kv_rep, num_chunks):
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    eps: Optional[float] = 1e-5
+    rms: bool = False
+
+
+class _ProjectionGrads(GradSink):
+    """Takes each chunk's dq/dk/dv back through the rotary, the QKV projection and the norm."""
+
+    def __init__(self, x, weight, has_bias, freqs, layout: QKVLayout, rotary, kv_rep, num_chunks,
+                 norm: Optional[ChunkNormGrads]):
         self.x, self.weight, self.freqs, self.layout, self.rotary = x, weight, freqs, layout, rotary
+        self.norm = norm
         self.c, self.kv_rep = x.shape[0] // num_chunks, kv_rep
         self.grad_x = torch.empty_like(x)
         acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate bf16/fp16 weights in fp32
@@ -85,12 +104,18 @@ class _ProjectionGrads(GradSink):
             angles = -self.freqs[sl]
             dq, dk = self.rotary(dq, angles), self.rotary(dk, angles)
         dqkv = self.layout.join(dq, dk, dv).flatten(0, 1)  # [c*b, width]
-        x_i = self.x[sl].flatten(0, 1)  # [c*b, h]
-        torch.mm(dqkv, self.weight, out=self.grad_x[sl].view(x_i.shape))
+        if self.norm is None:
+            n_i = self.x[sl].flatten(0, 1)  # [c*b, h]
+            torch.mm(dqkv, self.weight, out=self.grad_x[sl].view(n_i.shape))
+        else:
+            leaf, n_i = self.norm.output(self.x[sl])
+            dn_i = torch.mm(dqkv, self.weight).view(n_i.shape)
+            self.grad_x[sl].copy_(self.norm.backward(leaf, n_i, dn_i))
+            n_i = n_i.detach().flatten(0, 1)
         if self.grad_w.dtype == dqkv.dtype:
-            self.grad_w.addmm_(dqkv.t(), x_i)
+            self.grad_w.addmm_(dqkv.t(), n_i)
         else:  # a low-precision product per chunk, summed in float32
-            self.grad_w.add_(dqkv.t() @ x_i)
+            self.grad_w.add_(dqkv.t() @ n_i)
         if self.grad_b is not None:
             self.grad_b.add_(dqkv.sum(0))
 
@@ -101,14 +126,16 @@ class _ProjectionGrads(GradSink):
 
 class FPDTQKVAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, freqs, plan, layout: QKVLayout, rotary: Optional[Rotary], for_backward):
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, freqs, plan, layout: QKVLayout,
+                rotary: Optional[Rotary], norm_kind, tp_group, overwrite_grad, for_backward):
         s_local, b, _ = x.shape
         c = s_local // plan.num_chunks
         state = AttentionState(plan, x.device, for_backward)
 
         def chunk(i: int):
             sl = slice(i * c, (i + 1) * c)
-            q, k, v = layout.split(F.linear(x[sl], weight, bias))
+            n_i = x[sl] if norm_kind is None else normalize(x[sl], norm_weight, norm_bias, *norm_kind)
+            q, k, v = layout.split(F.linear(n_i, weight, bias))
             if freqs is not None:
                 q, k = rotary(q, freqs[sl]), rotary(k, freqs[sl])
             return q, k, v
@@ -118,20 +145,32 @@ class FPDTQKVAttentionFunction(torch.autograd.Function):
             close_state(state)
         else:
             ctx.plan, ctx.layout, ctx.rotary, ctx.has_bias = plan, layout, rotary, bias is not None
-            ctx.has_freqs = freqs is not None
-            keep_for_backward(ctx, state, x, weight, freqs if freqs is not None else x.new_empty(0))
+            ctx.has_freqs, ctx.norm_kind, ctx.tp_group = freqs is not None, norm_kind, tp_group
+            ctx.overwrite_grad = overwrite_grad
+            empty = x.new_empty(0)
+            keep_for_backward(ctx, state, x, weight, *(empty if t is None else t for t in (freqs, norm_weight, norm_bias)))
         return out.flatten(2)  # [s/P, b, H*d]
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, freqs = take_for_backward(ctx)
-        plan, layout = ctx.plan, ctx.layout
+        x, weight, freqs, norm_weight, norm_bias = take_for_backward(ctx)
+        plan, layout, norm_kind = ctx.plan, ctx.layout, ctx.norm_kind
+        norm = None
+        if norm_kind is not None:
+            norm = ChunkNormGrads(norm_weight, norm_bias if norm_bias.numel() else None, *norm_kind)
         sink = _ProjectionGrads(x, weight, ctx.has_bias, freqs if ctx.has_freqs else None, layout,
-                                ctx.rotary, plan.kv_rep, plan.num_chunks)
+                                ctx.rotary, plan.kv_rep, plan.num_chunks, norm)
         dout = dout.unflatten(2, (layout.num_heads, layout.head_dim)).contiguous()
-        backward_chunks(dout, plan, ctx.state, sink)
+        backward_chunks(dout, plan, ctx.state, sink, overwrite_dout=ctx.overwrite_grad)
         close_state(ctx.state)
-        return (*sink.result(), None, None, None, None, None)
+        norm_grads = (None, None)
+        if norm is not None:
+            norm_grads = norm.result()
+            if ctx.tp_group is not None:  # each TP rank saw its heads' share of the norm's output gradient
+                for g in norm_grads:
+                    if g is not None:
+                        dist.all_reduce(g, group=ctx.tp_group)
+        return (sink.grad_x, *norm_grads, *sink.result()[1:], None, None, None, None, None, None, None, None)
 
 
 def fpdt_qkv_attention(
@@ -140,9 +179,12 @@ def fpdt_qkv_attention(
     bias: Optional[Tensor],
     layout: QKVLayout,
     *,
+    norm: Optional[InputNorm] = None,
     rotary_freqs: Optional[Tensor] = None,
     rotary: Optional[Rotary] = None,
     sp_group=None,
+    tp_group=None,
+    overwrite_output_grad: bool = False,
     num_chunks: int = 1,
     offload: bool = False,
     softmax_scale: Optional[float] = None,
@@ -152,6 +194,11 @@ def fpdt_qkv_attention(
 
     ``weight [layout.width, h]`` and ``bias`` are the QKV projection's (this TP
     rank's rows; the caller makes x's gradient all-reduce over TP).
+    ``norm``: the layer's input norm, applied chunk by chunk first; with TP its
+    parameter gradients are summed over ``tp_group`` (each rank projects its heads).
+    ``overwrite_output_grad``: the backward may use the output's gradient as scratch
+    (saves one ``[s/P, b, h]`` buffer); only when nothing else reads that gradient, as
+    when the output feeds only a linear layer (FPDTSelfAttention's ``linear_proj``).
     ``rotary_freqs [s/P, b|1, 1, rot]`` are the angles at the tokens' global
     positions; ``rotary(t, angles)`` applies them and must be the rotation
     ``t*cos + rotate_half(t)*sin`` (possibly scaled), so that rotating by the
@@ -167,6 +214,11 @@ def fpdt_qkv_attention(
     plan = make_plan(shape(layout.num_heads), shape(layout.num_kv_heads), shape(layout.num_kv_heads),
                      sp_group=sp_group, num_chunks=num_chunks, offload=offload, softmax_scale=softmax_scale,
                      backend=backend, device=x.device)
-    tensors = (x, weight) if bias is None else (x, weight, bias)
+    norm_weight, norm_bias = (None, None) if norm is None else (norm.weight, norm.bias)
+    tensors = [t for t in (x, weight, bias, norm_weight, norm_bias) if t is not None]
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return FPDTQKVAttentionFunction.apply(x, weight, bias, rotary_freqs, plan, layout, rotary, for_backward)
+    norm_kind = None if norm is None else (norm.eps, norm.rms)
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    return FPDTQKVAttentionFunction.apply(x, norm_weight, norm_bias, weight, bias, rotary_freqs, plan, layout,
+                                          rotary, norm_kind, tp_group, overwrite_output_grad, for_backward)

@@ -9,7 +9,10 @@ Self-attention is :class:`FPDTSelfAttention`, megatron-core's SelfAttention
 with the same submodules (``linear_qkv`` column-parallel over TP, ``linear_proj``
 row-parallel), whose forward runs the QKV projection and the rotary embedding
 (at the tokens' true global positions, which the model passes) chunk by chunk
-inside FPDT's loop (:func:`fpdt_ext.qkv.fpdt_qkv_attention`). Configurations
+inside FPDT's loop (:func:`fpdt_ext.qkv.fpdt_qkv_attention`); FPDTGPTModel also
+hands it the layer's input norm (:meth:`FPDTSelfAttention.fuse_input_norm`), so the
+norm runs per chunk there and its whole-sequence output never exists (its
+parameters stay ``input_layernorm.*``). Configurations
 that loop does not cover (q/k layernorm, gated attention output, tensor
 parallelism wider than the KV heads, multi-latent attention, selective
 core-attention recompute, fine-grained activation offload, megatron's fused
@@ -37,8 +40,8 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from fpdt_ext.attention import fpdt_attention
 from fpdt_ext.config import FPDTConfig
 from fpdt_ext.mlp import FPDTMLP
-from fpdt_ext.norm import FPDTNorm
-from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
+from fpdt_ext.norm import ChunkedLayerNorm, ChunkedRMSNorm, FPDTNorm
+from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
 
 
 class FPDTCoreAttention(MegatronModule):
@@ -99,6 +102,20 @@ class FPDTSelfAttention(SelfAttention):
         self.rotary = functools.partial(apply_rotary_pos_emb, config=cfg,
                                         mscale=_yarn_get_concentration_factor_from_config(cfg),
                                         cp_group=self.pg_collection.cp)
+        self._input_norm = ()  # (norm,) once fused; a tuple, so it is not registered a second time
+
+    def fuse_input_norm(self, norm) -> bool:
+        """Run ``norm`` (this layer's ``input_layernorm``, a chunked torch norm) chunk by chunk
+        inside the QKV loop; the norm module then passes its input through. Returns whether
+        it was fused (not with the whole-sequence fallback, nor for other norm classes)."""
+        cfg = self.config
+        # megatron-core's selective layernorm recompute frees the norm's output: here the layer input
+        selective_norm = cfg.recompute_granularity == "selective" and "layernorm" in (cfg.recompute_modules or ())
+        if self.whole_sequence_reason or selective_norm or not isinstance(norm, (ChunkedLayerNorm, ChunkedRMSNorm)):
+            return False
+        norm.fused_into_next = True
+        self._input_norm = (norm,)
+        return True
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, **kwargs):
@@ -108,6 +125,8 @@ class FPDTSelfAttention(SelfAttention):
         unusual = (attention_mask is not None or key_value_states is not None or inference_context is not None
                    or freqs is False or any(a is not None for a in args) or any(v is not None for v in kwargs.values()))
         if self.whole_sequence_reason or unusual:  # megatron-core's forward (FPDTCoreAttention checks the rest)
+            if self._input_norm:
+                hidden_states = self._input_norm[0].normalize(hidden_states)
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                    rotary_pos_emb, *args, **kwargs)
         if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
@@ -117,9 +136,15 @@ class FPDTSelfAttention(SelfAttention):
         if self.world_size > 1:  # identity forward, all-reduce of x's gradient over TP
             x = copy_to_tensor_model_parallel_region(x, group=self.pg_collection.tp)
         seq = x.shape[0] * core.fpdt_config.fpdt_parallel_size
+        norm = None
+        if self._input_norm:
+            n = self._input_norm[0]
+            norm = InputNorm(n.weight, getattr(n, "bias", None), n.eps, n.rms)
         out = fpdt_qkv_attention(
-            x, self.linear_qkv.weight, self.linear_qkv.bias, self.qkv_layout,
+            x, self.linear_qkv.weight, self.linear_qkv.bias, self.qkv_layout, norm=norm,
             rotary_freqs=freqs, rotary=None if freqs is None else self.rotary, sp_group=core.sp_group,
+            tp_group=self.pg_collection.tp,
+            overwrite_output_grad=True,  # its gradient comes fresh from linear_proj's backward, to this only
             num_chunks=core.fpdt_config.num_chunks(seq), offload=core.fpdt_config.fpdt_offload,
             softmax_scale=core.softmax_scale)
         return self.linear_proj(out)

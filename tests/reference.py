@@ -40,13 +40,21 @@ def rotary_angles(seq, head_dim, base=10000.0):
     return torch.cat([angles, angles], dim=-1)[:, None, None, :]
 
 
-def dense_qkv_attention(x, weight, bias, num_heads, kv_heads, angles=None):
+def dense_qkv_attention(x, weight, bias, num_heads, kv_heads, angles=None, norm=None):
     """Reference of FPDT attention from hidden states: x [S, b, h] -> [S, b, H*d].
 
-    The projection's output is laid out as megatron-core's: per KV group, its
-    query heads, its key head, its value head.
+    ``norm = (weight, bias or None, rms)`` is applied to x first (eps 1e-5). The
+    projection's output is laid out as megatron-core's: per KV group, its query
+    heads, its key head, its value head.
     """
     seq, b, _ = x.shape
+    if norm is not None:
+        norm_weight, norm_bias, rms = norm
+        if rms:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight
+        else:
+            mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+            x = (x - mean) * torch.rsqrt(var + 1e-5) * norm_weight + norm_bias
     head_dim = weight.shape[0] // (num_heads + 2 * kv_heads)
     group = num_heads // kv_heads
     mixed = torch.nn.functional.linear(x, weight, bias).view(seq, b, kv_heads, (group + 2) * head_dim)

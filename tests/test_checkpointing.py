@@ -61,6 +61,20 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         assert a["lm_loss"] == b["lm_loss"] and a["grad_norm"] == b["grad_norm"], (a, b)  # bit for bit
 
 
+def test_distributed_optimizer_checkpoint_resumes_exactly_with_or_without_sharding(tmp_path):
+    """Adam state split over the FPDT ranks (--use-distributed-optimizer): each rank saves the
+    parameters it owns, and the checkpoint holds the same tensors as an unsharded one, so a
+    resume continues bit for bit with the sharded optimizer and with the unsharded one."""
+    zero = [*FPDT, "--use-distributed-optimizer", "--train-iters", "6"]
+    straight, _ = _run(tmp_path, "straight", zero)
+    _run(tmp_path, "first", [*zero, "--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
+    sharded, _ = _run(tmp_path, "sharded", [*zero, "--load", str(tmp_path / "ckpt")])
+    unsharded, _ = _run(tmp_path, "unsharded", [*FPDT, "--train-iters", "6", "--load", str(tmp_path / "ckpt")])
+    assert [r["iteration"] for r in sharded] == [r["iteration"] for r in unsharded] == [4, 5, 6]
+    for a, b, c in zip(straight[3:], sharded, unsharded):
+        assert a["lm_loss"] == b["lm_loss"] == c["lm_loss"] and a["grad_norm"] == b["grad_norm"] == c["grad_norm"]
+
+
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(_cmd(2, [*FPDT, "--train-iters", "200", "--save", str(ckpt), "--save-interval", "1"]),

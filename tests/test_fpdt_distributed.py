@@ -21,7 +21,7 @@ import torch.distributed as dist
 from fpdt_ext.comm import head_to_seq, seq_to_head
 from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
 from fpdt_ext.layout import fpdt_shard
-from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
+from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
 from fpdt_ext.spawn import run_world
 from tests.reference import dense_causal_attention, dense_qkv_attention, rel_error, rotary_angles, rotate
 
@@ -74,24 +74,27 @@ def run_case(rank, world_size, case, group):
 
 
 def qkv_case_list(world_size):
-    """fpdt_qkv_attention (projection and rotary inside the chunk loop) cases: heads, bias and
-    rotary vary with the chunk count so each world covers every combination once or more."""
+    """fpdt_qkv_attention (input norm, projection and rotary inside the chunk loop) cases: heads,
+    bias, rotary and the norm (none, LayerNorm, RMSNorm) vary with the chunk count so each world
+    covers every combination of each with the others once or more."""
     cases = []
-    for (u, offload), heads, extras in zip(itertools.product((1, 3, 4), (False, True)),
-                                           itertools.cycle(("gqa", "mqa", "mha")),
-                                           itertools.cycle(((True, True), (False, True), (True, False)))):
-        cases.append((u, offload, heads, "fp32", None) + extras)
-    cases.append((3, True, "gqa", "fp64", "math", True, True))
+    for (u, offload), heads, extras, norm in zip(itertools.product((1, 3, 4), (False, True)),
+                                                 itertools.cycle(("gqa", "mqa", "mha")),
+                                                 itertools.cycle(((True, True), (False, True), (True, False))),
+                                                 itertools.cycle((None, "ln", "rms", "ln"))):
+        cases.append((u, offload, heads, "fp32", None) + extras + (norm,))
+    cases.append((3, True, "gqa", "fp64", "math", True, True, "ln"))
+    cases.append((4, False, "mqa", "fp64", "math", False, True, "rms"))
     return cases
 
 
 def qkv_case_id(case):
-    *core, bias, rope = case
-    return case_id(tuple(core)) + ("-bias" if bias else "") + ("-rope" if rope else "")
+    *core, bias, rope, norm = case
+    return case_id(tuple(core)) + ("-bias" if bias else "") + ("-rope" if rope else "") + (f"-{norm}" if norm else "")
 
 
 def run_qkv_case(rank, world_size, case, group):
-    u, offload, heads, dtype_name, backend, bias, rope = case
+    u, offload, heads, dtype_name, backend, bias, rope, norm = case
     dtype = DTYPES[dtype_name]
     num_heads, kv_heads = HEADS[heads]
     hidden, seq = 16, world_size * u * SUB_CHUNK
@@ -99,25 +102,32 @@ def run_qkv_case(rank, world_size, case, group):
     gen = torch.Generator().manual_seed(zlib.crc32(qkv_case_id(case).encode()))
     full = [torch.randn(seq, BATCH, hidden, generator=gen), torch.randn(layout.width, hidden, generator=gen) / 4]
     full.append(torch.randn(layout.width, generator=gen) if bias else None)
+    full.append(1 + torch.randn(hidden, generator=gen) / 4 if norm else None)  # norm weight
+    full.append(torch.randn(hidden, generator=gen) / 4 if norm == "ln" else None)  # LayerNorm's bias
     full = [None if t is None else t.to(dtype).double() for t in full]
     angles = rotary_angles(seq, HEAD_DIM) if rope else None
     dout = torch.randn(seq, BATCH, num_heads * HEAD_DIM, generator=gen).to(dtype).double()
-    ref_in = [t.clone().requires_grad_() for t in full if t is not None]
-    ref_out = dense_qkv_attention(*ref_in, *([None] if not bias else []), num_heads, kv_heads, angles)
+    ref_all = [t.clone().requires_grad_() if t is not None else None for t in full]
+    ref_in = [t for t in ref_all if t is not None]
+    ref_out = dense_qkv_attention(*ref_all[:3], num_heads, kv_heads, angles,
+                                  norm=(ref_all[3], ref_all[4], norm == "rms") if norm else None)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
 
     def shard(t):
         return fpdt_shard(t, dim=0, sp_rank=rank, sp_size=world_size, num_chunks=u)
 
     x = shard(full[0]).to(dtype).requires_grad_()
-    params = [t.to(dtype).requires_grad_() for t in full[1:] if t is not None]
-    out = fpdt_qkv_attention(x, params[0], params[1] if bias else None, layout,
+    given = [None if t is None else t.to(dtype).requires_grad_() for t in full[1:]]
+    params = [t for t in given if t is not None]
+    input_norm = InputNorm(given[2], given[3], 1e-5, rms=norm == "rms") if norm else None
+    out = fpdt_qkv_attention(x, given[0], given[1], layout, norm=input_norm,
                              rotary_freqs=None if angles is None else shard(angles).to(torch.promote_types(dtype, torch.float32)),
                              rotary=rotate if rope else None, sp_group=group, num_chunks=u,
-                             offload=offload, backend=backend)
-    grads = torch.autograd.grad(out, [x, *params], shard(dout).to(dtype))
+                             offload=offload, backend=backend, overwrite_output_grad=u % 2 == 1)
+    grads = torch.autograd.grad(out, [x, *params], shard(dout).to(dtype))  # a fresh gradient: scratch
     errors = {"out": rel_error(out, shard(ref_out)), "dx": rel_error(grads[0], shard(ref_grads[0]))}
-    for name, g, e in zip(("dW", "db"), grads[1:], ref_grads[1:]):  # each rank: its tokens' share
+    names = [n for n, t in zip(("dW", "db", "dnorm_w", "dnorm_b"), given) if t is not None]
+    for name, g, e in zip(names, grads[1:], ref_grads[1:]):  # each rank: its tokens' share
         total = g.double().clone()
         dist.all_reduce(total, group=group)
         errors[name] = rel_error(total, e)

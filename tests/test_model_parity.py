@@ -156,7 +156,9 @@ def fpdt_worker(rank, world_size, config, tp):
         grads[name] = _full_grad(param, grad, groups)
     weights = {n: _full_grad(p, p.detach().clone(), groups) for n, p in model.named_parameters()}
     return {"losses": losses.detach(), "grads": grads, "weights": weights, "sp_rank": groups.sp_rank,
-            "num_chunks": args.fpdt_num_chunks, "calls": dict(_Forbidden.calls)}
+            "num_chunks": args.fpdt_num_chunks, "calls": dict(_Forbidden.calls),
+            "fused_norms": sum(layer.input_layernorm.fused_into_next for layer in model.decoder.layers),
+            "fused_mlp_norms": sum(layer.pre_mlp_layernorm.fused_into_next for layer in model.decoder.layers)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,6 +186,8 @@ def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
         assert calls.get("FPDTQKVAttentionFunction.forward") == chunked, calls
         assert calls.get("FPDTQKVAttentionFunction.backward") == chunked, calls
         assert calls.get("FPDTCoreAttention.forward") == (None if chunked else 2), calls
+        assert result["fused_norms"] == (2 if chunked else 0)  # input norms run inside the QKV loop
+        assert result["fused_mlp_norms"] == 2  # pre-MLP norms inside the MLP's chunks
         expected = fpdt_shard(ref["losses"], dim=1, sp_rank=result["sp_rank"], sp_size=2,
                               num_chunks=result["num_chunks"])
         torch.testing.assert_close(result["losses"], expected, rtol=1e-5, atol=1e-5)

@@ -95,10 +95,11 @@ class Plan:
         """(name, device bytes, host bytes) of what does not depend on the sequence length."""
         n = self.params_per_rank()
         runtime = ("runtime buffers", self.RUNTIME[self.device], 0)
-        if self.device == "cpu":  # fp32 params, fp32 grad buffer, HostAdamW moments (no sharding)
-            return [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
-                    ("Adam moments (fp32)", 8 * n, 0), runtime]
         shard = self.dp * self.fpdt if self.distributed_optimizer else 1
+        if self.device == "cpu":  # fp32 params and grad buffer; HostAdamW's moments split by whole
+            # tensors (ZeRO-1), about 1/shard of them on each rank
+            return [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
+                    ("Adam moments (fp32)", 8 * n / shard, 0), runtime]
         return [("parameters (bf16)", 2 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
                 ("fp32 master + Adam moments", 12 * n / shard, 0), runtime]
 
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--no-offload-checkpoints", action="store_true")
     p.add_argument("--baseline", action="store_true", help="plan megatron-core's standard spec instead")
+    p.add_argument("--no-distributed-optimizer", action="store_true",
+                   help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
     p.add_argument("--host-mem-gib", type=float, default=1000.0, help="host memory per node")
@@ -239,7 +242,8 @@ def main(argv=None) -> int:
         p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt = {a.tp * a.fpdt}")
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
-                not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device)
+                not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
+                distributed_optimizer=not a.no_distributed_optimizer)
     device_limit = a.gpu_mem_gib * GiB
     host_limit = a.host_mem_gib * GiB / min(a.gpus_per_node, a.gpus)
     seq = a.seq_length or plan.max_sequence(device_limit, host_limit)

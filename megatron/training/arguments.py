@@ -61,7 +61,9 @@ def _add_parallel_args(p):
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="split optimizer state over the data x FPDT ranks (megatron-core's distributed optimizer on "
+                        "GPU; on the CPU a ZeRO-1 split of HostAdamW by whole parameters)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30)
     g = p.add_argument_group("FPDT (DeepSpeed's --ds-sequence-parallel-* FPDT flags are accepted as aliases)")
     g.add_argument("--fpdt", "--ds-sequence-parallel-fpdt", dest="fpdt", action="store_true",

@@ -92,6 +92,10 @@ def build_model(args, groups, vocab_size: int, layer_spec=None):
     else:
         spec = layer_spec or baseline_layer_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
         model = GPTModel(transformer_layer_spec=spec, **common)
+    if config.params_dtype != torch.float32:
+        # as Megatron's Float16Module: every parameter in the training dtype, including the
+        # torch norms megatron-core creates in float32 (the optimizer keeps fp32 master weights)
+        model.to(dtype=config.params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

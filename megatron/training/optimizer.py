@@ -5,7 +5,9 @@ weights for bf16/fp16, clipping, optional distributed optimizer). Its
 wrappers insist on CUDA tensors, so on the CPU :class:`HostAdamW` is the honest
 torch equivalent: fp32 master weights, gradients from megatron-core's DDP
 buffer (``main_grad``), a global gradient norm that counts tensor-parallel
-shards once, clipping, and ``torch.optim.AdamW``. Both expose what the training
+shards once, clipping, and ``torch.optim.AdamW``; with
+``--use-distributed-optimizer`` its state is split over the data x FPDT ranks
+(ZeRO-1, the group megatron-core's distributed optimizer uses). Both expose what the training
 loop uses: ``step() -> (ok, grad_norm, num_zeros)``, ``zero_grad()``,
 ``param_groups``, ``state_dict()``/``load_state_dict()``.
 
@@ -15,6 +17,7 @@ Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,16 +34,47 @@ def _param_groups(model):
     return [dict(params=decay, wd_mult=1.0), dict(params=no_decay, wd_mult=0.0)]
 
 
-class HostAdamW:
-    """AdamW on fp32 master weights for models whose grads live in DDP's ``main_grad``."""
+def partition_by_parameter(params, size: int) -> list:
+    """Owner (0..size-1) of each parameter for a ZeRO-1 split by whole tensors: largest first,
+    each to the least-loaded rank (ties to the lower rank), so every rank computes the same split."""
+    load, owner = [0] * size, [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        rank = min(range(size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += params[i].numel()
+    return owner
 
-    def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group):
-        self.model_params = [p for g in _param_groups(model) for p in g["params"]]
+
+def _grad_of(param):
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
+
+
+class HostAdamW:
+    """AdamW on fp32 master weights for models whose grads live in DDP's ``main_grad``.
+
+    With ``shard_group`` (``--use-distributed-optimizer``: the data x FPDT group, as
+    megatron-core's distributed optimizer) each rank keeps Adam state and master weights only
+    for the parameters it owns (:func:`partition_by_parameter`), updates those, and
+    broadcasts them to the group after the step: ZeRO-1 by whole tensors, like torch's
+    ``ZeroRedundancyOptimizer``, whose single-rank state dict does not fit the sharded
+    checkpoints here. The gradient norm is still taken over all parameters on every rank
+    (each holds the reduced gradients), so a sharded run is bit for bit the unsharded one.
+    """
+
+    def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None):
+        param_groups = _param_groups(model)
+        self.model_params = [p for g in param_groups for p in g["params"]]
+        self.shard_group = shard_group if shard_group is not None and dist.get_world_size(shard_group) > 1 else None
+        size = dist.get_world_size(self.shard_group) if self.shard_group is not None else 1
+        rank = dist.get_rank(self.shard_group) if self.shard_group is not None else 0
+        self._owners = partition_by_parameter(self.model_params, size)
+        owned = {id(p) for p, o in zip(self.model_params, self._owners) if o == rank}
         groups = []
-        for g in _param_groups(model):
-            master = [p.detach().float().clone().requires_grad_() if p.dtype != torch.float32 else p
-                      for p in g["params"]]
-            groups.append(dict(params=master, wd_mult=g["wd_mult"], model_params=g["params"]))
+        for g in param_groups:
+            mine = [p for p in g["params"] if id(p) in owned]
+            master = [p.detach().float().clone().requires_grad_() if p.dtype != torch.float32 else p for p in mine]
+            groups.append(dict(params=master, wd_mult=g["wd_mult"], model_params=mine))
         self.optimizer = torch.optim.AdamW(
             [dict(params=g["params"], wd_mult=g["wd_mult"]) for g in groups],
             lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
@@ -54,27 +88,27 @@ class HostAdamW:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True):
-        for master, param in self._pairs:
+        for master, _ in self._pairs:
             master.grad = None
+        for param in self.model_params:
             param.grad = None
 
     def _grad_norm(self) -> float:
         # Each TP shard counts once; parameters replicated over TP are counted on TP rank 0 only.
         total = torch.zeros((), dtype=torch.float64)
-        for master, param in self._pairs:
-            if master.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+        for param in self.model_params:
+            grad = _grad_of(param)
+            if grad is not None and param_is_not_tensor_parallel_duplicate(param):
                 # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
                 # float64: no float64 copy of a whole gradient
-                total += torch.linalg.vector_norm(master.grad).double() ** 2
+                total += torch.linalg.vector_norm(grad.float()).double() ** 2
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(total, group=self.tp_group)
         return math.sqrt(total.item())
 
     def step(self):
         for master, param in self._pairs:
-            grad = getattr(param, "main_grad", None)
-            if grad is None:
-                grad = param.grad
+            grad = _grad_of(param)
             master.grad = None if grad is None else grad.float()
         grad_norm = self._grad_norm()
         if not math.isfinite(grad_norm):
@@ -89,11 +123,17 @@ class HostAdamW:
             for master, param in self._pairs:
                 if master is not param:
                     param.copy_(master)
+            if self.shard_group is not None:  # every rank gets the parameters it does not own
+                for param, owner in zip(self.model_params, self._owners):
+                    dist.broadcast(param.data, src=dist.get_global_rank(self.shard_group, owner),
+                                   group=self.shard_group)
         return True, grad_norm, None
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
         """Adam moments and fp32 master weights as tensors sharded like the model parameters
-        (megatron-core's helpers), so the state reshards with the model; the step is common."""
+        (megatron-core's helpers), so the state reshards with the model; the step is common.
+        Sharded, each rank gives only the parameters it owns, as the main replica: the saved
+        tensors are the same either way, so a checkpoint loads with or without sharding."""
         from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                                make_sharded_optimizer_tensor,
                                                                optim_state_to_sharding_state)
@@ -108,6 +148,8 @@ class HostAdamW:
         state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # torch shares the live dicts
         steps = {float(entry.pop("step")) for entry in state["state"].values()}
         by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, [p for _, p in self._pairs])
+        if self.shard_group is not None:  # the owner is the one copy that is saved and loaded
+            by_index = {i: _main_replica(t) for i, t in by_index.items()}
         optim_state_to_sharding_state(state, by_index, exclude_keys=("step",))
         masters = {i: make_sharded_optimizer_tensor(by_index[i], master, "optimizer.master")
                    for i, (master, param) in enumerate(self._pairs) if master is not param}
@@ -123,6 +165,12 @@ class HostAdamW:
                 if master is not param:
                     master.copy_(state["master"][i])
                     param.copy_(master)
+
+
+def _main_replica(sharded):
+    """``sharded`` with the data x FPDT part of its replica id (the last) set to 0."""
+    rid = sharded.replica_id
+    return dataclasses.replace(sharded, replica_id=(*rid[:-1], 0) if isinstance(rid, tuple) else 0)
 
 
 def build_optimizer(args, model, groups):
@@ -141,7 +189,8 @@ def build_optimizer(args, model, groups):
     else:
         optimizer = HostAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                              clip_grad=args.clip_grad, tp_group=groups.tp)
+                              clip_grad=args.clip_grad, tp_group=groups.tp,
+                              shard_group=groups.dp_sp if args.use_distributed_optimizer else None)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,

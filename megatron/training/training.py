@@ -80,8 +80,6 @@ class Trainer:
         self.groups = initialize(args)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        if args.use_distributed_optimizer and self.device.type == "cpu":
-            print_rank_0("note: --use-distributed-optimizer has no effect on the CPU (HostAdamW keeps full state)")
         self.tokenizer = build_tokenizer(args)
         model = build_model(args, self.groups, self.tokenizer.vocab_size)
         ddp_config = DistributedDataParallelConfig(
