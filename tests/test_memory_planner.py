@@ -47,6 +47,17 @@ def test_fpdt_and_offload_move_memory_off_the_device():
     assert longest >= 16 * baseline.max_sequence(141 * GiB, 250 * GiB)
 
 
+def test_distributed_optimizer_splits_adam_state_over_data_x_fpdt_on_the_cpu():
+    """HostAdamW's ZeRO-1 split (bench runs pass --use-distributed-optimizer): the CPU plan's
+    Adam moments shrink by the data x FPDT size; parameters and gradients do not."""
+    model = Model(*PRESETS["llama-tiny"])
+    terms = {flag: dict((t[0], t[1]) for t in Plan(model, gpus=4, fpdt=2, device="cpu",
+                                                   distributed_optimizer=flag).static_terms())
+             for flag in (False, True)}
+    assert terms[True]["Adam moments (fp32)"] * 4 == pytest.approx(terms[False]["Adam moments (fp32)"])
+    assert terms[True]["parameters (fp32)"] == terms[False]["parameters (fp32)"]
+
+
 def test_cli_explains_the_dominant_term():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_planner.py"), "--preset", "llama3-8b",
                           "--gpus", "4", "--fpdt", "4", "--seq-length", "2097152", "--chunk-size", "65536",
