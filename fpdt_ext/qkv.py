@@ -25,9 +25,8 @@ import dataclasses
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
                                 keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
