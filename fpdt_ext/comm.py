@@ -73,10 +73,10 @@ def seq_to_head(x: Tensor, group, *, async_op: bool = False, in_place: bool = Fa
     sp = group_size(group)
     if sp == 1:
         return Pending(result=x.transpose(0, 1))  # [b, c, H, d] view
-    send = _copy(x.unflatten(2, (sp, heads // sp)).permute(2, 1, 0, 3, 4))  # [P, b, c, H/P, d]
-    # recv[r] is source rank r's sub-chunk, i.e. global sub-chunk i*P + r, for our heads.
     if in_place and not x.is_contiguous():
         raise ValueError("seq_to_head(in_place=True) needs a contiguous chunk")
+    send = _copy(x.unflatten(2, (sp, heads // sp)).permute(2, 1, 0, 3, 4))  # [P, b, c, H/P, d]
+    # recv[r] is source rank r's sub-chunk, i.e. global sub-chunk i*P + r, for our heads.
     return _exchange(
         send, group, async_op,
         lambda recv: recv.transpose(0, 1).reshape(b, sp * c, heads // sp, d),  # [b, P*c, H/P, d]

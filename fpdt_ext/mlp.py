@@ -19,7 +19,7 @@ from megatron.core.transformer.mlp import MLP
 from torch.utils.checkpoint import checkpoint
 
 from fpdt_ext.config import FPDTConfig
-from fpdt_ext.norm import fuse_into_next, normalize
+from fpdt_ext.norm import fuse_into_next
 
 
 class FPDTMLP(MLP):
@@ -38,8 +38,7 @@ class FPDTMLP(MLP):
 
     def _run(self, chunk):
         if self._input_norm:
-            n = self._input_norm[0]
-            chunk = normalize(chunk, n.weight, getattr(n, "bias", None), n.eps, n.rms)
+            chunk = self._input_norm[0].as_input_norm()(chunk)
         return MLP.forward(self, chunk)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):  # [s/P, b, h]

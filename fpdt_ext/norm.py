@@ -12,6 +12,7 @@ torch's (``weight``, and ``bias`` for LayerNorm), so checkpoints are unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +27,20 @@ def normalize(x: Tensor, weight: Tensor, bias, eps, rms: bool) -> Tensor:
     """LayerNorm (RMSNorm if ``rms``) over the last dim; ``eps=None``: RMSNorm's default."""
     shape = (x.shape[-1],)
     return F.rms_norm(x, shape, weight, eps) if rms else F.layer_norm(x, shape, weight, bias, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputNorm:
+    """A norm applied by the module that follows it: LayerNorm, or RMSNorm if ``rms``
+    (``eps=None``: RMSNorm's default)."""
+
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    eps: Optional[float] = 1e-5
+    rms: bool = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return normalize(x, self.weight, self.bias, self.eps, self.rms)
 
 
 class ChunkNormGrads:
@@ -102,6 +117,10 @@ class _ChunkedNormMixin:
 
     def forward(self, x: Tensor) -> Tensor:  # [s/P, b, h]
         return x if self.fused_into_next else self.normalize(x)
+
+    def as_input_norm(self) -> InputNorm:
+        """This norm's parameters, for the module it is fused into."""
+        return InputNorm(self.weight, getattr(self, "bias", None), self.eps, self.rms)
 
     def normalize(self, x: Tensor) -> Tensor:
         num_chunks = self.fpdt_config.num_chunks(x.shape[0] * self.fpdt_config.fpdt_parallel_size)

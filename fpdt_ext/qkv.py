@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
                                 keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
-from fpdt_ext.norm import ChunkNormGrads, normalize
+from fpdt_ext.norm import ChunkNormGrads, InputNorm, normalize
 
 Tensor = torch.Tensor
 Rotary = Callable[[Tensor, Tensor], Tensor]  # (t [c, b, heads, d], angles [c, b|1, 1, rot]) -> rotated t
@@ -59,17 +59,6 @@ class QKVLayout:
         """The adjoint of :meth:`split`: -> [c, b, width]."""
         grouped_q = dq.unflatten(2, (self.num_kv_heads, -1)).flatten(3)
         return torch.cat([grouped_q, dk, dv], dim=3).flatten(2)
-
-
-@dataclasses.dataclass(frozen=True)
-class InputNorm:
-    """The norm applied to ``x`` before the projection: LayerNorm, or RMSNorm if ``rms``
-    (``eps=None``: RMSNorm's default). Its parameters get gradients like the projection's."""
-
-    weight: Tensor
-    bias: Optional[Tensor] = None
-    eps: Optional[float] = 1e-5
-    rms: bool = False
 
 
 class _ProjectionGrads(GradSink):
@@ -193,8 +182,9 @@ def fpdt_qkv_attention(
 
     ``weight [layout.width, h]`` and ``bias`` are the QKV projection's (this TP
     rank's rows; the caller makes x's gradient all-reduce over TP).
-    ``norm``: the layer's input norm, applied chunk by chunk first; with TP its
-    parameter gradients are summed over ``tp_group`` (each rank projects its heads).
+    ``norm``: the layer's input norm, applied chunk by chunk first; its parameters get
+    gradients like the projection's, with TP summed over ``tp_group`` (each rank
+    projects its heads).
     ``overwrite_output_grad``: the backward may use the output's gradient as scratch
     (saves one ``[s/P, b, h]`` buffer); only when nothing else reads that gradient, as
     when the output feeds only a linear layer (FPDTSelfAttention's ``linear_proj``).

@@ -41,7 +41,7 @@ from fpdt_ext.attention import fpdt_attention
 from fpdt_ext.config import FPDTConfig
 from fpdt_ext.mlp import FPDTMLP
 from fpdt_ext.norm import FPDTNorm, fuse_into_next
-from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
+from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
 
 
 class FPDTCoreAttention(MegatronModule):
@@ -132,10 +132,7 @@ class FPDTSelfAttention(SelfAttention):
         if self.world_size > 1:  # identity forward, all-reduce of x's gradient over TP
             x = copy_to_tensor_model_parallel_region(x, group=self.pg_collection.tp)
         seq = x.shape[0] * core.fpdt_config.fpdt_parallel_size
-        norm = None
-        if self._input_norm:
-            n = self._input_norm[0]
-            norm = InputNorm(n.weight, getattr(n, "bias", None), n.eps, n.rms)
+        norm = self._input_norm[0].as_input_norm() if self._input_norm else None
         out = fpdt_qkv_attention(
             x, self.linear_qkv.weight, self.linear_qkv.bias, self.qkv_layout, norm=norm,
             rotary_freqs=freqs, rotary=None if freqs is None else self.rotary, sp_group=core.sp_group,

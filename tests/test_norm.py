@@ -50,3 +50,20 @@ def test_fpdt_norm_builds_from_megatron_arguments():
     assert [n for n, _ in norm.named_parameters()] == ["weight"]
     with pytest.raises(ValueError, match="L2Norm"):
         FPDTNorm(types.SimpleNamespace(normalization="L2Norm"), 32, fpdt_config=_config(2))
+
+
+def test_fusing_is_refused_where_megatron_would_free_the_norm_output():
+    """A fused norm passes the residual stream through; megatron-core's selective layernorm
+    recompute frees the norm's output, so fusing must be refused there (and for other norms)."""
+    from fpdt_ext.norm import fuse_into_next
+
+    norm = ChunkedRMSNorm(16)
+    norm.fpdt_config = _config(2)
+    selective = types.SimpleNamespace(recompute_granularity="selective", recompute_modules=["layernorm"])
+    assert not fuse_into_next(norm, selective) and not norm.fused_into_next
+    assert not fuse_into_next(torch.nn.RMSNorm(16), types.SimpleNamespace(recompute_granularity=None,
+                                                                          recompute_modules=None))
+    assert fuse_into_next(norm, types.SimpleNamespace(recompute_granularity="full", recompute_modules=None))
+    x = torch.randn(4, 1, 16)
+    assert norm(x) is x  # fused: the module passes its input through
+    torch.testing.assert_close(norm.as_input_norm()(x), torch.nn.functional.rms_norm(x, (16,), norm.weight))
