@@ -33,7 +33,7 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
     | tee -a "$OUT/gpu.txt"
 
 echo "== 1/2 GPU tests"
-timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_offload.py \
+timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_offload.py tests/test_disk.py \
     tests/test_gpu_attention.py 2>&1 | tee "$OUT/gpu_tests.log"
 
 echo "== 2/2 FPDT vs baseline, Llama-3.2-1B shape"

@@ -2,6 +2,7 @@
 
     python bench/max_seq.py                       # CPU: llama-tiny, 2 processes, 1 GiB per process
     python bench/max_seq.py --cap-gib 2 --fpdt-lens 24576 28672 32768 36864
+    python bench/max_seq.py --setups fpdt-disk --offload-dir /nvme/scratch
 
 Method (printed with the result). For each setup, one training step's peak
 memory per process is measured at four or more lengths (bench/train_step.py:
@@ -18,6 +19,14 @@ direct run at that length (its peak must be under the cap), and FPDT is run at
 the same length for the time-per-token ratio (median of three timed steps
 each, after a warm-up step; single steps vary by a few percent on the CPU). Longer FPDT runs are not made
 on the CPU: attention time grows with the square of the length.
+
+Three setups: the baseline, FPDT in RAM, and ``fpdt-disk``: FPDT with offload on and the
+disk tier (``--fpdt-offload --offload-recompute-inputs --offload-dir DIR``), so the stored
+attention chunks and the checkpointed layer inputs live in a file instead of RAM. On the CPU
+the host is the device's RAM, so the disk is the only tier below it: ``fpdt-disk`` is the CPU's
+counterpart of FPDT offloading to host memory on a GPU. Its peak is still the process's
+resident memory (the file's pages are dropped from the page cache after each write and read);
+the file's own peak is reported beside it.
 
 A step has two memory peaks: the backward of the logits + loss and the
 backward of one recomputed layer. The points must be measured where the
@@ -41,6 +50,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.train_step import measure  # noqa: E402
+
+
+SETUPS = ("baseline", "fpdt", "fpdt-disk")
+DISK_LENS = [24576, 28672, 32768, 36864]
 
 
 def fit_line(points):
@@ -67,24 +80,39 @@ def max_length(intercept, slope, cap, multiple):
     return int((cap - intercept) / slope) // multiple * multiple
 
 
+def default_offload_dir() -> str:
+    """A fresh directory for the disk tier under the system temp dir (refused there if it is RAM)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="fpdt-offload-")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--cap-gib", type=float, default=1.0, help="memory cap per process")
     p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS),
+                   help="which to measure (the baseline always): FPDT in RAM, FPDT with the disk tier")
     p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
     p.add_argument("--fpdt-lens", type=int, nargs="+", default=[32768, 36864, 40960, 45056])
+    p.add_argument("--disk-lens", type=int, nargs="+", default=DISK_LENS, help="lengths for fpdt-disk")
+    p.add_argument("--offload-dir", default=None,
+                   help="fpdt-disk's directory, on a disk (default: a fresh one under the system temp dir)")
     p.add_argument("--confirm-steps", type=int, default=3,
                    help="timed steps of the direct runs (the time ratio is of their medians)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if min(len(a.baseline_lens), len(a.fpdt_lens)) < 4:
+    kinds = ["baseline"] + [k for k in SETUPS if k in a.setups and k != "baseline"]
+    lens = {"baseline": a.baseline_lens, "fpdt": a.fpdt_lens, "fpdt-disk": a.disk_lens}
+    if min(len(lens[k]) for k in kinds) < 4:
         p.error("measure at least four lengths for each setup")
+    offload_dir = a.offload_dir or (default_offload_dir() if "fpdt-disk" in kinds else None)
     cap = a.cap_gib * 2**30
     report = {"cap_bytes": cap, "model": a.model, "nproc": a.nproc, "chunk_size": a.chunk_size, "setups": {}}
-    for kind, lens, multiple in (("baseline", a.baseline_lens, a.chunk_size), ("fpdt", a.fpdt_lens, a.chunk_size)):
-        rows = [measure(kind, a.model, s, a.nproc, a.chunk_size) for s in lens]
+    for kind in kinds:
+        rows = [measure(kind, a.model, s, a.nproc, a.chunk_size, offload_dir=offload_dir) for s in lens[kind]]
         for r in rows:
             print(json.dumps(r), flush=True)
         points = [(r["seq"], r["peak_bytes"]) for r in rows]
@@ -92,28 +120,38 @@ def main(argv=None):
         report["setups"][kind] = dict(points=rows, intercept_bytes=intercept, bytes_per_token=slope,
                                       linear_fit_max_deviation=deviation,
                                       segment_slope_spread=segment_slope_spread(points),
-                                      max_seq=max_length(intercept, slope, cap, multiple))
+                                      max_seq=max_length(intercept, slope, cap, a.chunk_size))
+        if kind == "fpdt-disk":  # the file grows linearly too: its size at the maximum
+            disk = fit_line([(r["seq"], r["peak_disk_bytes"]) for r in rows])
+            report["setups"][kind]["disk_bytes_at_max"] = disk[0] + disk[1] * report["setups"][kind]["max_seq"]
     base_max = report["setups"]["baseline"]["max_seq"]
-    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps)
-               for k in ("baseline", "fpdt")}
+    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps,
+                          offload_dir=offload_dir) for k in kinds}
     report["confirm"] = confirm
-    b, f = report["setups"]["baseline"], report["setups"]["fpdt"]
-    ratio = f["max_seq"] / b["max_seq"]
-    per_token = confirm["fpdt"]["seconds"] / confirm["baseline"]["seconds"]
-    report.update(max_seq_ratio=ratio, time_per_token_ratio_at_baseline_max=per_token)
+    b = report["setups"]["baseline"]
+    for kind in kinds[1:]:
+        report["setups"][kind]["max_seq_ratio"] = report["setups"][kind]["max_seq"] / b["max_seq"]
+        report["setups"][kind]["time_per_token_ratio_at_baseline_max"] = (
+            confirm[kind]["seconds"] / confirm["baseline"]["seconds"])
     print(f"\n# longest trainable sequence under {a.cap_gib:g} GiB per process, {a.model}, {a.nproc} processes "
           f"(baseline: TP {a.nproc} + full recompute; FPDT: size {a.nproc}, chunk {a.chunk_size}"
-          f"{', offload' if torch.cuda.is_available() else ''})")
+          f"{', offload' if torch.cuda.is_available() else ''}; fpdt-disk: chunks and checkpointed inputs "
+          f"offloaded to a file on disk)")
     print("# method: peak memory of one training step at >= 4 lengths, least-squares line (deviation shown),\n"
           "#   maximum = where the line meets the cap; baseline maximum confirmed by a direct run")
     for kind, s in report["setups"].items():
         print(f"{kind:>9}: {s['bytes_per_token'] / 1024:8.1f} KiB/token + {s['intercept_bytes'] / 2**20:7.1f} MiB "
               f"(fit within {100 * s['linear_fit_max_deviation']:.1f}%, segment slopes within "
-              f"{s['segment_slope_spread']:.2f}x) -> max {s['max_seq']} tokens")
+              f"{s['segment_slope_spread']:.2f}x) -> max {s['max_seq']} tokens"
+              + (f" (offload file {s['disk_bytes_at_max'] / 2**30:.2f} GiB there)" if "disk_bytes_at_max" in s
+                 else ""))
     for kind, r in confirm.items():
         print(f"  direct run at {base_max} tokens, {kind}: peak {r['peak_bytes'] / 2**30:.2f} GiB "
               f"({'under' if r['peak_bytes'] <= cap else 'OVER'} the cap), step {r['seconds']:.2f} s")
-    print(f"FPDT / baseline: {ratio:.1f}x longer sequences; time per token at {base_max} tokens: {per_token:.2f}x")
+    for kind in kinds[1:]:
+        s = report["setups"][kind]
+        print(f"{kind} / baseline: {s['max_seq_ratio']:.1f}x longer sequences; time per token at {base_max} "
+              f"tokens: {s['time_per_token_ratio_at_baseline_max']:.2f}x")
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -2,6 +2,7 @@
 
     python bench/memory_census.py                          # FPDT, llama-tiny, 24576 tokens, 2 processes
     python bench/memory_census.py --kind baseline --seq 4096
+    python bench/memory_census.py --kind fpdt-disk --seq 32768   # chunks and layer inputs on disk
 
 A diagnostic, not a benchmark (it slows the step down many times). One warm-up
 step, then one step under a ``TorchDispatchMode`` that records every tensor an
@@ -113,7 +114,8 @@ def census_worker(rank, world_size, flags):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=("fpdt", "baseline"), default="fpdt")
+    p.add_argument("--kind", choices=("fpdt", "fpdt-disk", "baseline"), default="fpdt")
+    p.add_argument("--offload-dir", default=None, help="fpdt-disk's directory (default: a fresh temp dir)")
     p.add_argument("--model", choices=sorted(MODEL), default="llama-tiny")
     p.add_argument("--seq", type=int, default=24576)
     p.add_argument("--nproc", type=int, default=2)
@@ -124,10 +126,15 @@ def main(argv=None):
         p.error("the census counts CPU tensors; on CUDA use torch.cuda.memory._record_memory_history")
     from fpdt_ext.spawn import run_world
 
-    flags = setup_flags(a.kind, a.model, a.seq, a.nproc, a.chunk_size, False, False)
+    offload_dir = a.offload_dir
+    if a.kind == "fpdt-disk" and offload_dir is None:
+        from bench.max_seq import default_offload_dir
+
+        offload_dir = default_offload_dir()
+    flags = setup_flags(a.kind, a.model, a.seq, a.nproc, a.chunk_size, False, False, offload_dir)
     report = run_world(a.nproc, census_worker, flags, timeout=7200)[0]
     hidden = int(MODEL[a.model][MODEL[a.model].index("--hidden-size") + 1])
-    local = a.seq // (a.nproc if a.kind == "fpdt" else 1)
+    local = a.seq // (a.nproc if a.kind != "baseline" else 1)
     unit = local * hidden * 4
     print(f"# {a.kind}, {a.model}, {a.seq} tokens, {a.nproc} processes (rank 0); "
           f"unit = one [{local}, {hidden}] float32 tensor = {unit / 2**20:.1f} MiB")

@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,17 +47,24 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--p
          "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
-def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool) -> list:
+def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool,
+                offload_dir: Optional[str] = None) -> list:
+    """Flags of one setup: "baseline", "fpdt", or "fpdt-disk" (FPDT offloading its chunks and
+    checkpointed inputs to a file in ``offload_dir``, the disk tier)."""
     flags = MODEL[model] + LLAMA + [
         "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", "1",
         "--global-batch-size", "1", "--train-iters", "100", "--lr", "1e-4", "--mock-data", "--eval-iters", "0",
         "--recompute-granularity", "full", "--log-interval", "1000",
         # optimizer state split over data x FPDT ranks; the baseline's TP ranks have no such group
         "--use-distributed-optimizer"] + (["--bf16"] if bf16 else [])
-    if kind == "fpdt":
+    if kind in ("fpdt", "fpdt-disk"):
         flags += ["--fpdt", "--fpdt-parallel-size", str(nproc), "--fpdt-chunk-size", str(min(chunk, seq))]
-        if offload:  # on the CPU the host is the same RAM: offloading would only add copies
+        if offload or kind == "fpdt-disk":  # on the CPU the host is the same RAM: offloading there only adds copies
             flags += ["--fpdt-offload", "--offload-recompute-inputs"]
+        if kind == "fpdt-disk":
+            if offload_dir is None:
+                raise ValueError("the fpdt-disk setup needs a directory on a disk (offload_dir)")
+            flags += ["--offload-dir", offload_dir]
     elif nproc > 1:
         flags += ["--tensor-model-parallel-size", str(nproc)]
     return flags
@@ -103,13 +111,17 @@ def step_worker(rank, world_size, flags, steps):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - base
-    return {"seconds": statistics.median(times), "peak_bytes": peak}
+    from fpdt_ext.disk import disk_peak_bytes
+
+    return {"seconds": statistics.median(times), "peak_bytes": peak, "peak_disk_bytes": disk_peak_bytes()}
 
 
-def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=None, timeout=3600):
+def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=None, timeout=3600,
+            offload_dir=None):
     """One setup at one length: median step seconds (slowest rank) and peak bytes (largest rank).
     FPDT offloads (chunks and checkpointed inputs) on CUDA; on the CPU, where host and device are
-    the same RAM, it does not unless ``offload`` says so."""
+    the same RAM, it does not unless ``offload`` says so. "fpdt-disk" offloads to a file in
+    ``offload_dir`` (and reports the file's peak, the larger rank)."""
     import torch
 
     from bench.memory import malloc_env
@@ -117,16 +129,19 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
 
     malloc_env()
     offload = torch.cuda.is_available() if offload is None else offload
-    flags = setup_flags(kind, model, seq, nproc, chunk, bf16, offload)
+    flags = setup_flags(kind, model, seq, nproc, chunk, bf16, offload, offload_dir)
     try:
         per_rank = run_world(nproc, step_worker, flags, steps, timeout=timeout)
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             return {"kind": kind, "seq": seq, "oom": True}
         raise
-    return {"kind": kind, "seq": seq, "nproc": nproc, "oom": False,
-            "seconds": max(r["seconds"] for r in per_rank), "peak_bytes": max(r["peak_bytes"] for r in per_rank),
-            "tokens_per_s": seq / max(r["seconds"] for r in per_rank)}
+    result = {"kind": kind, "seq": seq, "nproc": nproc, "oom": False,
+              "seconds": max(r["seconds"] for r in per_rank), "peak_bytes": max(r["peak_bytes"] for r in per_rank),
+              "tokens_per_s": seq / max(r["seconds"] for r in per_rank)}
+    if kind == "fpdt-disk":
+        result["peak_disk_bytes"] = max(r["peak_disk_bytes"] for r in per_rank)
+    return result
 
 
 def plot(results, path):
@@ -136,8 +151,10 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style in (("baseline", "o-"), ("fpdt", "s-")):
+    for kind, style in (("baseline", "o-"), ("fpdt", "s-"), ("fpdt-disk", "^-")):
         rows = sorted((r for r in results if r["kind"] == kind and not r.get("oom")), key=lambda r: r["seq"])
+        if not rows:
+            continue
         ax_mem.plot([r["seq"] for r in rows], [r["peak_bytes"] / 2**30 for r in rows], style, label=kind)
         ax_time.plot([r["seq"] for r in rows], [r["seconds"] for r in rows], style, label=kind)
     for ax, label in ((ax_mem, "peak memory per process (GiB)"), (ax_time, "step time (s)")):
@@ -155,7 +172,7 @@ def print_table(results):
     for seq in sorted({r["seq"] for r in results}):
         rows = {r["kind"]: r for r in results if r["seq"] == seq}
         base = rows.get("baseline")
-        for kind in ("baseline", "fpdt"):
+        for kind in ("baseline", "fpdt", "fpdt-disk"):
             r = rows.get(kind)
             if r is None:
                 continue

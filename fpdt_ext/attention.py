@@ -53,13 +53,14 @@ class AttentionPlan:
     sp_size: int
     num_chunks: int
     offload: bool
+    offload_dir: Optional[str]  # with offload: a directory for a disk tier instead of host memory
     scale: float
     kv_rep: int  # each KV head is repeated this often so the SP group can split them
     backend: str
 
 
-def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=None, backend=None,
-              device=None) -> AttentionPlan:
+def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, offload_dir=None, softmax_scale=None,
+              backend=None, device=None) -> AttentionPlan:
     """Validate q/k/v (tensors, or meta tensors of their shapes with ``device`` the real one)."""
     sp_size = group_size(sp_group)
     check_attention_inputs(q, k, v, sp_size=sp_size, num_chunks=num_chunks)
@@ -69,10 +70,15 @@ def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, softmax_scale=Non
         sp_size=sp_size,
         num_chunks=num_chunks,
         offload=bool(offload),
+        offload_dir=offload_dir if offload else None,
         scale=default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale),
         kv_rep=kv_replication(q.shape[2], k.shape[2], sp_size),
         backend=kernels.select_backend(device or q.device, q.dtype, head_dim, backend),
     )
+
+
+def chunk_store(kind: str, plan: AttentionPlan, device: torch.device, residency: Residency) -> ChunkStore:
+    return ChunkStore(kind, device, offload=plan.offload, residency=residency, directory=plan.offload_dir)
 
 
 class AttentionState:
@@ -83,8 +89,8 @@ class AttentionState:
         # the KV chunks are kept, and only while the forward needs them.
         self.for_backward = for_backward
         self.residency = Residency()
-        self.kv = ChunkStore("kv", device, offload=plan.offload, residency=self.residency)
-        self.qo = ChunkStore("qo", device, offload=plan.offload, residency=self.residency)
+        self.kv = chunk_store("kv", plan, device, self.residency)
+        self.qo = chunk_store("qo", plan, device, self.residency)
         self.consumed = False
 
     def stores(self):
@@ -229,8 +235,11 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
     c = dout.shape[0] // num_chunks
     kv, qo = state.kv, state.qo
     device = dout.device
-    do_store = ChunkStore("do", device, offload=plan.offload, residency=state.residency)
-    dq_store = ChunkStore("dq", device, offload=plan.offload, residency=state.residency)
+    # Received in place, the dout chunks live in dout's storage, which stays until the end:
+    # offloading copies of them would move nothing off the device.
+    do_store = ChunkStore("do", device, offload=plan.offload and not overwrite_dout, residency=state.residency,
+                          directory=plan.offload_dir)
+    dq_store = chunk_store("dq", plan, device, state.residency)
     block = dict(scale=plan.scale, backend=plan.backend)
 
     # dout chunks to the head layout, each stored as soon as it lands.
@@ -357,6 +366,7 @@ def fpdt_attention(
     sp_group=None,
     num_chunks: int = 1,
     offload: bool = False,
+    offload_dir: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -366,9 +376,11 @@ def fpdt_attention(
     are replicated when the FPDT size P exceeds or does not divide KV).
     Returns ``[s/P, b, H, d]``. ``sp_group=None`` means a group of one.
     ``backend`` picks the block kernel (see :mod:`fpdt_ext.kernels`); default: best available.
+    ``offload``: chunks not being computed on leave the device, to host memory, or with
+    ``offload_dir`` to a file there (:mod:`fpdt_ext.disk`).
     Shapes are checked before any communication.
     """
-    plan = make_plan(q, k, v, sp_group=sp_group, num_chunks=num_chunks, offload=offload,
+    plan = make_plan(q, k, v, sp_group=sp_group, num_chunks=num_chunks, offload=offload, offload_dir=offload_dir,
                      softmax_scale=softmax_scale, backend=backend)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return FPDTAttentionFunction.apply(q, k, v, plan, for_backward)

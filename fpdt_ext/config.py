@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
+from fpdt_ext.disk import check_offload_dir
+
 
 @dataclasses.dataclass(frozen=True)
 class FPDTConfig:
@@ -25,12 +27,16 @@ class FPDTConfig:
         fpdt_chunk_size/P tokens of every chunk.
     fpdt_num_chunks: alternatively, the number of chunks u directly.
     fpdt_offload: keep chunks not being computed on in host memory.
+    offload_dir: with fpdt_offload, keep them in a file in this directory instead (a disk
+        tier below host memory, :mod:`fpdt_ext.disk`; the flag ``--offload-dir`` also sends
+        the checkpointed layer inputs there).
     """
 
     fpdt_parallel_size: int = 1
     fpdt_chunk_size: Optional[int] = None
     fpdt_num_chunks: Optional[int] = None
     fpdt_offload: bool = False
+    offload_dir: Optional[str] = None
 
     def __post_init__(self):
         _require_positive("fpdt_parallel_size", self.fpdt_parallel_size)
@@ -49,6 +55,8 @@ class FPDTConfig:
                 )
         if self.fpdt_num_chunks is not None:
             _require_positive("fpdt_num_chunks", self.fpdt_num_chunks)
+        if self.offload_dir is not None:
+            check_offload_dir(self.offload_dir)
 
     def num_chunks(self, seq_length: int) -> int:
         """Chunks u for a global sequence of ``seq_length`` tokens (validated)."""

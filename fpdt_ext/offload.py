@@ -15,7 +15,8 @@ Objects, all explicit:
   starts a fetch, ``get`` returns device tensors, ``release`` says the caller
   is done with them, ``pop`` forgets a chunk. A :class:`Residency` counter
   records how many chunks of each kind are on the compute device, so tests can
-  bound it.
+  bound it. Given a directory, its offloaded copies go to a file there instead
+  of host buffers (:mod:`fpdt_ext.disk`; synchronous, no side stream).
 
 On the CPU there is no separate device memory, but offload still makes real
 copies into separate host buffers, and a fetched copy is poisoned (NaN) when
@@ -40,6 +41,8 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from fpdt_ext.disk import DiskSlot, disk_tier
 
 Tensor = torch.Tensor
 
@@ -120,7 +123,7 @@ class Residency:
 
 @dataclasses.dataclass
 class _Entry:
-    host: Optional[Tuple[Tensor, ...]] = None  # offloaded copy (offload on)
+    host: Optional[Tuple[Tensor, ...]] = None  # offloaded copy (offload on): host tensors or disk slots
     device: Optional[Tuple[Tensor, ...]] = None  # copy on the compute device, if resident
     ready: Optional["torch.cuda.Event"] = None  # fetch finished (CUDA)
     fetched: bool = False  # device copy is ours (made by a fetch), not the caller's
@@ -129,14 +132,17 @@ class _Entry:
 class ChunkStore:
     """Per-chunk tensors of one kind, resident or offloaded."""
 
-    def __init__(self, kind: str, device: torch.device, *, offload: bool, residency: Residency):
+    def __init__(self, kind: str, device: torch.device, *, offload: bool, residency: Residency,
+                 directory: Optional[str] = None):
         self.kind = kind
         self.device = torch.device(device)
         self.offload = offload
         self.residency = residency
         self._entries: Dict[int, _Entry] = {}
-        self._stream = TransferStream.for_device(self.device) if offload else None
-        self._pool = host_pool(self.device) if offload else None
+        self._disk = disk_tier(directory) if offload and directory else None
+        on_host = offload and self._disk is None
+        self._stream = TransferStream.for_device(self.device) if on_host else None
+        self._pool = host_pool(self.device) if on_host else None
 
     # -- storing ----------------------------------------------------------
     def put(self, idx: int, tensors: Sequence[Tensor]) -> None:
@@ -153,6 +159,10 @@ class ChunkStore:
             self.residency.add(self.kind)
         entry.device, entry.fetched, entry.ready = tensors, False, None
         if not self.offload:
+            return
+        if self._disk is not None:
+            slots = entry.host or (None,) * len(tensors)
+            entry.host = tuple(self._disk.write(t, slot) for t, slot in zip(tensors, slots))
             return
         if entry.host is None:
             entry.host = tuple(self._pool.acquire(t.shape, t.dtype) for t in tensors)
@@ -174,7 +184,9 @@ class ChunkStore:
         if entry.device is not None:
             return
         self.residency.add(self.kind)
-        if self._stream is None:
+        if self._disk is not None:
+            entry.device = tuple(self._disk.read(slot, self.device) for slot in entry.host)
+        elif self._stream is None:
             entry.device = tuple(h.clone() for h in entry.host)
         else:
             with torch.cuda.stream(self._stream):
@@ -214,7 +226,10 @@ class ChunkStore:
             self.residency.add(self.kind, -1)
         if entry.host is not None:
             for h in entry.host:
-                self._pool.release(h)
+                if self._disk is not None:
+                    h.free()
+                else:
+                    self._pool.release(h)
 
     def has(self, idx: int) -> bool:
         return idx in self._entries
@@ -225,7 +240,8 @@ class ChunkStore:
 
     # -- autograd plumbing -------------------------------------------------
     def stored_tensors(self) -> List[Tensor]:
-        """Every stored tensor, for ``ctx.save_for_backward`` (host copies when offloaded)."""
+        """Every stored tensor, for ``ctx.save_for_backward`` (host copies when offloaded; none
+        on a disk tier, whose slots stay in the store)."""
         return [t for idx in sorted(self._entries) for t in self._stored(self._entries[idx])]
 
     def restore(self, tensors: Sequence[Tensor]) -> None:
@@ -234,12 +250,16 @@ class ChunkStore:
         for idx in sorted(self._entries):
             entry = self._entries[idx]
             fresh = tuple(next(it) for _ in self._stored(entry))
+            if self._disk is not None:
+                continue
             if self.offload:
                 entry.host = fresh
             else:
                 entry.device = fresh
 
     def _stored(self, entry: _Entry) -> Tuple[Tensor, ...]:
+        if self._disk is not None:
+            return ()
         return entry.host if self.offload else entry.device
 
     def _poison(self, tensors: Sequence[Tensor]) -> None:
@@ -253,21 +273,26 @@ class ChunkStore:
 
 class SavedTensorsToHost(torch.autograd.graph.saved_tensors_hooks):
     """Keep tensors saved for backward in host memory (the checkpointed layer
-    inputs of full recompute, in the FPDT paper's recipe).
+    inputs of full recompute, in the FPDT paper's recipe), or in a file in
+    ``directory`` (:mod:`fpdt_ext.disk`) when given.
 
     Tensors smaller than ``min_bytes`` and parameters stay where they are. On
     CUDA the copy out runs on the side stream ([offload-after-produce]) into
     pinned memory; the copy back runs on the compute stream when backward
     needs the tensor. On the CPU it is a real copy, as everywhere in this module.
+    A disk slot is freed when autograd drops the saved tensor.
     """
 
-    def __init__(self, min_bytes: int = 1 << 16):
+    def __init__(self, min_bytes: int = 1 << 16, directory: Optional[str] = None):
         super().__init__(self._pack, self._unpack)
         self.min_bytes = min_bytes
+        self._disk = disk_tier(directory) if directory else None
 
     def _pack(self, t: Tensor):
         if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
             return t
+        if self._disk is not None:
+            return self._disk.write(t)
         stream = TransferStream.for_device(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=stream is not None)
         if stream is None:
@@ -280,10 +305,11 @@ class SavedTensorsToHost(torch.autograd.graph.saved_tensors_hooks):
             done = stream.record_event()
         return (host, t.device, done)
 
-    @staticmethod
-    def _unpack(packed):
+    def _unpack(self, packed):
         if isinstance(packed, Tensor):
             return packed
+        if isinstance(packed, DiskSlot):
+            return self._disk.read(packed)
         host, device, done = packed
         if done is None:
             return host.clone()

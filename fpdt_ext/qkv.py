@@ -175,6 +175,7 @@ def fpdt_qkv_attention(
     overwrite_output_grad: bool = False,
     num_chunks: int = 1,
     offload: bool = False,
+    offload_dir: Optional[str] = None,
     softmax_scale: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -201,7 +202,8 @@ def fpdt_qkv_attention(
         raise ValueError("pass both rotary_freqs and rotary, or neither")
     shape = lambda heads: torch.empty(s_local, b, heads, layout.head_dim, dtype=x.dtype, device="meta")
     plan = make_plan(shape(layout.num_heads), shape(layout.num_kv_heads), shape(layout.num_kv_heads),
-                     sp_group=sp_group, num_chunks=num_chunks, offload=offload, softmax_scale=softmax_scale,
+                     sp_group=sp_group, num_chunks=num_chunks, offload=offload, offload_dir=offload_dir,
+                     softmax_scale=softmax_scale,
                      backend=backend, device=x.device)
     norm_weight, norm_bias = (None, None) if norm is None else (norm.weight, norm.bias)
     tensors = [t for t in (x, weight, bias, norm_weight, norm_bias) if t is not None]

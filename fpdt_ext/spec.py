@@ -71,7 +71,8 @@ class FPDTCoreAttention(MegatronModule):
         seq = query.shape[0] * self.fpdt_config.fpdt_parallel_size
         out = fpdt_attention(query, key, value, sp_group=self.sp_group,
                              num_chunks=self.fpdt_config.num_chunks(seq),
-                             offload=self.fpdt_config.fpdt_offload, softmax_scale=self.softmax_scale)
+                             offload=self.fpdt_config.fpdt_offload, offload_dir=self.fpdt_config.offload_dir,
+                             softmax_scale=self.softmax_scale)
         return out.flatten(2)  # [s/P, b, heads/tp * d]
 
 
@@ -139,7 +140,7 @@ class FPDTSelfAttention(SelfAttention):
             tp_group=self.pg_collection.tp,
             overwrite_output_grad=True,  # its gradient comes fresh from linear_proj's backward, to this only
             num_chunks=core.fpdt_config.num_chunks(seq), offload=core.fpdt_config.fpdt_offload,
-            softmax_scale=core.softmax_scale)
+            offload_dir=core.fpdt_config.offload_dir, softmax_scale=core.softmax_scale)
         return self.linear_proj(out)
 
 

@@ -2,7 +2,7 @@
 
 The chunk all-to-all against the layout, and fpdt_attention against float64 attention:
 
-Forward output and dq, dk, dv, over chunk counts, offload on/off, batch 2,
+Forward output and dq, dk, dv, over chunk counts, offload on/off (and to the disk tier), batch 2,
 MHA and GQA (including KV heads fewer than, or not dividing, the FPDT size),
 float32, bfloat16 and float64. Each world size is spawned once; every case
 runs inside it and reports its errors; the tests below assert on them.
@@ -23,6 +23,7 @@ from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt
 from fpdt_ext.layout import fpdt_shard
 from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
 from fpdt_ext.spawn import run_world
+from tests.disk_dir import shared_disk_scratch_dir
 from tests.reference import dense_causal_attention, dense_qkv_attention, rel_error, rotary_angles, rotate
 
 WORLD_SIZES = (1, 2, 4)
@@ -40,14 +41,23 @@ def case_list(world_size):
     for u, offload, heads, dtype in itertools.product(CHUNKS, (False, True), HEADS, ("fp32", "bf16")):
         if HEADS[heads][0] % world_size == 0:
             cases.append((u, offload, heads, dtype, None))
-    for u, offload in itertools.product((1, 3, 4), (False, True)):  # exact algorithm check
+    for u, offload in itertools.product((1, 3, 4), (False, True, "disk")):  # exact algorithm check
         cases.append((u, offload, "gqa", "fp64", "math"))
+    for heads in HEADS:  # the disk tier (offload to a file) with every head layout
+        if HEADS[heads][0] % world_size == 0:
+            cases.append((3, "disk", heads, "fp32", None))
     return cases
 
 
 def case_id(case):
     u, offload, heads, dtype, backend = case
-    return f"u{u}-{'offload' if offload else 'resident'}-{heads}-{dtype}" + (f"-{backend}" if backend else "")
+    where = {False: "resident", True: "offload", "disk": "disk"}[offload]
+    return f"u{u}-{where}-{heads}-{dtype}" + (f"-{backend}" if backend else "")
+
+
+def offload_args(offload):
+    """fpdt_attention's offload arguments for a case: resident, host memory, or a file on disk."""
+    return dict(offload=bool(offload), offload_dir=shared_disk_scratch_dir() if offload == "disk" else None)
 
 
 def run_case(rank, world_size, case, group):
@@ -67,7 +77,7 @@ def run_case(rank, world_size, case, group):
         return fpdt_shard(t, dim=0, sp_rank=rank, sp_size=world_size, num_chunks=u)
 
     local = [shard(t).to(dtype).requires_grad_() for t in full]
-    out = fpdt_attention(*local, sp_group=group, num_chunks=u, offload=offload, backend=backend)
+    out = fpdt_attention(*local, sp_group=group, num_chunks=u, backend=backend, **offload_args(offload))
     grads = torch.autograd.grad(out, local, shard(dout).to(dtype))
     names = ("out", "dq", "dk", "dv")
     return {n: rel_error(a, shard(e)) for n, a, e in zip(names, (out, *grads), (ref_out, *ref_grads))}
@@ -85,6 +95,8 @@ def qkv_case_list(world_size):
         cases.append((u, offload, heads, "fp32", None) + extras + (norm,))
     cases.append((3, True, "gqa", "fp64", "math", True, True, "ln"))
     cases.append((4, False, "mqa", "fp64", "math", False, True, "rms"))
+    cases.append((4, "disk", "gqa", "fp64", "math", True, True, "rms"))
+    cases.append((3, "disk", "mqa", "fp64", "math", False, True, "ln"))  # dout received in place
     return cases
 
 
@@ -123,7 +135,7 @@ def run_qkv_case(rank, world_size, case, group):
     out = fpdt_qkv_attention(x, given[0], given[1], layout, norm=input_norm,
                              rotary_freqs=None if angles is None else shard(angles).to(torch.promote_types(dtype, torch.float32)),
                              rotary=rotate if rope else None, sp_group=group, num_chunks=u,
-                             offload=offload, backend=backend, overwrite_output_grad=u % 2 == 1)
+                             backend=backend, overwrite_output_grad=u % 2 == 1, **offload_args(offload))
     grads = torch.autograd.grad(out, [x, *params], shard(dout).to(dtype))  # a fresh gradient: scratch
     errors = {"out": rel_error(out, shard(ref_out)), "dx": rel_error(grads[0], shard(ref_grads[0]))}
     names = [n for n, t in zip(("dW", "db", "dnorm_w", "dnorm_b"), given) if t is not None]
@@ -139,7 +151,7 @@ def residency_peaks(group, world_size, num_chunks, offload):
     seq = world_size * num_chunks * SUB_CHUNK
     q = torch.randn(seq // world_size, BATCH, 4, HEAD_DIM)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    plan = make_plan(q, k, v, sp_group=group, num_chunks=num_chunks, offload=offload)
+    plan = make_plan(q, k, v, sp_group=group, num_chunks=num_chunks, **offload_args(offload))
     state = AttentionState(plan, q.device)
     out = fpdt_forward(q, k, v, plan, state)
     forward_peak = dict(state.residency.peak)
@@ -237,7 +249,7 @@ def world_worker(rank, world_size):
     for case in case_list(world_size):
         report["cases"][case_id(case)] = run_case(rank, world_size, case, group)
     report["qkv"] = {qkv_case_id(c): run_qkv_case(rank, world_size, c, group) for c in qkv_case_list(world_size)}
-    for offload in (False, True):
+    for offload in (False, True, "disk"):
         report["residency"][offload] = residency_peaks(group, world_size, 8, offload)
     return report
 
@@ -280,10 +292,11 @@ def test_all_to_all_follows_the_layout(world_size):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_offload_bounds_device_residency(world_size):
     for report in world_report(world_size):
-        fwd, bwd, after = report["residency"][True]
-        assert fwd["kv"] <= 2, f"forward kept {fwd['kv']} KV chunks on the device"
-        assert all(n <= 2 for n in bwd.values()), f"backward residency {bwd}"
-        assert all(n == 0 for n in after.values()), f"chunks left on the device after backward: {after}"
+        for where in (True, "disk"):
+            fwd, bwd, after = report["residency"][where]
+            assert fwd["kv"] <= 2, f"forward kept {fwd['kv']} KV chunks on the device ({where})"
+            assert all(n <= 2 for n in bwd.values()), f"backward residency {bwd} ({where})"
+            assert all(n == 0 for n in after.values()), f"chunks left on the device after backward: {after}"
         fwd_resident, _, _ = report["residency"][False]
         assert fwd_resident["kv"] == 8, "without offload every KV chunk stays resident"
 

@@ -47,6 +47,32 @@ def test_fpdt_and_offload_move_memory_off_the_device():
     assert longest >= 16 * baseline.max_sequence(141 * GiB, 250 * GiB)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_disk_tier_takes_the_offloaded_terms_off_device_and_host(device):
+    """--disk (--offload-dir): the checkpointed inputs and the stored attention chunks are counted
+    on disk, in neither RAM nor device memory; on the CPU that is what lowers the device figure."""
+    model = Model(*PRESETS["llama-tiny" if device == "cpu" else "llama3-8b"])
+    seq = 65536 if device == "cpu" else 2 ** 21
+    kw = dict(gpus=2 if device == "cpu" else 4, fpdt=2 if device == "cpu" else 4, chunk_size=1024 if device == "cpu"
+              else 65536, device=device)
+    ram, disk = Plan(model, **kw), Plan(model, disk=True, **kw)
+    layer_ram, layer_disk = ram.phase_terms(seq)["layer backward"], disk.phase_terms(seq)["layer backward"]
+    moved = {t[0]: t[3] for t in layer_disk if t[3]}
+    assert set(moved) == {"checkpointed layer inputs", "FPDT attention chunks (disk)"}
+    n = seq / kw["fpdt"]
+    assert moved["checkpointed layer inputs"] == model.layers * n * model.hidden * ram.act_bytes
+    # the dout chunks stay: they are received into the output gradient's storage
+    assert moved["FPDT attention chunks (disk)"] == n * (ram.attention_store_bytes() - ram.dout_chunk_bytes())
+    dev_ram, host_ram, _ = ram.totals(seq)
+    dev_disk, host_disk, _ = disk.totals(seq)
+    if device == "cpu":  # the host is the device's RAM: only the disk takes anything off it
+        assert dev_disk < dev_ram and host_disk == host_ram == 0
+        assert disk.max_sequence(GiB, GiB) > ram.max_sequence(GiB, GiB)
+    else:  # offload already took them off the device; the disk takes them off the host
+        assert sum(t[1] for t in layer_disk) == pytest.approx(sum(t[1] for t in layer_ram))
+        assert host_disk < host_ram
+
+
 def test_distributed_optimizer_splits_adam_state_over_data_x_fpdt_on_the_cpu():
     """HostAdamW's ZeRO-1 split (bench runs pass --use-distributed-optimizer): the CPU plan's
     Adam moments shrink by the data x FPDT size; parameters and gradients do not."""

@@ -75,6 +75,7 @@ class Plan:
     baseline: bool = False
     device: str = "cuda"
     distributed_optimizer: bool = True
+    disk: bool = False  # --offload-dir: what offload moves off the device goes to a file, not host memory
 
     @property
     def dp(self):
@@ -92,16 +93,16 @@ class Plan:
         return (m.layers * (attn + mlp) + embed) / t + (2 * m.layers + 1) * m.hidden
 
     def static_terms(self):
-        """(name, device bytes, host bytes) of what does not depend on the sequence length."""
+        """(name, device bytes, host bytes, disk bytes) of what does not depend on the sequence length."""
         n = self.params_per_rank()
-        runtime = ("runtime buffers", self.RUNTIME[self.device], 0)
+        runtime = ("runtime buffers", self.RUNTIME[self.device], 0, 0)
         shard = self.dp * self.fpdt if self.distributed_optimizer else 1
         if self.device == "cpu":  # fp32 params and grad buffer; HostAdamW's moments split by whole
             # tensors (ZeRO-1), about 1/shard of them on each rank
-            return [("parameters (fp32)", 4 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
-                    ("Adam moments (fp32)", 8 * n / shard, 0), runtime]
-        return [("parameters (bf16)", 2 * n, 0), ("gradient buffer (fp32)", 4 * n, 0),
-                ("fp32 master + Adam moments", 12 * n / shard, 0), runtime]
+            return [("parameters (fp32)", 4 * n, 0, 0), ("gradient buffer (fp32)", 4 * n, 0, 0),
+                    ("Adam moments (fp32)", 8 * n / shard, 0, 0), runtime]
+        return [("parameters (bf16)", 2 * n, 0, 0), ("gradient buffer (fp32)", 4 * n, 0, 0),
+                ("fp32 master + Adam moments", 12 * n / shard, 0, 0), runtime]
 
     def loss_rows(self):
         """Tokens per rank in one loss chunk (fpdt_ext.loss.loss_chunk_tokens), at most the local sequence."""
@@ -125,6 +126,11 @@ class Plan:
     # What the runtime adds beside tensors: allocator and communication buffers (measured on the
     # CPU); on GPUs an allowance for the CUDA context, NCCL buffers and fragmentation (not measured).
     RUNTIME = {"cpu": 30 * 2**20, "cuda": 2 * GiB}
+    # With the disk tier on the CPU the resident set grows by 6.65 units per local token at the
+    # layer backward's peak (llama-tiny, 24K-37K tokens), of which the census finds 4.6 as live
+    # tensors (working set and the dout chunks); the rest is not itemised (allocator and buffers
+    # of the chunks read back). Calibrated there, not yet checked on a second shape.
+    DISK_CPU_EXTRA = 2.05
 
     def attention_store_bytes(self):
         """Bytes per local token of FPDT's stored attention chunks during a layer's backward: q,
@@ -134,17 +140,27 @@ class Plan:
         heads, kv = m.heads / t, max(m.kv_heads / t, self.fpdt)
         return (a * (3 * heads + 2 * kv) + 4 * heads) * m.head_dim + 4 * heads
 
+    def dout_chunk_bytes(self):
+        """Bytes per local token of the dout chunks, which are received into the output gradient's
+        own storage and so stay on the device when the other stored chunks are offloaded."""
+        return self.act_bytes * self.model.heads / self.tp * self.model.head_dim
+
     def phase_terms(self, seq):
-        """{phase: [(name, device bytes, host bytes)]} of what grows with the sequence (batch 1)."""
+        """{phase: [(name, device bytes, host bytes, disk bytes)]} of what grows with the sequence
+        (batch 1). Offloaded terms go to the host, or to disk with ``disk``; on the CPU the host
+        is the device's RAM, so only the disk takes anything off it."""
         m, a, t = self.model, self.act_bytes, self.tp
         host_split = self.device != "cpu"  # on the CPU the host buffers are the same RAM
+        offloads = host_split or self.disk  # offloading takes something off the device
         n = seq / (1 if self.baseline else self.fpdt)  # tokens per rank
         h = m.hidden
         kind = "baseline" if self.baseline else "fpdt"
 
         def term(name, nbytes, on_host=False):
+            if on_host and self.disk:
+                return (name, 0, 0, nbytes)
             host = on_host and host_split
-            return (name, 0 if host else nbytes, nbytes if host else 0)
+            return (name, 0 if host else nbytes, nbytes if host else 0, 0)
 
         common = [term("checkpointed layer inputs", m.layers * n * h * a, on_host=self.offload_checkpoints)]
         loss = [term("final hidden states, loss input and gradient", self.FINAL_STATES[kind] * n * h * a),
@@ -154,13 +170,18 @@ class Plan:
         else:  # one chunk of fp32 logits (softmax in place)
             loss.append(term("loss chunk logits (fp32)", min(n, self.loss_rows()) * m.vocab / t * 4))
         layer = [term("layer working set and gradients", self.LAYER_WORKING[kind] * n * h * a)]
+        if self.disk and self.device == "cpu":
+            layer.append(term("disk tier: resident growth beyond tensors", self.DISK_CPU_EXTRA * n * h * a))
         if not self.baseline:  # one MLP chunk recomputed in backward: fc1 output, activation, their grads
             chunk_rows = min(seq, self.chunk_size) / self.fpdt
             layer.append(term("MLP chunk intermediates (resident)",
                               chunk_rows * m.ffn / t * a * (6 if m.gated else 4)))
             stored = self.attention_store_bytes()
-            if self.offload and host_split:
-                layer += [term("FPDT attention chunks (host)", n * stored, on_host=True),
+            if self.offload and offloads:
+                dout = self.dout_chunk_bytes()
+                layer += [term(f"FPDT attention chunks ({'disk' if self.disk else 'host'})", n * (stored - dout),
+                               on_host=True),
+                          term("FPDT dout chunks (in the output gradient's storage)", n * dout),
                           term("FPDT attention chunks (resident: 2 of each kind)", 2 * chunk_rows * stored)]
             else:
                 layer.append(term("FPDT attention chunks", n * stored))
@@ -176,7 +197,7 @@ class Plan:
         static = self.static_terms()
         phases = self.phase_terms(seq)
         name = self.peak_phase(seq, phases)
-        terms = static + [(f"{t[0]} [{name}]", t[1], t[2]) for t in phases[name]]
+        terms = static + [(f"{t[0]} [{name}]", *t[1:]) for t in phases[name]]
         # host buffers of either phase persist (pools), so host use is the larger of the two
         host = sum(x[2] for x in static) + max(sum(x[2] for x in p) for p in phases.values())
         return sum(x[1] for x in terms), host, terms
@@ -225,6 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=65536)
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--no-offload-checkpoints", action="store_true")
+    p.add_argument("--disk", action="store_true",
+                   help="offload to a file (--offload-dir) instead of host memory: the offloaded terms "
+                        "are counted as disk bytes")
     p.add_argument("--baseline", action="store_true", help="plan megatron-core's standard spec instead")
     p.add_argument("--no-distributed-optimizer", action="store_true",
                    help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
@@ -245,18 +269,23 @@ def main(argv=None) -> int:
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
-                distributed_optimizer=not a.no_distributed_optimizer)
+                distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk)
     device_limit = a.gpu_mem_gib * GiB
     host_limit = a.host_mem_gib * GiB / min(a.gpus_per_node, a.gpus)
     seq = a.seq_length or plan.max_sequence(device_limit, host_limit)
     dev, host, terms = plan.totals(seq)
     name = "baseline (megatron-core standard spec)" if a.baseline else f"FPDT {plan.fpdt}, chunk {plan.chunk_size}"
     print(f"{a.preset or 'model'}: {plan.params_per_rank() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
-          f"FPDT {plan.fpdt} x DP {plan.dp}; {name}; offload {'on' if plan.offload else 'off'}")
+          f"FPDT {plan.fpdt} x DP {plan.dp}; {name}; offload {'on' if plan.offload else 'off'}"
+          f"{' (to disk)' if plan.disk else ''}")
     print(f"at {seq} tokens, per GPU: device {dev / GiB:.1f} GiB of {a.gpu_mem_gib:g}, host {host / GiB:.1f} GiB "
           f"of {host_limit / GiB:.0f}")
-    for term, d_bytes, h_bytes in sorted(terms, key=lambda t: -(t[1] + t[2])):
-        print(f"  {term:<40} device {d_bytes / GiB:9.2f} GiB   host {h_bytes / GiB:9.2f} GiB")
+    disk = sum(t[3] for t in terms)
+    if plan.disk:
+        print(f"  and {disk / GiB:.1f} GiB on disk per GPU (the offload file's peak)")
+    for term, d_bytes, h_bytes, k_bytes in sorted(terms, key=lambda t: -(t[1] + t[2] + t[3])):
+        print(f"  {term:<40} device {d_bytes / GiB:9.2f} GiB   host {h_bytes / GiB:9.2f} GiB"
+              + (f"   disk {k_bytes / GiB:9.2f} GiB" if plan.disk else ""))
     top = max(terms, key=lambda t: t[1])
     print(f"dominant device term: {top[0]} ({100 * top[1] / max(dev, 1):.0f}% of device memory)")
     longest = plan.max_sequence(device_limit, host_limit)

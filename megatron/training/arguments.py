@@ -7,7 +7,7 @@ error (exit code 2).
 
 Where we differ from Megatron-LM: ``--fpdt`` and its ``--fpdt-*`` flags (and
 DeepSpeed's ``--ds-sequence-parallel-*`` FPDT flags as aliases);
-``--offload-recompute-inputs``; ``--peak-tflops`` for MFU; no pipeline
+``--offload-recompute-inputs``; ``--offload-dir`` (a disk tier below host memory); ``--peak-tflops`` for MFU; no pipeline
 parallelism in the training loop yet; ``--context-parallel-size`` is taken by
 FPDT (the FPDT group occupies megatron-core's context-parallel axis).
 """
@@ -19,6 +19,7 @@ import os
 from typing import Optional, Sequence
 
 from fpdt_ext.config import FPDTConfig, check_heads
+from fpdt_ext.disk import check_offload_dir
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args
 
 
@@ -102,6 +103,9 @@ def _add_training_args(p):
     g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--offload-recompute-inputs", action="store_true",
                    help="with full recompute: keep each layer's checkpointed input in host memory")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="a disk tier below host memory: what --fpdt-offload and --offload-recompute-inputs "
+                        "offload goes to a file in DIR (a local disk or NVMe path) instead of host memory")
 
 
 def _add_data_and_logging_args(p):
@@ -225,7 +229,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                                 "(FPDT already splits the sequence)")
         try:
             args.fpdt_config = FPDTConfig(fpdt_parallel_size=fpdt_size, fpdt_chunk_size=args.fpdt_chunk_size,
-                                          fpdt_offload=args.fpdt_offload)
+                                          fpdt_offload=args.fpdt_offload,
+                                          offload_dir=args.offload_dir if args.fpdt_offload else None)
             args.fpdt_num_chunks = args.fpdt_config.num_chunks(args.seq_length)
         except ValueError as e:
             raise ArgumentError(str(e)) from None
@@ -245,6 +250,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     if args.offload_recompute_inputs and args.recompute_granularity != "full":
         raise ArgumentError("--offload-recompute-inputs needs --recompute-granularity full")
+    if args.offload_dir is not None:
+        if not (args.fpdt_offload or args.offload_recompute_inputs):
+            raise ArgumentError("--offload-dir has nothing to hold: add --fpdt-offload (attention chunks) and/or "
+                                "--offload-recompute-inputs (checkpointed layer inputs)")
+        try:
+            check_offload_dir(args.offload_dir)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.min_lr > args.lr:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from fpdt_ext.disk import disk_peak_bytes
 from fpdt_ext.offload import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
@@ -105,7 +106,8 @@ class Trainer:
     def _loss_terms(self, batch):
         """(masked loss sum on this rank, masked token count of the whole sequence)."""
         b = to_model_layout(batch, groups=self.groups, num_chunks=self.num_chunks, device=self.device)
-        offload = SavedTensorsToHost() if self.args.offload_recompute_inputs else contextlib.nullcontext()
+        offload = (SavedTensorsToHost(directory=self.args.offload_dir) if self.args.offload_recompute_inputs
+                   else contextlib.nullcontext())
         with offload:
             losses = self.model(b["tokens"], b["position_ids"], None, labels=b["labels"])  # [b, s/P]
         mask = b["loss_mask"].float()
@@ -165,7 +167,7 @@ class Trainer:
                      f"(TP shards counted once per rank x TP), world {args.world_size} = TP "
                      f"{args.tensor_model_parallel_size} x FPDT {args.fpdt_parallel_size} x DP "
                      f"{args.data_parallel_size}; {'FPDT ' + str(self.num_chunks) + ' chunks' if args.fpdt else 'baseline'}"
-                     f"{', offload' if args.fpdt_offload else ''}; seq {args.seq_length}, global batch "
+                     f"{', offload' if args.fpdt_offload else ''}{' to ' + args.offload_dir if args.offload_dir else ''}; seq {args.seq_length}, global batch "
                      f"{args.global_batch_size} ({args.num_microbatches} micro batches)")
         log_file = open(args.loss_log_file, "a") if args.loss_log_file and dist.get_rank() == 0 else None
         tokens_per_iter = args.global_batch_size * args.seq_length
@@ -184,6 +186,8 @@ class Trainer:
                             ms_per_iter=elapsed * 1e3, tokens_per_s=tokens_per_iter / elapsed,
                             tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
                             peak_mem_gib=peak_memory_bytes() / 2**30)
+                if args.offload_dir:
+                    last["peak_disk_gib"] = disk_peak_bytes() / 2**30
                 self._log(last)
                 interval_start, interval_iters = time.perf_counter(), 0
             exit_reason = self._exit_reason(it, run_start)
@@ -247,7 +251,8 @@ class Trainer:
             f"lm loss: {m['lm_loss']:.6E} | grad norm: {m['grad_norm']:.3f} | number of skipped iterations: "
             f"{self.state.skipped_iterations:3d} | number of nan iterations: {self.state.nan_iterations:3d} | "
             f"tokens/s: {m['tokens_per_s']:.0f} | TFLOP/s/device: {m['tflops_per_device']:.3f} | MFU: {mfu} | "
-            f"peak mem (GiB): {m['peak_mem_gib']:.2f} |")
+            f"peak mem (GiB): {m['peak_mem_gib']:.2f} |"
+            + (f" peak offload file (GiB): {m['peak_disk_gib']:.2f} |" if "peak_disk_gib" in m else ""))
 
 
 def describe_plan(args) -> str:
