@@ -30,7 +30,7 @@ import dataclasses
 import os
 import tempfile
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -85,16 +85,12 @@ class DiskSlot:
 
     @property
     def nbytes(self) -> int:
-        return self.shape.numel() * _itemsize(self.dtype)
+        return self.shape.numel() * self.dtype.itemsize
 
     def free(self) -> None:
         """Give the bytes back now (idempotent; otherwise when the slot is collected)."""
         if self._release is not None:
             self._release()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -132,13 +128,14 @@ class DiskTier:
         return fd
 
     # -- slots --------------------------------------------------------------
-    def _allocate(self, nbytes: int) -> int:
+    def _allocate(self, nbytes: int) -> Tuple[int, int]:
+        """(offset, capacity) of a free range for ``nbytes``, page-aligned."""
         capacity = max(PAGE, -(-nbytes // PAGE) * PAGE)
         free = self._free[capacity]
         offset = free.pop() if free else self._grow(capacity)
         self.bytes_in_use += capacity
         self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
-        return offset
+        return offset, capacity
 
     def _grow(self, capacity: int) -> int:
         offset, self._end = self._end, self._end + capacity
@@ -153,8 +150,7 @@ class DiskTier:
         """Store ``tensor``; into ``slot`` when given (same shape and dtype), else a new slot."""
         data = _as_bytes(tensor)
         if slot is None:
-            offset = self._allocate(data.numel())
-            capacity = max(PAGE, -(-data.numel() // PAGE) * PAGE)
+            offset, capacity = self._allocate(data.numel())
             slot = DiskSlot(offset, capacity, tensor.shape, tensor.dtype, tensor.device)
             slot._release = weakref.finalize(slot, self._give_back, offset, capacity)
         elif (slot.shape, slot.dtype) != (tensor.shape, tensor.dtype):
