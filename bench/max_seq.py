@@ -16,8 +16,11 @@ a change of binding peak, which a 5% fit can hide). The maximum trainable length
 the cap is where the line meets it, rounded down to a multiple of the chunk
 size (both, so that FPDT can run at the baseline's maximum). The baseline's maximum is then confirmed by a
 direct run at that length (its peak must be under the cap), and FPDT is run at
-the same length for the time-per-token ratio (median of three timed steps
-each, after a warm-up step; single steps vary by a few percent on the CPU). Longer FPDT runs are not made
+the same length for the time-per-token ratio. The direct runs are interleaved in
+rounds (baseline, fpdt, fpdt-disk, then again; three rounds by default, one timed
+step after a warm-up step each): this machine's speed drifts by 10-20% over
+minutes, so each round's ratio compares runs made back to back, and the ratio
+reported is the median of the rounds' ratios. Longer FPDT runs are not made
 on the CPU: attention time grows with the square of the length.
 
 Three setups: the baseline, FPDT in RAM, and ``fpdt-disk``: FPDT with offload on and the
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,8 +105,10 @@ def main(argv=None):
     p.add_argument("--disk-lens", type=int, nargs="+", default=DISK_LENS, help="lengths for fpdt-disk")
     p.add_argument("--offload-dir", default=None,
                    help="fpdt-disk's directory, on a disk (default: a fresh one under the system temp dir)")
-    p.add_argument("--confirm-steps", type=int, default=3,
-                   help="timed steps of the direct runs (the time ratio is of their medians)")
+    p.add_argument("--confirm-rounds", type=int, default=3,
+                   help="rounds of direct runs at the baseline's maximum, every setup once per round; the time "
+                        "ratio is the median of the rounds' ratios")
+    p.add_argument("--confirm-steps", type=int, default=1, help="timed steps of each direct run (their median)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     kinds = ["baseline"] + [k for k in SETUPS if k in a.setups and k != "baseline"]
@@ -126,20 +132,26 @@ def main(argv=None):
             disk = fit_line([(r["seq"], r["peak_disk_bytes"]) for r in rows])
             report["setups"][kind]["disk_bytes_at_max"] = disk[0] + disk[1] * report["setups"][kind]["max_seq"]
     base_max = report["setups"]["baseline"]["max_seq"]
-    confirm = {k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps,
-                          offload_dir=offload_dir) for k in kinds}
-    report["confirm"] = confirm
+    rounds = [{k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps,
+                          offload_dir=offload_dir) for k in kinds} for _ in range(a.confirm_rounds)]
+    for r in rounds:
+        print(json.dumps(r), flush=True)
+    confirm = {k: dict(rounds[0][k], seconds=statistics.median(r[k]["seconds"] for r in rounds),
+                       peak_bytes=max(r[k]["peak_bytes"] for r in rounds)) for k in kinds}
+    report["confirm"], report["confirm_rounds"] = confirm, rounds
     b = report["setups"]["baseline"]
     for kind in kinds[1:]:
+        ratios = [r[kind]["seconds"] / r["baseline"]["seconds"] for r in rounds]
         report["setups"][kind]["max_seq_ratio"] = report["setups"][kind]["max_seq"] / b["max_seq"]
-        report["setups"][kind]["time_per_token_ratio_at_baseline_max"] = (
-            confirm[kind]["seconds"] / confirm["baseline"]["seconds"])
+        report["setups"][kind]["time_per_token_ratios_by_round"] = ratios
+        report["setups"][kind]["time_per_token_ratio_at_baseline_max"] = statistics.median(ratios)
     print(f"\n# longest trainable sequence under {a.cap_gib:g} GiB per process, {a.model}, {a.nproc} processes "
           f"(baseline: TP {a.nproc} + full recompute; FPDT: size {a.nproc}, chunk {a.chunk_size}"
           f"{', offload' if torch.cuda.is_available() else ''}; fpdt-disk: chunks and checkpointed inputs "
           f"offloaded to a file on disk)")
     print("# method: peak memory of one training step at >= 4 lengths, least-squares line (deviation shown),\n"
-          "#   maximum = where the line meets the cap; baseline maximum confirmed by a direct run")
+          "#   maximum = where the line meets the cap; baseline maximum confirmed by direct runs, every setup\n"
+          f"#   run there in {a.confirm_rounds} interleaved rounds; time ratio = median of the rounds' ratios")
     for kind, s in report["setups"].items():
         print(f"{kind:>9}: {s['bytes_per_token'] / 1024:8.1f} KiB/token + {s['intercept_bytes'] / 2**20:7.1f} MiB "
               f"(fit within {100 * s['linear_fit_max_deviation']:.1f}%, segment slopes within "
@@ -147,12 +159,15 @@ def main(argv=None):
               + (f" (offload file {s['disk_bytes_at_max'] / 2**30:.2f} GiB there)" if "disk_bytes_at_max" in s
                  else ""))
     for kind, r in confirm.items():
+        by_round = ", ".join(f"{x[kind]['seconds']:.2f}" for x in rounds)
         print(f"  direct run at {base_max} tokens, {kind}: peak {r['peak_bytes'] / 2**30:.2f} GiB "
-              f"({'under' if r['peak_bytes'] <= cap else 'OVER'} the cap), step {r['seconds']:.2f} s")
+              f"({'under' if r['peak_bytes'] <= cap else 'OVER'} the cap), step {r['seconds']:.2f} s (median of "
+              f"rounds: {by_round})")
     for kind in kinds[1:]:
         s = report["setups"][kind]
+        by_round = ", ".join(f"{x:.2f}" for x in s["time_per_token_ratios_by_round"])
         print(f"{kind} / baseline: {s['max_seq_ratio']:.1f}x longer sequences; time per token at {base_max} "
-              f"tokens: {s['time_per_token_ratio_at_baseline_max']:.2f}x")
+              f"tokens: {s['time_per_token_ratio_at_baseline_max']:.2f}x (rounds: {by_round})")
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -12,12 +12,19 @@ ZeRO-Infinity does for parameters. It serves two writers:
   layer inputs (and anything else saved for backward outside the recomputed layers).
 
 Each tensor gets a slot: a page-aligned byte range, recycled by exact size
-(like the host pool). Writes and reads are plain ``pwrite``/``preadv`` calls,
-synchronous; after each the range is dropped from the page cache
-(``POSIX_FADV_DONTNEED``), so the data lives on the disk, not in RAM that the
-process merely does not count. On CUDA a tensor goes through host memory on
-the way (one chunk at a time); this tier is for capacity, not speed, and is not
-overlapped with compute.
+(like the host pool). The file is opened ``O_DIRECT`` where the filesystem
+allows it: the disk's DMA moves the bytes, no page cache holds them (RAM the
+process would not count) and the I/O costs almost no CPU. Elsewhere it goes
+through the page cache and each range is dropped after its I/O
+(``POSIX_FADV_DONTNEED``).
+
+All I/O runs on one thread per tier, in the order it was asked for, so a read
+queued after a write of the same slot sees that write. ``write`` copies the
+tensor into a page-aligned staging buffer and returns (at most
+``MAX_QUEUED_WRITES`` wait in the queue); ``read_async`` returns a
+:class:`Reading` whose ``wait`` gives the tensor, so the chunk loops'
+prefetches overlap compute. A failed write (say, a full disk) is raised by the
+next call. On CUDA a tensor goes through (pageable) host memory on the way.
 
 The file is unlinked as soon as it is opened, so nothing is left behind when the
 process ends, however it ends.
@@ -30,13 +37,17 @@ import dataclasses
 import os
 import tempfile
 import weakref
-from typing import Dict, List, Optional, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
 PAGE = 4096
+MAX_QUEUED_WRITES = 8  # writes in flight before write() waits for the oldest (each holds a staging copy)
+STAGING_KEEP_BYTES = 4 << 20  # staging buffers up to this size are reused (chunk-sized; larger ones
+# are allocated per write, so that no buffer the size of a whole layer input stays)
 _RAM_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 
 
@@ -101,31 +112,94 @@ def _as_bytes(t: Tensor) -> Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-class DiskTier:
-    """Tensors in one unnamed file in ``directory`` (see the module docstring)."""
+def _aligned_bytes(nbytes: int) -> Tensor:
+    """An uninitialised uint8 CPU tensor of ``nbytes`` starting on a page boundary (as
+    ``O_DIRECT`` needs of a buffer)."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + nbytes]
 
-    def __init__(self, directory: str):
+
+class Reading:
+    """A read in flight; :meth:`wait` gives the tensor, on the device asked for."""
+
+    def __init__(self, tier: "DiskTier", future: Future, buffer: Tensor, slot: DiskSlot, device: torch.device):
+        self._tier, self._future, self._buffer = tier, future, buffer
+        self._shape, self._dtype, self._device = slot.shape, slot.dtype, device
+
+    def wait(self) -> Tensor:
+        self._future.result()
+        self._tier.check()  # the writes queued before this read have run: raise their error, if any
+        out = self._buffer[:self._shape.numel() * self._dtype.itemsize].view(self._dtype).view(self._shape)
+        return out if self._device.type == "cpu" else out.to(self._device)
+
+
+def _shut(executor: ThreadPoolExecutor, fd: int) -> None:
+    executor.shutdown(wait=True)  # queued writes land before the file is closed
+    os.close(fd)
+
+
+class DiskTier:
+    """Tensors in one unnamed file in ``directory`` (see the module docstring).
+
+    ``direct``: ``True`` requires ``O_DIRECT``; ``False`` goes through the page cache, each
+    range dropped after its I/O; ``None`` (default) takes ``O_DIRECT`` where the filesystem
+    supports it.
+    """
+
+    def __init__(self, directory: str, direct: Optional[bool] = None):
         check_offload_dir(directory)
         self.directory = directory
-        self._fd = self._open(directory)
+        self._fd, self.direct = self._open(directory, direct)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fpdt-disk")
+        self._writes: Deque[Future] = collections.deque()  # queued writes, oldest first
+        self._staging: Dict[int, List[Tensor]] = collections.defaultdict(list)  # capacity -> free buffers
         self._free: Dict[int, List[int]] = collections.defaultdict(list)  # capacity -> offsets
         self._end = 0  # file length in use
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
         self.bytes_written = 0
         self.bytes_read = 0
-        weakref.finalize(self, os.close, self._fd)
+        weakref.finalize(self, _shut, self._io, self._fd)
 
     @staticmethod
-    def _open(directory: str) -> int:
+    def _open(directory: str, direct: Optional[bool]) -> Tuple[int, bool]:
+        """A new unnamed file in ``directory``: (descriptor, whether it is ``O_DIRECT``)."""
+        has_direct = hasattr(os, "O_DIRECT")
+        for use_direct in ((has_direct, False) if direct is None else (direct,)):
+            flags = os.O_RDWR | (os.O_DIRECT if use_direct and has_direct else 0)
+            try:
+                fd = DiskTier._open_unnamed(directory, flags)
+            except OSError:  # O_DIRECT refused at open
+                continue
+            if not use_direct or DiskTier._direct_io_works(fd):
+                return fd, use_direct
+            os.close(fd)
+        raise ValueError(f"offload directory {directory!r} does not support O_DIRECT; give a directory on a "
+                         f"local disk or NVMe, or let the disk tier use the page cache")
+
+    @staticmethod
+    def _open_unnamed(directory: str, flags: int) -> int:
         if hasattr(os, "O_TMPFILE"):
             try:
-                return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-            except OSError:  # not supported by this filesystem
+                return os.open(directory, os.O_TMPFILE | flags, 0o600)
+            except OSError:  # no O_TMPFILE on this filesystem: a named file, unlinked at once
                 pass
         fd, name = tempfile.mkstemp(prefix="fpdt-offload-", dir=directory)
-        os.unlink(name)
-        return fd
+        try:
+            return os.open(name, flags)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+
+    @staticmethod
+    def _direct_io_works(fd: int) -> bool:
+        """Some filesystems accept ``O_DIRECT`` at open and refuse the I/O; try one page."""
+        page = _aligned_bytes(PAGE)
+        try:
+            return os.pwrite(fd, memoryview(page.numpy()), 0) == PAGE
+        except OSError:
+            return False
 
     # -- slots --------------------------------------------------------------
     def _allocate(self, nbytes: int) -> Tuple[int, int]:
@@ -142,12 +216,17 @@ class DiskTier:
         return offset
 
     def _give_back(self, offset: int, capacity: int) -> None:
+        # A write still queued for this range runs before any later one (one I/O thread, in order).
         self._free[capacity].append(offset)
         self.bytes_in_use -= capacity
 
     # -- I/O ------------------------------------------------------------------
     def write(self, tensor: Tensor, slot: Optional[DiskSlot] = None) -> DiskSlot:
-        """Store ``tensor``; into ``slot`` when given (same shape and dtype), else a new slot."""
+        """Store ``tensor``; into ``slot`` when given (same shape and dtype), else a new slot.
+
+        The bytes are copied into a staging buffer and written on the I/O thread: the caller
+        may change or free ``tensor`` at once. Reads queued later see this write.
+        """
         data = _as_bytes(tensor)
         if slot is None:
             offset, capacity = self._allocate(data.numel())
@@ -156,37 +235,81 @@ class DiskTier:
         elif (slot.shape, slot.dtype) != (tensor.shape, tensor.dtype):
             raise ValueError(f"slot holds {tuple(slot.shape)} {slot.dtype}, cannot take "
                              f"{tuple(tensor.shape)} {tensor.dtype}")
-        view = memoryview(data.numpy())
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], slot.offset + done)
-        self._drop_cache(slot)
-        self.bytes_written += len(view)
+        staging = self._stage(slot.capacity)
+        staging[:data.numel()].copy_(data)
+        length = slot.capacity if self.direct else data.numel()  # O_DIRECT writes whole pages
+        self._writes.append(self._io.submit(_pwrite, self._fd, self.direct, self.directory, staging, length, slot.offset,
+                                            self._staging))
+        self.bytes_written += data.numel()
+        self.check()
+        while len(self._writes) > MAX_QUEUED_WRITES:  # bounds the staging memory
+            self._writes.popleft().result()
         return slot
 
     def read(self, slot: DiskSlot, device: Optional[torch.device] = None) -> Tensor:
         """A fresh tensor with the slot's contents, on ``device`` (default: where it came from)."""
-        buffer = torch.empty(slot.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], slot.offset + done)
-            if n == 0:
-                raise RuntimeError(f"offload file in {self.directory!r} ended early at byte {slot.offset + done}")
-            done += n
-        self._drop_cache(slot)
-        self.bytes_read += len(view)
-        out = buffer.view(slot.dtype).view(slot.shape)
-        device = slot.device if device is None else torch.device(device)
-        return out if device.type == "cpu" else out.to(device)
+        return self.read_async(slot, device).wait()
 
-    def _drop_cache(self, slot: DiskSlot) -> None:
-        # Starts writeback of a fresh write and evicts clean pages: the bytes leave RAM.
-        os.posix_fadvise(self._fd, slot.offset, slot.capacity, os.POSIX_FADV_DONTNEED)
+    def read_async(self, slot: DiskSlot, device: Optional[torch.device] = None) -> Reading:
+        """Start reading the slot on the I/O thread; the :class:`Reading`'s ``wait`` gives the tensor."""
+        length = slot.capacity if self.direct else slot.nbytes
+        buffer = _aligned_bytes(length)
+        future = self._io.submit(_pread, self._fd, self.direct, self.directory, buffer, slot.offset)
+        self.bytes_read += slot.nbytes
+        return Reading(self, future, buffer, slot, slot.device if device is None else torch.device(device))
+
+    def check(self) -> None:
+        """Raise the error of any finished write (e.g. the disk is full)."""
+        while self._writes and self._writes[0].done():
+            self._writes.popleft().result()
+
+    def flush(self) -> None:
+        """Wait for every queued write (raising its error)."""
+        while self._writes:
+            self._writes.popleft().result()
+
+    def _stage(self, capacity: int) -> Tensor:
+        free = self._staging[capacity]
+        return free.pop() if free else _aligned_bytes(capacity)
 
     def file_bytes(self) -> int:
         """Bytes of the file laid out so far (its high-water mark)."""
         return self._end
+
+
+# -- on the I/O thread (module functions: a job must not hold the tier, whose collection
+# would then run its finaliser on this thread) ---------------------------------------------
+def _pwrite(fd: int, direct: bool, directory: str, staging: Tensor, length: int, offset: int,
+            keep: Dict[int, List[Tensor]]) -> None:
+    view = memoryview(staging.numpy())[:length]
+    done = 0
+    try:
+        while done < length:
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        raise OSError(e.errno, f"writing {length} bytes to the offload file in {directory!r} failed "
+                               f"({e.strerror}); free space there or give another --offload-dir") from e
+    _drop_cache(fd, direct, offset, length)
+    if staging.numel() <= STAGING_KEEP_BYTES:  # small buffers are kept for the next write
+        keep[staging.numel()].append(staging)
+
+
+def _pread(fd: int, direct: bool, directory: str, buffer: Tensor, offset: int) -> None:
+    view = memoryview(buffer.numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise RuntimeError(f"offload file in {directory!r} ended early at byte {offset + done}")
+        done += n
+    _drop_cache(fd, direct, offset, len(view))
+
+
+def _drop_cache(fd: int, direct: bool, offset: int, length: int) -> None:
+    # Buffered only (O_DIRECT bypasses the cache): starts writeback of a fresh write and evicts
+    # clean pages, so the bytes leave RAM.
+    if not direct:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 _TIERS: Dict[str, DiskTier] = {}
@@ -198,7 +321,6 @@ def disk_tier(directory: str) -> DiskTier:
     if key not in _TIERS:
         _TIERS[key] = DiskTier(directory)
     return _TIERS[key]
-
 
 
 def disk_peak_bytes() -> int:

@@ -16,7 +16,8 @@ Objects, all explicit:
   is done with them, ``pop`` forgets a chunk. A :class:`Residency` counter
   records how many chunks of each kind are on the compute device, so tests can
   bound it. Given a directory, its offloaded copies go to a file there instead
-  of host buffers (:mod:`fpdt_ext.disk`; synchronous, no side stream).
+  of host buffers (:mod:`fpdt_ext.disk`: written and read on its I/O thread, so a
+  ``prefetch`` overlaps compute there too).
 
 On the CPU there is no separate device memory, but offload still makes real
 copies into separate host buffers, and a fetched copy is poisoned (NaN) when
@@ -42,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fpdt_ext.disk import DiskSlot, disk_tier
+from fpdt_ext.disk import DiskSlot, Reading, disk_tier
 
 Tensor = torch.Tensor
 
@@ -126,6 +127,7 @@ class _Entry:
     host: Optional[Tuple[Tensor, ...]] = None  # offloaded copy (offload on): host tensors or disk slots
     device: Optional[Tuple[Tensor, ...]] = None  # copy on the compute device, if resident
     ready: Optional["torch.cuda.Event"] = None  # fetch finished (CUDA)
+    reading: Optional[Tuple[Reading, ...]] = None  # reads in flight from a disk tier
     fetched: bool = False  # device copy is ours (made by a fetch), not the caller's
 
 
@@ -155,6 +157,7 @@ class ChunkStore:
         entry = self._entries.get(idx)
         if entry is None:
             entry = self._entries[idx] = _Entry()
+        self._land(entry)
         if entry.device is None:
             self.residency.add(self.kind)
         entry.device, entry.fetched, entry.ready = tensors, False, None
@@ -181,11 +184,11 @@ class ChunkStore:
     def prefetch(self, idx: int) -> None:
         """Start bringing chunk ``idx`` to the device (no-op if resident)."""
         entry = self._entries[idx]
-        if entry.device is not None:
+        if entry.device is not None or entry.reading is not None:
             return
         self.residency.add(self.kind)
         if self._disk is not None:
-            entry.device = tuple(self._disk.read(slot, self.device) for slot in entry.host)
+            entry.reading = tuple(self._disk.read_async(slot, self.device) for slot in entry.host)
         elif self._stream is None:
             entry.device = tuple(h.clone() for h in entry.host)
         else:
@@ -200,6 +203,7 @@ class ChunkStore:
         """Chunk ``idx`` on the device (fetching now if it was not prefetched)."""
         self.prefetch(idx)
         entry = self._entries[idx]
+        self._land(entry)
         if entry.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(entry.ready)  # [fetch-before-use]
@@ -211,6 +215,7 @@ class ChunkStore:
     def release(self, idx: int) -> None:
         """The caller is done with the device copy; it leaves the device when offloaded."""
         entry = self._entries[idx]
+        self._land(entry)
         if not self.offload or entry.device is None:
             return
         if entry.fetched:
@@ -230,6 +235,12 @@ class ChunkStore:
                     h.free()
                 else:
                     self._pool.release(h)
+
+    @staticmethod
+    def _land(entry: _Entry) -> None:
+        """Wait for the entry's disk reads, if any: they become its device copy."""
+        if entry.reading is not None:
+            entry.device, entry.reading = tuple(r.wait() for r in entry.reading), None
 
     def has(self, idx: int) -> bool:
         return idx in self._entries

@@ -1,19 +1,28 @@
-"""The disk tier: round trips, slot reuse and freeing, refused directories, ChunkStore and saved tensors on disk."""
+"""The disk tier: round trips (O_DIRECT and through the page cache), I/O order on its thread,
+write errors, slot reuse and freeing, refused directories, ChunkStore and saved tensors on disk."""
 
+import errno
 import gc
 import os
 
 import pytest
 import torch
 
-from fpdt_ext.disk import PAGE, DiskTier, check_offload_dir, disk_tier
+from fpdt_ext import disk
+from fpdt_ext.disk import MAX_QUEUED_WRITES, PAGE, DiskTier, check_offload_dir, disk_tier
 from fpdt_ext.offload import ChunkStore, Residency, SavedTensorsToHost
 from tests.disk_dir import disk_scratch_dir
 
 
-@pytest.fixture
-def tier():
-    return DiskTier(disk_scratch_dir())
+@pytest.fixture(params=["direct", "page-cache"])
+def tier(request):
+    direct = request.param == "direct"
+    try:
+        return DiskTier(disk_scratch_dir(), direct=direct)
+    except ValueError as e:
+        if direct and "O_DIRECT" in str(e):
+            pytest.skip(f"the scratch directory's filesystem refuses O_DIRECT: {e}")
+        raise
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
@@ -33,6 +42,42 @@ def test_non_contiguous_input_and_slot_overwrite(tier):
     assert again is slot and torch.equal(tier.read(slot), src * 2)
     with pytest.raises(ValueError, match="cannot take"):
         tier.write(torch.randn(5, 4), slot)
+
+
+def test_io_runs_in_the_order_asked_and_the_caller_may_reuse_its_tensor(tier):
+    first = torch.randn(4096)
+    slot = tier.write(first)
+    expected = first.clone()
+    first.fill_(7.0)  # write() staged its own copy: changing the tensor now changes nothing stored
+    pending = tier.read_async(slot)  # queued before the overwrite below: sees the first contents
+    tier.write(torch.full((4096,), 3.0), slot)
+    assert torch.equal(pending.wait(), expected)
+    assert torch.equal(tier.read(slot), torch.full((4096,), 3.0))
+
+
+def test_many_queued_writes_round_trip_and_the_queue_is_bounded(tier):
+    tensors = [torch.randn(257 * i + 1) for i in range(40)]
+    slots = []
+    for t in tensors:
+        slots.append(tier.write(t))
+        assert len(tier._writes) <= MAX_QUEUED_WRITES
+    readings = [tier.read_async(s) for s in slots]
+    assert all(torch.equal(r.wait(), t) for r, t in zip(readings, tensors))
+
+
+def test_a_failed_write_is_raised_with_what_to_do(tier, monkeypatch):
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    slot = tier.write(torch.randn(100))
+    tier.flush()
+    monkeypatch.setattr(disk.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="free space there or give another --offload-dir"):
+        tier.write(torch.randn(100), slot)  # queued; fails on the I/O thread
+        tier.flush()
+    with pytest.raises(OSError, match="No space left"):
+        tier.write(torch.randn(100), slot)
+        tier.read(slot)  # a read after a failed write does not hand back stale bytes silently
 
 
 def test_slots_are_page_aligned_recycled_and_freed_when_collected(tier):
@@ -100,6 +145,11 @@ def test_chunk_store_on_disk_round_trips_overwrites_and_poisons(device):
     store.release(0)
     if device == "cpu":
         assert torch.isnan(fetched).all(), "a use after release must not silently see valid data"
+    assert store.residency.current["kv"] == 0
+    store.prefetch(1)  # a read in flight, never used: released and popped cleanly
+    store.release(1)
+    store.prefetch(2)
+    store.pop(2)
     assert store.residency.current["kv"] == 0
     store.close()
     assert tier.bytes_in_use == before
