@@ -28,7 +28,7 @@ disk tier (``--fpdt-offload --offload-recompute-inputs --offload-dir DIR``), so 
 attention chunks and the checkpointed layer inputs live in a file instead of RAM. On the CPU
 the host is the device's RAM, so the disk is the only tier below it: ``fpdt-disk`` is the CPU's
 counterpart of FPDT offloading to host memory on a GPU. Its peak is still the process's
-resident memory (the file's pages are dropped from the page cache after each write and read);
+resident memory (the file is O_DIRECT, or its pages are dropped from the page cache after each write and read);
 the file's own peak is reported beside it.
 
 A step has two memory peaks: the backward of the logits + loss and the
