@@ -167,7 +167,9 @@ class DiskTier:
         """A new unnamed file in ``directory``: (descriptor, whether it is ``O_DIRECT``)."""
         has_direct = hasattr(os, "O_DIRECT")
         for use_direct in ((has_direct, False) if direct is None else (direct,)):
-            flags = os.O_RDWR | (os.O_DIRECT if use_direct and has_direct else 0)
+            if use_direct and not has_direct:  # O_DIRECT required where the platform has none
+                continue
+            flags = os.O_RDWR | (os.O_DIRECT if use_direct else 0)
             try:
                 fd = DiskTier._open_unnamed(directory, flags)
             except OSError:  # O_DIRECT refused at open
