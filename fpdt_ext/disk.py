@@ -104,14 +104,6 @@ class DiskSlot:
             self._release()
 
 
-def _as_bytes(t: Tensor) -> Tensor:
-    """A contiguous CPU uint8 view of ``t``'s data (copying only when needed)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
 def _aligned_bytes(nbytes: int) -> Tensor:
     """An uninitialised uint8 CPU tensor of ``nbytes`` starting on a page boundary (as
     ``O_DIRECT`` needs of a buffer)."""
@@ -229,20 +221,21 @@ class DiskTier:
         The bytes are copied into a staging buffer and written on the I/O thread: the caller
         may change or free ``tensor`` at once. Reads queued later see this write.
         """
-        data = _as_bytes(tensor)
+        nbytes = tensor.numel() * tensor.dtype.itemsize
         if slot is None:
-            offset, capacity = self._allocate(data.numel())
+            offset, capacity = self._allocate(nbytes)
             slot = DiskSlot(offset, capacity, tensor.shape, tensor.dtype, tensor.device)
             slot._release = weakref.finalize(slot, self._give_back, offset, capacity)
         elif (slot.shape, slot.dtype) != (tensor.shape, tensor.dtype):
             raise ValueError(f"slot holds {tuple(slot.shape)} {slot.dtype}, cannot take "
                              f"{tuple(tensor.shape)} {tensor.dtype}")
         staging = self._stage(slot.capacity)
-        staging[:data.numel()].copy_(data)
-        length = slot.capacity if self.direct else data.numel()  # O_DIRECT writes whole pages
+        # One copy, from any device and any strides, straight into the staging buffer.
+        staging[:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+        length = slot.capacity if self.direct else nbytes  # O_DIRECT writes whole pages
         self._writes.append(self._io.submit(_pwrite, self._fd, self.direct, self.directory, staging, length, slot.offset,
                                             self._staging))
-        self.bytes_written += data.numel()
+        self.bytes_written += nbytes
         self.check()
         while len(self._writes) > MAX_QUEUED_WRITES:  # bounds the staging memory
             self._writes.popleft().result()

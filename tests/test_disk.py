@@ -77,7 +77,7 @@ def test_a_failed_write_is_raised_with_what_to_do(tier, monkeypatch):
         tier.flush()
     with pytest.raises(OSError, match="No space left"):
         tier.write(torch.randn(100), slot)
-        tier.read(slot)  # a read after a failed write does not hand back stale bytes silently
+        tier.read(slot)  # the next call after a failed write raises it (the write's own check, or this read)
 
 
 def test_slots_are_page_aligned_recycled_and_freed_when_collected(tier):
