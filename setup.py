@@ -13,7 +13,8 @@ setup(
     # `megatron` is a namespace package shared with megatron-core: ours adds megatron.training.
     packages=find_namespace_packages(include=["fpdt_ext", "fpdt_ext.*", "megatron.training", "megatron.training.*"]),
     install_requires=[
-        # Tested: torch 2.13 (CPU, Python 3.11) and 2.11 (CUDA, Python 3.12).
+        # Tested on the CPU with torch 2.13 (Python 3.11). Untested on GPU: no GPU has run this
+        # code yet (bench/gpu_check.sh is the prepared check; docs/GPU_PATHS.md).
         "torch>=2.4,<2.15",
         # 0.16.x is the newest on Python 3.11 and installs on 3.12 too: one API everywhere.
         "megatron-core>=0.16.1,<0.17",

@@ -52,9 +52,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from bench.train_step import measure  # noqa: E402
+from fpdt_ext.runtime import Runtime  # noqa: E402
 
 
 SETUPS = ("baseline", "fpdt", "fpdt-disk")
@@ -147,7 +146,7 @@ def main(argv=None):
         report["setups"][kind]["time_per_token_ratio_at_baseline_max"] = statistics.median(ratios)
     print(f"\n# longest trainable sequence under {a.cap_gib:g} GiB per process, {a.model}, {a.nproc} processes "
           f"(baseline: TP {a.nproc} + full recompute; FPDT: size {a.nproc}, chunk {a.chunk_size}"
-          f"{', offload' if torch.cuda.is_available() else ''}; fpdt-disk: chunks and checkpointed inputs "
+          f"{', offload' if Runtime.detect().on_gpu else ''}; fpdt-disk: chunks and checkpointed inputs "
           f"offloaded to a file on disk)")
     print("# method: peak memory of one training step at >= 4 lengths, least-squares line (deviation shown),\n"
           "#   maximum = where the line meets the cap; baseline maximum confirmed by direct runs, every setup\n"

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from fpdt_ext import runtime
+
 MMAP_THRESHOLD = "65536"
 
 
@@ -23,16 +25,8 @@ def malloc_env() -> None:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class PeakMemory:
-    """``with PeakMemory(device) as m: work()`` then ``m.peak_bytes``."""
+    """``with PeakMemory(device) as m: work()`` then ``m.peak_bytes``: what the work added at its peak."""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -40,20 +34,12 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self._base = _status_kib("VmRSS") * 1024
+        runtime.synchronize(self.device)
+        runtime.reset_peak_memory(self.device)
+        self._base = runtime.memory_in_use_bytes(self.device)
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self.peak_bytes = _status_kib("VmHWM") * 1024 - self._base
+        runtime.synchronize(self.device)
+        self.peak_bytes = runtime.peak_memory_bytes(self.device) - self._base
         return False

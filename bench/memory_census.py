@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.train_step import MODEL, setup_flags  # noqa: E402
+from fpdt_ext.runtime import Runtime  # noqa: E402
 
 _OURS = ("/fpdt_ext/", "/megatron/", "/bench/train_step.py")
 _LAYER_CODE = ("attention.py", "qkv.py", "mlp.py")
@@ -122,7 +123,7 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--min-units", type=float, default=0.2, help="hide call sites below this many units")
     a = p.parse_args(argv)
-    if torch.cuda.is_available():
+    if Runtime.detect().on_gpu:
         p.error("the census counts CPU tensors; on CUDA use torch.cuda.memory._record_memory_history")
     from fpdt_ext.spawn import run_world
 

@@ -33,18 +33,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = {  # a small Llama with a real 32K vocabulary
     "llama-tiny": ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "688",
                    "--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "4",
-                   "--vocab-size", "32000"],
+                   "--vocab-size", "32000", "--untie-embeddings-and-output-weights"],
     # a second shape, for checking tools/memory_planner.py away from the one it was calibrated on
     "llama-wide": ["--num-layers", "2", "--hidden-size", "384", "--ffn-hidden-size", "1024",
                    "--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "2",
-                   "--vocab-size", "32000"],
-    # Llama-3.2-1B's shape (the GPU check)
+                   "--vocab-size", "32000", "--untie-embeddings-and-output-weights"],
+    # Llama-3.2-1B (the GPU check): tied embeddings, 1.24B parameters, as the planner's preset
     "llama3.2-1b": ["--num-layers", "16", "--hidden-size", "2048", "--ffn-hidden-size", "8192",
                     "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8",
                     "--kv-channels", "64", "--rotary-base", "500000", "--vocab-size", "128256"],
 }
 LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-         "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0"]
+         "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
 def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool,
@@ -70,50 +70,45 @@ def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: b
     return flags
 
 
-def _rss_bytes(field="VmRSS"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def step_worker(rank, world_size, flags, steps):
     """Build the trainer, warm up one step, time ``steps`` steps; report time and peak memory."""
     import torch
     import torch.distributed as dist
 
+    from fpdt_ext import runtime
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.initialize import initialize
 
     args = validate_args(parse_args(flags), world_size=world_size)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
     initialize(args)  # groups and seeds first: the baseline memory excludes the runtime
-    base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    rt = runtime.current()
+    cpu = torch.device("cpu")
+    base, host_base = rt.memory_in_use_bytes(), runtime.memory_in_use_bytes(cpu)
     from megatron.training.training import Trainer
 
     trainer = Trainer(args)
+    started = time.perf_counter()
     trainer.train_step()  # warm-up: optimizer state, pools, caches
+    warmup = time.perf_counter() - started
     times = []
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    rt.synchronize()
+    rt.reset_peak_memory()
+    if rt.on_gpu:
+        runtime.reset_peak_memory(cpu)
     for _ in range(steps):
         dist.barrier()
         start = time.perf_counter()
         trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
+        rt.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - base
+    peak = rt.peak_memory_bytes() - base
     from fpdt_ext.disk import disk_peak_bytes
 
-    return {"seconds": statistics.median(times), "peak_bytes": peak, "peak_disk_bytes": disk_peak_bytes()}
+    # host: what the step added to the process's resident set (pinned offload buffers among it);
+    # on the CPU that is the device figure
+    host = runtime.peak_memory_bytes(cpu) - host_base if rt.on_gpu else peak
+    return {"seconds": statistics.median(times), "warmup_seconds": warmup, "peak_bytes": peak,
+            "peak_host_bytes": host, "peak_disk_bytes": disk_peak_bytes()}
 
 
 def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=None, timeout=3600,
@@ -122,13 +117,12 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
     FPDT offloads (chunks and checkpointed inputs) on CUDA; on the CPU, where host and device are
     the same RAM, it does not unless ``offload`` says so. "fpdt-disk" offloads to a file in
     ``offload_dir`` (and reports the file's peak, the larger rank)."""
-    import torch
-
     from bench.memory import malloc_env
+    from fpdt_ext import runtime
     from fpdt_ext.spawn import run_world
 
     malloc_env()
-    offload = torch.cuda.is_available() if offload is None else offload
+    offload = runtime.Runtime.detect().cuda if offload is None else offload
     flags = setup_flags(kind, model, seq, nproc, chunk, bf16, offload, offload_dir)
     try:
         per_rank = run_world(nproc, step_worker, flags, steps, timeout=timeout)
@@ -138,6 +132,8 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
         raise
     result = {"kind": kind, "seq": seq, "nproc": nproc, "oom": False,
               "seconds": max(r["seconds"] for r in per_rank), "peak_bytes": max(r["peak_bytes"] for r in per_rank),
+              "peak_host_bytes": max(r["peak_host_bytes"] for r in per_rank),
+              "warmup_seconds": max(r["warmup_seconds"] for r in per_rank),
               "tokens_per_s": seq / max(r["seconds"] for r in per_rank)}
     if kind == "fpdt-disk":
         result["peak_disk_bytes"] = max(r["peak_disk_bytes"] for r in per_rank)

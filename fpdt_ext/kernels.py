@@ -1,4 +1,6 @@
-"""The one adapter for block attention: ``(out, lse)`` forward and its backward.
+"""The one adapter for block attention: ``(out, lse)`` forward and its backward;
+and the GEMMs whose low-precision inputs are summed in float32 (:func:`mm_fp32`,
+:func:`addmm_fp32`).
 
 Every attention-kernel call in the project goes through this file, and private
 kernel APIs appear here only.
@@ -21,11 +23,12 @@ Backends, chosen by :func:`select_backend`:
     flash_attn      cuda    fp16, bf16          flash_attn.flash_attn_func (public) forward;
                                                 flash_attn.flash_attn_interface._flash_attn_backward
                                                 (private; arguments bound by name) backward;
-                                                flash-attn >= 2.5, < 3
+                                                flash-attn >= 2.5, < 3 (untested on GPU)
     cuda_flash      cuda    fp16, bf16, d<=256  aten._scaled_dot_product_flash_attention(+_backward),
-                                                torch >= 2.3 (tested 2.11)
+                                                torch >= 2.3 (untested on GPU)
     cuda_efficient  cuda    fp32 (any)          aten._scaled_dot_product_efficient_attention(+_backward),
-                                                torch >= 2.3 (lse padded to a multiple of 32)
+                                                torch >= 2.3 (lse padded to a multiple of 32; untested
+                                                on GPU)
     cpu_flash       cpu     fp32, bf16, fp16,   aten._scaled_dot_product_flash_attention_for_cpu
                             fp64                (+_backward), torch >= 2.3 (tested 2.13)
     math            any     any                 plain torch ops; float64 reference path for tests,
@@ -34,6 +37,7 @@ Backends, chosen by :func:`select_backend`:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -330,3 +334,65 @@ def block_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of one block, given the rows' final out and lse."""
     return _BACKENDS[backend].backward(dout, q, k, v, out, lse, causal, scale)
+
+
+# ---------------------------------------------------------------------------
+# GEMMs of low-precision inputs summed in float32
+# ---------------------------------------------------------------------------
+#
+# The chunked loss and the QKV weight gradient multiply bf16/fp16 tensors and sum the products
+# over chunks in float32. On CUDA, torch's GEMM with ``out_dtype=torch.float32`` (torch >= 2.8)
+# reads the low-precision inputs at tensor-core speed and writes float32, accumulating into the
+# float32 buffer in place; it is probed once per device and dtype (against a float64 product)
+# and used only where it works. Elsewhere (the CPU, or a torch without it) the product is made in
+# the inputs' dtype (float32 accumulation inside the GEMM) and added to the float32 buffer: the
+# precision of Megatron's own bf16 output layer. Never a float32 GEMM of low-precision inputs
+# upcast (about 1/12 of bf16 speed on Hopper).
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _out_dtype_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` work on ``device``."""
+    if device.type != "cuda":
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a, b = (torch.randn(64, 64, generator=gen).to(dtype) for _ in range(2))
+        want = a.double() @ b.double()
+        acc = torch.ones(64, 64, device=device)
+        got = torch.mm(a.to(device), b.to(device), out_dtype=torch.float32)
+        torch.addmm(acc, a.to(device), b.to(device), out_dtype=torch.float32, out=acc)
+        ok = got.dtype == torch.float32 and torch.allclose(got.double().cpu(), want, rtol=1e-4, atol=1e-3)
+        return ok and torch.allclose(acc.double().cpu(), want + 1, rtol=1e-4, atol=1e-3)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def gemm_path(device, dtype: torch.dtype) -> str:
+    """Which GEMM :func:`mm_fp32` / :func:`addmm_fp32` use for inputs of ``dtype`` on ``device``."""
+    if dtype not in _LOW_PRECISION:
+        return "native"
+    return "out_dtype" if _out_dtype_gemm_works(torch.device(device), dtype) else "low_precision_product"
+
+
+def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D) in float32 for low-precision inputs (in the inputs' dtype otherwise)."""
+    path = gemm_path(a.device, a.dtype)
+    if path == "native":
+        return torch.mm(a, b)
+    if path == "out_dtype":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+def addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` (2-D), in place; ``acc`` float32 (or float64) for any input dtype."""
+    path = gemm_path(a.device, a.dtype) if acc.dtype != a.dtype else "native"
+    if path == "native":
+        acc.addmm_(a, b)
+    elif path == "out_dtype":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))

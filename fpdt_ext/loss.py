@@ -4,7 +4,10 @@ Per chunk of tokens: logits = hidden @ W^T on this rank's vocab shard, the
 vocab-parallel softmax statistics are all-reduced over the tensor-parallel
 group, and the per-token loss and log-sum-exp are kept. The backward
 recomputes each chunk's logits from the saved hidden states and the lse, so
-its peak is also one chunk of logits. The arithmetic of the loss is
+its peak is also one chunk of logits. Every GEMM takes its inputs in the
+model's dtype (bf16 at tensor-core speed) and sums in float32: logits and the
+softmax in float32, the weight gradient summed over chunks in float32
+(:func:`fpdt_ext.kernels.addmm_fp32`). The arithmetic of the loss is
 megatron-core's ``VocabParallelCrossEntropy``; the group is an argument.
 
 Works with tied or untied output weights (pass whichever weight the model
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from fpdt_ext import kernels
 from fpdt_ext.comm import group_rank, group_size
 
 
@@ -25,6 +29,12 @@ def _all_reduce(t, op, group):
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def _logits(h_c, weight):
+    """[c, b, h] x [V/tp, h] -> [c, b, V/tp] logits in float32 (float64 for float64 inputs), from
+    one GEMM in the inputs' precision."""
+    return kernels.mm_fp32(h_c.reshape(-1, h_c.shape[-1]), weight.t()).view(*h_c.shape[:-1], weight.shape[0])
 
 
 class _ChunkedVocabParallelLoss(torch.autograd.Function):
@@ -38,7 +48,7 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         loss = torch.empty(labels.shape, dtype=ctx.compute_dtype, device=hidden.device)
         lse = torch.empty_like(loss)
         for h_c, y_c, loss_c, lse_c in zip(*(t.chunk(num_chunks, dim=0) for t in (hidden, labels, loss, lse))):
-            logits = torch.matmul(h_c, weight.t()).to(ctx.compute_dtype)  # [c, b, V/tp]
+            logits = _logits(h_c, weight)  # [c, b, V/tp], float32 (float64)
             logits_max = _all_reduce(logits.max(dim=-1)[0], dist.ReduceOp.MAX, tp_group)
             _, _, predicted, sum_exp, _ = VocabParallelCrossEntropy.calculate_predicted_logits(
                 logits, y_c, logits_max, vocab_start, vocab_end)  # logits become exp(logits - max)
@@ -59,15 +69,18 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=ctx.compute_dtype, device=weight.device)
         pieces = (hidden, labels, lse, grad_loss, grad_hidden)
         for h_c, y_c, lse_c, g_c, gh_c in zip(*(t.chunk(ctx.num_chunks, dim=0) for t in pieces)):
-            probs = torch.matmul(h_c, weight.t()).to(ctx.compute_dtype).sub_(lse_c.unsqueeze(-1)).exp_()  # softmax
+            probs = _logits(h_c, weight).sub_(lse_c.unsqueeze(-1)).exp_()  # softmax [c, b, V/tp]
             local = y_c - ctx.vocab_start
             in_shard = (local >= 0) & (local < vocab_local)
             rows = probs.view(-1, vocab_local)
             idx = torch.arange(rows.shape[0], device=rows.device)
             rows[idx, local.clamp(0, vocab_local - 1).reshape(-1)] -= in_shard.reshape(-1).to(rows.dtype)
             probs.mul_(g_c.unsqueeze(-1))  # dL/dlogits
-            gh_c.copy_(torch.matmul(probs.to(hidden.dtype), weight))  # partial over the vocab shard
-            grad_weight.addmm_(rows.t(), h_c.reshape(-1, h_c.shape[-1]).to(rows.dtype))
+            # Both GEMMs take dL/dlogits in the input dtype (bf16 at tensor-core speed; the
+            # products are summed in float32 inside the GEMM and, for the weight, over chunks)
+            dlogits = rows.to(hidden.dtype)  # [c*b, V/tp]
+            torch.mm(dlogits, weight, out=gh_c.view(-1, gh_c.shape[-1]))  # partial over the vocab shard
+            kernels.addmm_fp32(grad_weight, dlogits.t(), h_c.reshape(-1, h_c.shape[-1]))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # every TP rank saw part of the vocab
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 

@@ -129,6 +129,7 @@ class _Entry:
     ready: Optional["torch.cuda.Event"] = None  # fetch finished (CUDA)
     reading: Optional[Tuple[Reading, ...]] = None  # reads in flight from a disk tier
     fetched: bool = False  # device copy is ours (made by a fetch), not the caller's
+    versions: Optional[Tuple[int, ...]] = None  # the caller's tensors' versions when put (offload on)
 
 
 class ChunkStore:
@@ -148,10 +149,15 @@ class ChunkStore:
 
     # -- storing ----------------------------------------------------------
     def put(self, idx: int, tensors: Sequence[Tensor]) -> None:
-        """Store chunk ``idx``; the caller may keep using ``tensors`` until :meth:`release`.
+        """Store chunk ``idx``. The store takes ``tensors`` over: the caller may read them until
+        :meth:`release` and may drop them at any time, but must not write them again. With
+        offload on CUDA the copy to host runs on the side stream after ``put`` returns (ordered
+        after the work that produced them), so a later write could race it; a write made
+        before :meth:`release` is caught there on every device (the CPU tests find it).
 
-        Putting an index again overwrites its stored copy (same shapes), e.g.
-        an accumulator written back after an update.
+        Putting an index again overwrites its stored copy (same shapes): to change a chunk,
+        write into the copy :meth:`get` returns (or a new tensor) and put that, as an
+        accumulator written back after an update.
         """
         tensors = tuple(tensors)
         entry = self._entries.get(idx)
@@ -163,6 +169,7 @@ class ChunkStore:
         entry.device, entry.fetched, entry.ready = tensors, False, None
         if not self.offload:
             return
+        entry.versions = tuple(t._version for t in tensors)
         if self._disk is not None:
             slots = entry.host or (None,) * len(tensors)
             entry.host = tuple(self._disk.write(t, slot) for t, slot in zip(tensors, slots))
@@ -220,6 +227,9 @@ class ChunkStore:
             return
         if entry.fetched:
             self._poison(entry.device)
+        elif tuple(t._version for t in entry.device) != entry.versions:
+            raise RuntimeError(f"a {self.kind} tensor of chunk {idx} was written after it was put (its copy to host "
+                               "may have read it half-written); put a new tensor instead of writing the one handed over")
         entry.device, entry.ready, entry.fetched = None, None, False
         self.residency.add(self.kind, -1)
 

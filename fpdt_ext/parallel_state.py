@@ -9,17 +9,16 @@ what runs on that axis. Rank order is megatron-core's default
 "tp-cp-ep-dp-pp": TP ranks are adjacent, then FPDT ranks.
 
 Everything downstream takes the groups from the :class:`ParallelGroups` this
-module returns; FPDT code never calls megatron's global getters itself.
+module returns; FPDT code never calls megatron's global getters itself. The
+groups inherit the world's backend (:mod:`fpdt_ext.runtime`: ``cpu:gloo,cuda:nccl``
+on GPUs), so each of them takes both CPU and CUDA tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-from typing import Any, Optional
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
 
@@ -85,29 +84,6 @@ class ParallelGroups:
         return dist.get_rank(self.pp)
 
 
-def default_backend() -> str:
-    """NCCL with CUDA, gloo without."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
-    """``init_process_group`` from the torchrun/SLURM environment, if not done yet.
-
-    A single process without launcher variables becomes a world of one.
-    """
-    if dist.is_initialized():
-        return
-    backend = backend or default_backend()
-    if backend == "nccl":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-
-
 def initialize_fpdt_parallel(
     tensor_model_parallel_size: int = 1,
     fpdt_parallel_size: int = 1,
@@ -120,7 +96,7 @@ def initialize_fpdt_parallel(
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     if not dist.is_initialized():
-        raise RuntimeError("call init_distributed() (or torch.distributed.init_process_group) first")
+        raise RuntimeError("call fpdt_ext.runtime.init_distributed() (or torch.distributed.init_process_group) first")
     layout = ParallelLayout(
         world_size=dist.get_world_size(),
         tensor_model_parallel_size=tensor_model_parallel_size,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fpdt_ext import kernels
 from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
                                 keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
 from fpdt_ext.norm import ChunkNormGrads, InputNorm, normalize
@@ -100,10 +101,7 @@ class _ProjectionGrads(GradSink):
             dn_i = torch.mm(dqkv, self.weight).view(n_i.shape)
             self.grad_x[sl].copy_(self.norm.backward(leaf, n_i, dn_i))
             n_i = n_i.detach().flatten(0, 1)
-        if self.grad_w.dtype == dqkv.dtype:
-            self.grad_w.addmm_(dqkv.t(), n_i)
-        else:  # a low-precision product per chunk, summed in float32
-            self.grad_w.add_(dqkv.t() @ n_i)
+        kernels.addmm_fp32(self.grad_w, dqkv.t(), n_i)  # summed over chunks in float32
         if self.grad_b is not None:
             self.grad_b.add_(dqkv.sum(0))
 

@@ -1,6 +1,10 @@
-"""Run a function on N local gloo processes and collect what each returns.
+"""Run a function on N local processes and collect what each returns.
 
-Used by the multi-process tests, the benchmarks and CPU examples.
+Used by the multi-process tests and the benchmarks. Each process initialises
+the process group as a training run does (:func:`fpdt_ext.runtime.init_distributed`):
+gloo on the CPU; on a GPU machine rank r computes on GPU r modulo the GPU count
+with the device-mapped backend (CUDA tensors over NCCL, which needs one GPU per
+rank; CPU tensors over gloo). ``backend=`` overrides it.
 
 A gloo collective that never matches waits forever, so every process group
 gets a timeout and the parent gives up after ``timeout`` seconds.
@@ -16,9 +20,12 @@ import queue
 import socket
 import time
 import traceback
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from fpdt_ext import runtime
 
 COLLECTIVE_TIMEOUT_S = 120  # gloo waits forever on a mismatched collective otherwise
 
@@ -29,13 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, backend, fn, args, results):
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
+        runtime.init_distributed(rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), backend=backend)
         value = fn(rank, world_size, *args)
         # Plain pickle keeps tensor data in-band (the multiprocessing pickler would pass
         # shared-memory handles that die with this process).
@@ -47,12 +52,12 @@ def _worker(rank, world_size, port, fn, args, results):
             dist.destroy_process_group()
 
 
-def run_world(world_size: int, fn, *args, timeout: float = 600):
+def run_world(world_size: int, fn, *args, timeout: float = 600, backend: Optional[str] = None):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the values by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()
     values, errors, reported = {}, [], set()

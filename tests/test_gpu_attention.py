@@ -1,4 +1,5 @@
-"""fpdt_attention on one CUDA device: CUDA kernels, pinned offload with the side stream.
+"""fpdt_attention and the chunked loss on one CUDA device: CUDA kernels, pinned offload with the
+side stream, bf16 GEMMs summed in float32.
 
 Skipped without a GPU; run by bench/gpu_check.sh on a lent machine.
 """
@@ -88,3 +89,37 @@ def test_cuda_qkv_attention_matches_float64_reference(dtype, offload):
     for name, got, want in zip(("out", "dx", "dW", "db"), (out, *grads), (ref_out, *ref_grads)):
         err = rel_error(got.cpu(), want)
         assert err <= TOL[dtype], f"{name} rel error {err:.2e}"
+
+
+def test_cuda_gemms_sum_low_precision_products_in_float32():
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(512, 256, generator=gen), torch.randn(256, 384, generator=gen)
+    want = a.double() @ b.double()
+    acc = torch.zeros(512, 384, device="cuda")
+    for _ in range(4):  # four chunks' products summed
+        kernels.addmm_fp32(acc, a.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16))
+    got = kernels.mm_fp32(a.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16))
+    assert got.dtype == torch.float32 and acc.dtype == torch.float32
+    assert rel_error(got.cpu(), want) < 1e-2 and rel_error(acc.cpu(), 4 * want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_chunked_loss_matches_float64_reference(dtype):
+    from fpdt_ext.loss import chunked_lm_loss
+
+    gen = torch.Generator().manual_seed(8)
+    seq, batch, hidden, vocab = 600, 2, 128, 5000
+    h = torch.randn(seq, batch, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) / 8
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    ref_h, ref_w = (t.to(dtype).double().requires_grad_() for t in (h, w))
+    logits = ref_h @ ref_w.t()
+    ref = -logits.log_softmax(-1).gather(-1, labels.t().unsqueeze(-1)).squeeze(-1).t()
+    ref_grads = torch.autograd.grad(ref.sum(), [ref_h, ref_w])
+    dh, dw = (t.to("cuda", dtype).requires_grad_() for t in (h, w))
+    loss = chunked_lm_loss(dh, dw, labels.cuda(), num_chunks=3)
+    grads = torch.autograd.grad(loss.sum(), [dh, dw])
+    tol = TOL[dtype]
+    assert rel_error(loss.cpu(), ref) <= tol
+    for got, want in zip(grads, ref_grads):
+        assert rel_error(got.cpu(), want) <= tol

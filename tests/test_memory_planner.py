@@ -30,6 +30,21 @@ def test_parameter_count_matches_the_training_code(preset):
     assert plan.params_per_rank() == pytest.approx(_args_count(preset), rel=1e-3)
 
 
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "llama-tiny"])
+def test_the_benchmarks_train_the_planners_model(preset):
+    """bench/train_step.py's model flags (the GPU sweep's Llama-3.2-1B: tied embeddings, 1.24B) have
+    the parameters of the planner's preset of the same name, so their figures can be compared."""
+    from bench.train_step import LLAMA, MODEL
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.flops import count_parameters
+
+    args = validate_args(parse_args(MODEL[preset] + LLAMA + ["--seq-length", "4096", "--train-iters", "1",
+                                                             "--mock-data"]), world_size=1)
+    plan = Plan(Model(*PRESETS[preset]), gpus=1)
+    assert count_parameters(args, args.vocab_size) == pytest.approx(plan.params_per_rank(), rel=1e-3)
+    assert (not args.untie_embeddings_and_output_weights) == PRESETS[preset][-1]
+
+
 def test_fpdt_and_offload_move_memory_off_the_device():
     model = Model(*PRESETS["llama3-8b"])
     seq = 2 ** 21

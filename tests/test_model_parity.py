@@ -193,3 +193,51 @@ def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
         torch.testing.assert_close(result["losses"], expected, rtol=1e-5, atol=1e-5)
         for name, g in ref["grads"].items():
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+RECOMPUTE = {
+    "none": [],
+    "uniform-1": ["--recompute-granularity", "full"],
+    "block-1": ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"],
+    "uniform-2": ["--recompute-granularity", "full", "--recompute-num-layers", "2"],
+}
+
+
+def recompute_worker(rank, world_size, setting):
+    """One FPDT process, 3 chunks, hidden dropout on: gradients and the MLP's fc1 calls."""
+    from megatron.training.initialize import set_seed
+    from megatron.training.models import build_model
+
+    args, groups = _setup(CONFIGS["llama"] + FPDT + ["--fpdt-parallel-size", "1", "--hidden-dropout", "0.2"]
+                          + RECOMPUTE[setting], world_size)
+    model = build_model(args, groups, VOCAB)
+    calls = []
+    for i, layer in enumerate(model.decoder.layers):
+        layer.mlp.linear_fc1.register_forward_hook(lambda m, inp, out, i=i: calls.append(i))
+    batch = _batch()
+    set_seed(11, tp_rank=0)  # the same dropout streams in every setting
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    (losses * batch["loss_mask"]).sum().backward()
+    return {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "fc1_calls": [calls.count(i) for i in range(len(model.decoder.layers))],
+            "num_chunks": args.fpdt_num_chunks}
+
+
+@functools.lru_cache(maxsize=None)
+def recompute_run(setting):
+    return run_world(1, recompute_worker, setting)[0]
+
+
+@pytest.mark.parametrize("setting", ["uniform-1", "block-1", "uniform-2"])
+def test_full_recompute_runs_the_chunked_mlp_forward_twice_with_the_same_gradients(setting):
+    """Under full recompute the MLP of a layer checkpointed alone is not run in the recompute pass
+    (its output only roots the backward): 2 forwards per chunk per step, as without recompute,
+    not 3. With two layers per checkpoint the first layer's output is read by the second, so both
+    run it. Gradients (hidden dropout on, replayed) equal those without recompute."""
+    base, run = recompute_run("none"), recompute_run(setting)
+    u = run["num_chunks"]
+    assert base["fc1_calls"] == [2 * u, 2 * u]
+    assert run["fc1_calls"] == {"uniform-1": [2 * u, 2 * u], "block-1": [2 * u, 2 * u],
+                                "uniform-2": [3 * u, 3 * u]}[setting]
+    for name, g in base["grads"].items():
+        torch.testing.assert_close(run["grads"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

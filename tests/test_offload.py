@@ -44,14 +44,26 @@ def test_host_copy_is_separate_and_put_again_overwrites(device):
     store = _store(device)
     acc = torch.zeros(6, device=device)
     store.put(0, (acc,))
-    acc += 1  # changes after put do not reach the stored copy ...
     store.release(0)
-    assert torch.equal(store.get(0)[0], torch.zeros(6, device=device))
+    del acc  # the caller may drop what it put: the copy to host holds on to it (record_stream on CUDA)
     fetched = store.get(0)[0]
-    fetched += 2
-    store.put(0, (fetched,))  # ... until it is put again
+    assert torch.equal(fetched, torch.zeros(6, device=device))
+    fetched += 2  # the fetched copy is the caller's to change ...
+    store.put(0, (fetched,))  # ... and put again
     store.release(0)
     assert torch.equal(store.get(0)[0], torch.full((6,), 2.0, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_writing_a_tensor_after_put_is_refused(device):
+    """put hands the tensor over: on CUDA its copy to host may still be in flight, so a write
+    after put is a race; it is caught at release on every device."""
+    store = _store(device)
+    acc = torch.zeros(6, device=device)
+    store.put(0, (acc,))
+    acc += 1
+    with pytest.raises(RuntimeError, match="written after it was put"):
+        store.release(0)
 
 
 def test_released_fetch_is_poisoned_on_cpu():

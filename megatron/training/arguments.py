@@ -161,9 +161,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = 
 
 
 def cuda_available() -> bool:
-    import torch
+    from fpdt_ext import runtime
 
-    return torch.cuda.is_available()
+    return runtime.current().cuda
 
 
 def _world_size() -> int:

@@ -14,13 +14,14 @@ import copy
 import importlib.util
 import math
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from fpdt_ext import runtime
 
 
 class SDPACoreAttention(MegatronModule):
@@ -50,7 +51,7 @@ class SDPACoreAttention(MegatronModule):
 
 
 def baseline_layer_spec(*, normalization=None, qk_layernorm=False) -> ModuleSpec:
-    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+    if runtime.current().cuda and importlib.util.find_spec("transformer_engine") is not None:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)

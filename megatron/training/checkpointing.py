@@ -38,6 +38,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from fpdt_ext import runtime
+
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -85,8 +87,7 @@ def _hash_spread(root: str, names: List[str]) -> dict:
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    return {"torch": torch.get_rng_state(), "cuda": runtime.current().device_rng_state(),
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
@@ -94,8 +95,7 @@ def _set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    runtime.current().set_device_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -105,11 +105,19 @@ def _layout(trainer) -> dict:
             "fpdt_parallel_size": args.fpdt_parallel_size, "data_parallel_size": args.data_parallel_size}
 
 
+# How megatron-core's optimizers lay out their state in a checkpoint (the GPU path; HostAdamW's
+# layout is always resharding-safe). "fully_reshardable": the distributed optimizer's state is
+# saved per parameter, so a checkpoint loads at another TP / FPDT / DP layout, as the model does
+# (megatron-core's default, "fully_sharded_model_space", is refused by its own checkpointing).
+SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
 def _sharded_state(trainer, *, loading: bool) -> dict:
     model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
     return {
         "model": model_state,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading),
+        "optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                          metadata=SHARDED_STATE_METADATA),
         "scheduler": trainer.scheduler.state_dict(),
         "iteration": trainer.state.iteration,
         "consumed_samples": trainer.state.consumed_samples,
@@ -233,6 +241,8 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
     is none at all. Raises CheckpointError when checkpoints exist but none is usable."""
     from megatron.core import dist_checkpointing
 
+    from megatron.training.optimizer import prepare_for_loading
+
     candidates = list_checkpoints(directory)
     pointer = _latest_pointer(directory)
     if pointer is not None:
@@ -249,8 +259,10 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
         if kind == "weights":  # a converted or exported model: weights only, training starts at 0
             state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
             trainer.model.module.load_state_dict(state["model"])
+            trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
             _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
             return 0
+        prepare_for_loading(trainer.optimizer)
         state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
         trainer.model.module.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])

@@ -59,11 +59,10 @@ def device_peak_tflops(override=None):
     """Peak TFLOP/s of this device: ``override``, a known GPU, or None (unknown, e.g. CPU)."""
     if override:
         return override
-    import torch
+    from fpdt_ext import runtime
 
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for fragment, peak in PEAK_TFLOPS.items():
-            if fragment in name:
-                return peak
+    name = runtime.current().device_name()
+    for fragment, peak in PEAK_TFLOPS.items():
+        if fragment in name:
+            return peak
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 
 import numpy as np
@@ -9,13 +10,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
-from fpdt_ext.parallel_state import ParallelGroups, init_distributed, initialize_fpdt_parallel
-from megatron.training import cpu_compat
+from fpdt_ext import runtime
+from fpdt_ext.parallel_state import ParallelGroups, initialize_fpdt_parallel
 
 
 def initialize(args) -> ParallelGroups:
-    cpu_compat.install()
-    init_distributed(timeout_minutes=args.distributed_timeout_minutes)
+    runtime.init_distributed(timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    runtime.prepare_megatron_core()
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"arguments were validated for {args.world_size} processes but "
                            f"{dist.get_world_size()} are running")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from fpdt_ext import runtime
 from fpdt_ext.model import FPDTGPTModel
 from fpdt_ext.spec import get_fpdt_layer_spec
 from megatron.training.arguments import padded_vocab_size
@@ -27,8 +28,11 @@ def activation(args):
 
 
 def transformer_config(args) -> TransformerConfig:
-    cuda = torch.cuda.is_available()
+    cuda = runtime.current().cuda
     recompute = args.recompute_granularity == "full"
+    # megatron-core's fused bias-dropout-add is torch.compile'd in every process on first use: it
+    # pays only when there is a bias or dropout to fuse (not for Llama's bias-free, dropout-free layers)
+    fuse_bias_dropout = cuda and (args.add_bias_linear or args.hidden_dropout > 0)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -56,7 +60,7 @@ def transformer_config(args) -> TransformerConfig:
         use_cpu_initialization=not cuda,
         # Fused kernels need CUDA.
         bias_activation_fusion=cuda and args.add_bias_linear and activation(args) is F.gelu,
-        bias_dropout_fusion=cuda,
+        bias_dropout_fusion=fuse_bias_dropout,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -96,6 +100,7 @@ def build_model(args, groups, vocab_size: int, layer_spec=None):
         # as Megatron's Float16Module: every parameter in the training dtype, including the
         # torch norms megatron-core creates in float32 (the optimizer keeps fp32 master weights)
         model.to(dtype=config.params_dtype)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    rt = runtime.current()
+    if rt.cuda:
+        model.cuda(rt.device)
     return model

@@ -9,7 +9,8 @@ shards once, clipping, and ``torch.optim.AdamW``; with
 ``--use-distributed-optimizer`` its state is split over the data x FPDT ranks
 (ZeRO-1, the group megatron-core's distributed optimizer uses). Both expose what the training
 loop uses: ``step() -> (ok, grad_norm, num_zeros)``, ``zero_grad()``,
-``param_groups``, ``state_dict()``/``load_state_dict()``.
+``param_groups``, ``sharded_state_dict()``/``load_state_dict()``, and
+``reload_model_params()`` (master weights from the model, after a weights-only load).
 
 Weight decay is not applied to biases and norm weights (1-D parameters), as in
 Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``.
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+from fpdt_ext import runtime
 
 
 def _param_groups(model):
@@ -129,21 +132,18 @@ class HostAdamW:
                                    group=self.shard_group)
         return True, grad_norm, None
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """Adam moments and fp32 master weights as tensors sharded like the model parameters
         (megatron-core's helpers), so the state reshards with the model; the step is common.
         Sharded, each rank gives only the parameters it owns, as the main replica: the saved
-        tensors are the same either way, so a checkpoint loads with or without sharding."""
+        tensors are the same either way, so a checkpoint loads with or without sharding.
+        ``metadata`` (megatron-core's layout options for its own optimizers) changes nothing here."""
         from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                                make_sharded_optimizer_tensor,
                                                                optim_state_to_sharding_state)
 
-        if is_loading:  # Adam creates its state lazily: give the loader tensors to fill
-            for master, _ in self._pairs:
-                if master not in self.optimizer.state:
-                    self.optimizer.state[master] = {"step": torch.zeros(()),
-                                                    "exp_avg": torch.zeros_like(master),
-                                                    "exp_avg_sq": torch.zeros_like(master)}
+        if is_loading:
+            prime_adam_state(self.optimizer)
         state = self.optimizer.state_dict()
         state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # torch shares the live dicts
         steps = {float(entry.pop("step")) for entry in state["state"].values()}
@@ -154,6 +154,14 @@ class HostAdamW:
         masters = {i: make_sharded_optimizer_tensor(by_index[i], master, "optimizer.master")
                    for i, (master, param) in enumerate(self._pairs) if master is not param}
         return {"adam": state, "step": max(steps, default=0.0), "master": masters}
+
+    def reload_model_params(self):
+        """Take the fp32 master weights from the model's parameters (after weights were loaded
+        into the model without optimizer state), as megatron-core's optimizers do."""
+        with torch.no_grad():
+            for master, param in self._pairs:
+                if master is not param:
+                    master.copy_(param)
 
     def load_state_dict(self, state):
         adam = state["adam"]
@@ -167,6 +175,60 @@ class HostAdamW:
                     param.copy_(master)
 
 
+def prime_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a torch Adam/AdamW that has not stepped yet its state (zeros, step 0), which it
+    otherwise creates lazily at the first step: a checkpoint loader needs tensors to fill.
+    Optimizers that keep their state some other way are left alone."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def prepare_for_loading(optimizer) -> None:
+    """Before a checkpoint's optimizer state is loaded into ``optimizer``. megatron-core's
+    optimizers over torch's AdamW (no TransformerEngine or apex installed) read the step from
+    the inner optimizer's state, which exists only after a first step; HostAdamW primes itself."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and not isinstance(opt, HostAdamW):
+            prime_adam_state(inner)
+
+
+def _load_torch_adam_step_through_distributed_optimizer(optimizer) -> None:
+    """Work around two faults of megatron-core 0.16 when it loads a distributed optimizer over
+    torch's AdamW (its fallback when neither TransformerEngine nor apex is installed).
+    ``load_state_dict`` puts the checkpoint's step into every parameter's state as one shared
+    tensor, which torch's AdamW then increments once per parameter at each step (wrong bias
+    correction after a resume); and it copies every state entry from the loaded tensors, which
+    hold no step: KeyError 'step'. Each parameter gets its own step tensor back, and hands it
+    along with its tensors. Only this combination is touched; TransformerEngine's and apex's Adam
+    keep no per-parameter step."""
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not getattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False):
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def own_step(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                state["step"] = state["step"].clone()
+                tensors = {"step": state["step"], **tensors}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = own_step
+
+
 def _main_replica(sharded):
     """``sharded`` with the data x FPDT part of its replica id (the last) set to 0."""
     rid = sharded.replica_id
@@ -175,7 +237,7 @@ def _main_replica(sharded):
 
 def build_optimizer(args, model, groups):
     """The optimizer for ``model`` (DDP-wrapped) and megatron-core's LR/WD scheduler."""
-    if torch.cuda.is_available():
+    if runtime.current().cuda:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         config = OptimizerConfig(
@@ -185,7 +247,11 @@ def build_optimizer(args, model, groups):
             params_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32),
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
-        optimizer = get_megatron_optimizer(config, [model], pg_collection=groups.pg_collection)
+        # with explicit process groups megatron-core takes no gloo side groups (it raises otherwise);
+        # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)
+        optimizer = get_megatron_optimizer(config, [model], pg_collection=groups.pg_collection,
+                                           use_gloo_process_groups=False)
+        _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
         optimizer = HostAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from fpdt_ext import runtime
 from fpdt_ext.disk import disk_peak_bytes
 from fpdt_ext.offload import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
@@ -65,27 +66,19 @@ def print_rank_0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class Trainer:
     def __init__(self, args):
         self.args = args
         self.groups = initialize(args)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.runtime = runtime.current()
+        self.device = self.runtime.device
         self.tokenizer = build_tokenizer(args)
         model = build_model(args, self.groups, self.tokenizer.vocab_size)
+        # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed
+        # optimizer needs DDP's buffers laid out for it.
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=args.use_distributed_optimizer and torch.cuda.is_available())
+            use_distributed_optimizer=args.use_distributed_optimizer and self.runtime.cuda)
         self.model = DistributedDataParallel(transformer_config(args), ddp_config, model,
                                              pg_collection=self.groups.pg_collection)
         self.optimizer, self.scheduler = build_optimizer(args, self.model, self.groups)
@@ -121,15 +114,16 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sp_size = self.groups.layout.fpdt_parallel_size
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        token_sum = torch.zeros((), dtype=torch.float64)
+        # summed on the device: no host synchronisation per micro batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        token_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         # megatron-core's mixed-precision optimizers unscale the gradients by their loss scale.
         loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
         for batch in self.train_data.global_batch():
             local_sum, tokens = self._loss_terms(batch)
             (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches * loss_scale).backward()
-            loss_sum += local_sum.detach().double().cpu()
-            token_sum += tokens.detach().double().cpu() / sp_size
+            loss_sum += local_sum.detach().double()
+            token_sum += tokens.detach().double() / sp_size
         # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
         # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
         finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
@@ -150,12 +144,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self):
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.args.eval_iters):
             for batch in self.valid_data.global_batch():
                 local_sum, tokens = self._loss_terms(batch)
-                totals += torch.stack([local_sum.double().cpu(),
-                                       tokens.double().cpu() / self.groups.layout.fpdt_parallel_size])
+                totals += torch.stack([local_sum.double(), tokens.double() / self.groups.layout.fpdt_parallel_size])
         self.model.train()
         dist.all_reduce(totals, group=self.groups.dp_sp)
         return (totals[0] / totals[1].clamp(min=1)).item()
@@ -185,7 +178,7 @@ class Trainer:
                 last = dict(iteration=it, lm_loss=loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                             ms_per_iter=elapsed * 1e3, tokens_per_s=tokens_per_iter / elapsed,
                             tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
-                            peak_mem_gib=peak_memory_bytes() / 2**30)
+                            peak_mem_gib=self.runtime.peak_memory_bytes() / 2**30)
                 if args.offload_dir:
                     last["peak_disk_gib"] = disk_peak_bytes() / 2**30
                 self._log(last)
@@ -231,7 +224,7 @@ class Trainer:
         if args.exit_duration_in_mins and (time.perf_counter() - run_start) / 60 > args.exit_duration_in_mins:
             local = max(local, 2)
         if args.exit_signal_handler or args.exit_duration_in_mins:
-            flag = torch.tensor([local], dtype=torch.int32)
+            flag = torch.tensor([local], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             local = int(flag.item())
         if local == 1:

@@ -276,7 +276,7 @@ def mcore_to_hf(model_type, load_dir, save_dir):
 
     from megatron.training.checkpointing import checkpoint_name, list_checkpoints, verify_checkpoint
 
-    from fpdt_ext.parallel_state import init_distributed
+    from fpdt_ext.runtime import init_distributed
 
     init_distributed()
     for iteration in list_checkpoints(load_dir):

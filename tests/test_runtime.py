@@ -1,8 +1,8 @@
-"""The CPU compatibility module: megatron-core's CUDA assumptions redirected.
+"""fpdt_ext.runtime on the CPU: megatron-core's CUDA assumptions redirected, memory readings.
 
-The decisive check: with dropout on, megatron-core's full activation recompute
-must replay the same dropout masks (its RNG save/restore goes through the
-shims), so gradients with and without recompute are identical.
+The decisive check of the shims: with dropout on, megatron-core's full activation
+recompute must replay the same dropout masks (its RNG save/restore goes through
+the shims), so gradients with and without recompute are identical.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 
 from fpdt_ext.parallel_state import ParallelLayout
 from fpdt_ext.spawn import run_world
-from megatron.training.cpu_compat import CPURNGStatesTracker
+from fpdt_ext import runtime
+from fpdt_ext.runtime import CPURNGStatesTracker
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are inactive with CUDA")
 
@@ -73,3 +74,13 @@ def recompute_report():
 def test_full_recompute_replays_dropout_on_cpu():
     diffs = recompute_report()
     assert max(diffs.values()) < 1e-6, diffs
+
+
+def test_cpu_memory_readings_follow_an_allocation():
+    rt = runtime.Runtime.detect()
+    rt.reset_peak_memory()
+    before = rt.memory_in_use_bytes()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert rt.memory_in_use_bytes() - before >= 60 << 20
+    del block
+    assert rt.peak_memory_bytes() - before >= 60 << 20
