@@ -198,3 +198,14 @@ def test_gpu_path_fuses_bias_dropout_add_only_where_there_is_something_to_fuse(e
         assert transformer_config(args).bias_dropout_fusion is fused
         assert transformer_config(args).use_cpu_initialization is False
     assert transformer_config(args).bias_dropout_fusion is False
+
+
+def test_a_checkpoint_from_the_cpu_path_is_refused_by_the_gpu_path_with_what_to_do(tmp_path):
+    """HostAdamW (CPU) and megatron-core's optimizers (GPU) lay their state out differently: a
+    resume across them is refused before loading, saying what to do (it was a key-mismatch
+    traceback from dist_checkpointing)."""
+    save = str(tmp_path / "cpu")
+    run_world(2, _train_worker, TINY_LLAMA, 1, False, save, None)
+    with pytest.raises(RuntimeError, match="written by HostAdamW, and this run uses megatron-core's optimizer "
+                                           r"\(GPU path\).*start from its weights alone"):
+        run_world(2, _train_worker, TINY_LLAMA, 1, True, None, save, backend=MAPPED_BACKEND)

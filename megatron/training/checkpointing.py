@@ -112,6 +112,16 @@ def _layout(trainer) -> dict:
 SHARDED_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
+MEGATRON_OPTIMIZER = "megatron-core's optimizer"
+
+
+def optimizer_format(optimizer) -> str:
+    """Whose layout the optimizer state is saved in: HostAdamW's (the CPU path) or megatron-core's."""
+    from megatron.training.optimizer import HostAdamW
+
+    return "HostAdamW" if isinstance(optimizer, HostAdamW) else MEGATRON_OPTIMIZER
+
+
 def _sharded_state(trainer, *, loading: bool) -> dict:
     model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
     return {
@@ -125,6 +135,7 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "kind": "training",
         "model_args": model_args_dict(trainer.args),
         "true_vocab_size": trainer.tokenizer.vocab_size,
+        "optimizer_format": optimizer_format(trainer.optimizer),
     }
 
 
@@ -255,13 +266,21 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
             reasons.append(f"{path}: {problem}")
             _print0(f" checkpoint {path} is unusable: {problem}; trying the previous one")
             continue
-        kind = dist_checkpointing.load_common_state_dict(path).get("kind")
+        common = dist_checkpointing.load_common_state_dict(path)
+        kind = common.get("kind")
         if kind == "weights":  # a converted or exported model: weights only, training starts at 0
             state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
             trainer.model.module.load_state_dict(state["model"])
             trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
             _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
             return 0
+        saved_format, this_format = common.get("optimizer_format"), optimizer_format(trainer.optimizer)
+        if saved_format is not None and saved_format != this_format:
+            raise CheckpointError(
+                f"{path} holds optimizer state written by {saved_format}, and this run uses {this_format} "
+                f"({'GPU' if this_format == MEGATRON_OPTIMIZER else 'CPU'} path): resume it on the kind of machine "
+                "that wrote it, or start from its weights alone (tools/checkpoint/convert.py --loader mcore "
+                "--saver hf, then --loader hf --saver mcore, and --load that)")
         prepare_for_loading(trainer.optimizer)
         state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
         trainer.model.module.load_state_dict(state["model"])
