@@ -169,16 +169,16 @@ def using(rt: Runtime):
 
 def init_distributed(*, rank: Optional[int] = None, world_size: Optional[int] = None,
                      init_method: Optional[str] = None, timeout: datetime.timedelta = datetime.timedelta(minutes=30),
-                     backend: Optional[str] = None) -> Runtime:
+                     backend: Optional[str] = None, local_rank: Optional[int] = None) -> Runtime:
     """Activate this process's runtime and initialise the process group, if not done yet.
 
-    Without ``rank``/``world_size`` the torchrun/SLURM environment is used; a single process
-    without launcher variables becomes a world of one. ``backend`` overrides the runtime's
-    (tests map both device types to gloo on the CPU). Returns the runtime.
+    Without ``rank``/``world_size`` the torchrun/SLURM environment is used (``$LOCAL_RANK``
+    picks the GPU unless ``local_rank`` is given); a single process without launcher variables
+    becomes a world of one. ``backend`` overrides the runtime's (tests map both device types to
+    gloo on the CPU). Returns the runtime.
     """
     if dist.is_initialized():
         return current()
-    local_rank = rank if rank is not None and "LOCAL_RANK" not in os.environ else None
     rt = Runtime.detect(local_rank)
     if backend is not None:
         rt = dataclasses.replace(rt, backend=backend)

@@ -40,7 +40,8 @@ def _worker(rank, world_size, port, backend, fn, args, results):
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         runtime.init_distributed(rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
-                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), backend=backend)
+                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), backend=backend,
+                                 local_rank=rank)
         value = fn(rank, world_size, *args)
         # Plain pickle keeps tensor data in-band (the multiprocessing pickler would pass
         # shared-memory handles that die with this process).

@@ -237,11 +237,13 @@ class Trainer:
 
     def _log(self, m):
         mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+        # megatron-core's optimizers give no norm for a step skipped on overflow (fp16)
+        grad_norm = f"{m['grad_norm']:.3f}" if m["grad_norm"] is not None else "n/a"
         print_rank_0(
             f" iteration {m['iteration']:8d}/{self.args.train_iters:8d} | consumed samples: "
             f"{self.state.consumed_samples:12d} | elapsed time per iteration (ms): {m['ms_per_iter']:.1f} | "
             f"learning rate: {m['lr']:.6E} | global batch size: {self.args.global_batch_size:5d} | "
-            f"lm loss: {m['lm_loss']:.6E} | grad norm: {m['grad_norm']:.3f} | number of skipped iterations: "
+            f"lm loss: {m['lm_loss']:.6E} | grad norm: {grad_norm} | number of skipped iterations: "
             f"{self.state.skipped_iterations:3d} | number of nan iterations: {self.state.nan_iterations:3d} | "
             f"tokens/s: {m['tokens_per_s']:.0f} | TFLOP/s/device: {m['tflops_per_device']:.3f} | MFU: {mfu} | "
             f"peak mem (GiB): {m['peak_mem_gib']:.2f} |"
