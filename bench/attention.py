@@ -32,8 +32,8 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.memory import PeakMemory, malloc_env  # noqa: E402
 from fpdt_ext import fpdt_attention  # noqa: E402
-from fpdt_ext.offload import host_pool  # noqa: E402
-from fpdt_ext.spawn import run_world  # noqa: E402
+from fpdt_ext.memory.offload import host_pool  # noqa: E402
+from fpdt_ext.testing.spawn import run_world  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from fpdt_ext import kernels, runtime  # noqa: E402
+from fpdt_ext.core import kernels, runtime  # noqa: E402
 
 GiB = 2**30
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
@@ -138,7 +138,6 @@ def phase_ceilings(rec, tiny, budget_s):
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     seconds = _time(lambda: a @ b, device, repeats=10 if not tiny else 3, warmup=3 if not tiny else 1)
     rec(what="matmul", dtype=str(dtype), n=n, tflops=2 * n**3 / seconds / 1e12)
-    del a, b
     size = (8 << 20) if tiny else GiB
     pinned = device.type == "cuda"
     host = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
@@ -265,7 +264,8 @@ def phase_attention(rec, tiny, budget_s):
 def phase_offload(rec, tiny, budget_s):
     from torch.utils.checkpoint import checkpoint
 
-    from fpdt_ext.offload import ChunkStore, Residency, SavedTensorsToHost
+    from fpdt_ext.memory.offload import ChunkStore, Residency
+    from fpdt_ext.memory.saved import SavedTensorsToHost
 
     device = _device(tiny)
     numel = (1 << 16) if tiny else (16 << 20)  # 64 MiB float32 chunks on GPU

@@ -125,7 +125,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if Runtime.detect().on_gpu:
         p.error("the census counts CPU tensors; on CUDA use torch.cuda.memory._record_memory_history")
-    from fpdt_ext.spawn import run_world
+    from fpdt_ext.testing.spawn import run_world
 
     offload_dir = a.offload_dir
     if a.kind == "fpdt-disk" and offload_dir is None:

@@ -102,7 +102,7 @@ def step_worker(rank, world_size, flags, steps):
         rt.synchronize()
         times.append(time.perf_counter() - start)
     peak = rt.peak_memory_bytes() - base
-    from fpdt_ext.disk import disk_peak_bytes
+    from fpdt_ext.memory.disk import disk_peak_bytes
 
     # host: what the step added to the process's resident set (pinned offload buffers among it);
     # on the CPU that is the device figure
@@ -119,7 +119,7 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
     ``offload_dir`` (and reports the file's peak, the larger rank)."""
     from bench.memory import malloc_env
     from fpdt_ext import runtime
-    from fpdt_ext.spawn import run_world
+    from fpdt_ext.testing.spawn import run_world
 
     malloc_env()
     offload = runtime.Runtime.detect().cuda if offload is None else offload

@@ -15,8 +15,8 @@ here, once per process, and read from the :class:`Runtime` instead of from
   the mapping, so every group accepts both. Plain ``gloo`` on the CPU;
 * memory readings: allocator statistics on CUDA, the resident-set high-water
   mark (``VmHWM``) on the CPU;
-* the CPU shims: the few places megatron-core assumes CUDA, redirected when
-  tensors live on the CPU (:func:`prepare_megatron_core`).
+* whether megatron-core needs its CUDA assumptions redirected (tensors on the CPU:
+  :func:`fpdt_ext.mcore.cpu_shims.prepare` asks ``current().on_gpu``).
 
 The code path and the device are separate fields so that the tests can run the
 CUDA path's logic with tensors on the CPU (``tests/cuda_on_cpu.py``); in a
@@ -149,12 +149,6 @@ def activate(rt: Runtime) -> Runtime:
     return rt
 
 
-def prepare_megatron_core() -> None:
-    """Call before megatron-core builds anything: with tensors on the CPU, the shims below."""
-    if not current().on_gpu:
-        install_cpu_shims()
-
-
 @contextlib.contextmanager
 def using(rt: Runtime):
     """``rt`` as the runtime inside the block (tests), the previous one after it."""
@@ -191,101 +185,3 @@ def init_distributed(*, rank: Optional[int] = None, world_size: Optional[int] = 
                 if v is not None}  # else the launcher's environment
     dist.init_process_group(rt.backend, timeout=timeout, **explicit)
     return rt
-
-
-# -- megatron-core on a machine without CUDA ---------------------------------------------
-#
-# megatron-core 0.16 runs its GPT model, DDP wrapper, recompute and distributed checkpointing on
-# the CPU once four assumptions are redirected; install_cpu_shims does exactly that:
-#   1. Device lookups: layers, buffers and the rotary embedding ask torch.cuda.current_device()
-#      where to allocate; the answer becomes "cpu".
-#   2. The RNG tracker: megatron keeps named CUDA generator states (model-parallel and
-#      data-parallel streams) and saves/restores "the CUDA RNG state" around activation
-#      recompute. A CPU tracker with the same named streams stands in, and the CUDA state
-#      getters/setters use the CPU generator, so recompute replays dropout masks exactly.
-#   3. Mask helpers: the default causal mask of megatron-core's local core attention is built
-#      on "cuda"; it is built on the CPU instead.
-#   4. Synchronisation: dist_checkpointing calls torch.cuda.synchronize() after copying tensors
-#      to host memory; on the CPU there is nothing to wait for.
-
-_SHIMS_INSTALLED = False
-
-
-class CPURNGStatesTracker:
-    """megatron-core's CudaRNGStatesTracker interface over the CPU generator."""
-
-    def __init__(self):
-        self.reset()
-
-    def is_initialized(self):
-        return self._initialized
-
-    def reset(self):
-        self._initialized = False
-        self.states_ = {}
-        self.seeds_ = set()
-
-    def get_states(self):
-        return {name: state.clone() for name, state in self.states_.items()}
-
-    def set_states(self, states):
-        self._initialized = True
-        self.states_ = states
-
-    def add(self, name, seed):
-        self._initialized = True
-        if seed in self.seeds_:
-            raise Exception(f"seed {seed} already exists")
-        if name in self.states_:
-            raise Exception(f"rng state {name} already exists")
-        self.seeds_.add(seed)
-        original = torch.get_rng_state()
-        torch.manual_seed(seed)
-        self.states_[name] = torch.get_rng_state()
-        torch.set_rng_state(original)
-
-    @contextlib.contextmanager
-    def fork(self, name="model-parallel-rng"):
-        if name not in self.states_:
-            raise Exception(f"rng state {name} is not added")
-        original = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(original)
-
-
-def _cpu_rng_state(device=None, clone=False, graph_safe=False):
-    return torch.get_rng_state()
-
-
-def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
-    torch.set_rng_state(new_state)
-
-
-def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-
-def install_cpu_shims() -> None:
-    """Redirect megatron-core's CUDA assumptions to the CPU (idempotent). Refused on a process
-    that computes on a GPU: the shims would send its tensors to the CPU."""
-    global _SHIMS_INSTALLED
-    if _SHIMS_INSTALLED:
-        return
-    if _CURRENT is not None and _CURRENT.on_gpu:
-        raise RuntimeError("the CPU shims redirect megatron-core's CUDA device to the CPU; this process "
-                           f"computes on {_CURRENT.device}")
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random as mrandom
-
-    torch.cuda.current_device = lambda: "cpu"  # (1)
-    mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()  # (2)
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    mrandom._get_cuda_rng_state = _cpu_rng_state
-    mrandom._set_cuda_rng_state = _set_cpu_rng_state
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # (3) where the local core attention looks it up
-    torch.cuda.synchronize = lambda device=None: None  # (4)
-    _SHIMS_INSTALLED = True

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from fpdt_ext.disk import check_offload_dir
+from fpdt_ext.memory.disk import check_offload_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

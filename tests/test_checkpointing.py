@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from fpdt_ext.spawn import free_port
+from fpdt_ext.testing.spawn import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",

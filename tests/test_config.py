@@ -2,7 +2,7 @@
 
 import pytest
 
-from fpdt_ext.config import FPDTConfig, check_heads, kv_replication
+from fpdt_ext.core.config import FPDTConfig, check_heads, kv_replication
 
 
 def test_chunk_size_gives_chunk_count():

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from fpdt_ext.spawn import run_world
+from fpdt_ext.testing.spawn import run_world
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +113,7 @@ def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
 def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     import json
 
-    from fpdt_ext.spawn import free_port
+    from fpdt_ext.testing.spawn import free_port
 
     model, mcore_dir, _ = converted("llama", tmp_root)
     gen = torch.Generator().manual_seed(5)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from fpdt_ext.spawn import free_port
+from fpdt_ext.testing.spawn import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

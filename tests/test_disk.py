@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from fpdt_ext import disk
-from fpdt_ext.disk import MAX_QUEUED_WRITES, PAGE, DiskTier, check_offload_dir, disk_tier
-from fpdt_ext.offload import ChunkStore, Residency, SavedTensorsToHost
+from fpdt_ext.memory import disk
+from fpdt_ext.memory.disk import MAX_QUEUED_WRITES, PAGE, DiskTier, check_offload_dir, disk_tier
+from fpdt_ext.memory.offload import ChunkStore, Residency
+from fpdt_ext.memory.saved import SavedTensorsToHost
 from tests.disk_dir import disk_scratch_dir
 
 

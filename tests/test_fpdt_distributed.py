@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fpdt_ext.comm import head_to_seq, seq_to_head
-from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
-from fpdt_ext.layout import fpdt_shard
-from fpdt_ext.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
-from fpdt_ext.spawn import run_world
+from fpdt_ext.core.comm import head_to_seq, seq_to_head
+from fpdt_ext.core.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
+from fpdt_ext.core.layout import fpdt_shard
+from fpdt_ext.core.qkv import InputNorm, QKVLayout, fpdt_qkv_attention
+from fpdt_ext.testing.spawn import run_world
 from tests.disk_dir import shared_disk_scratch_dir
 from tests.reference import dense_causal_attention, dense_qkv_attention, rel_error, rotary_angles, rotate
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fpdt_ext.spawn import run_world
+from fpdt_ext.testing.spawn import run_world
 
 S, B, H, FFN, V = 24, 2, 16, 40, 64
 
@@ -22,10 +22,10 @@ def _megatron(world_size):
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.training.initialize import set_seed
 
-    from fpdt_ext import runtime
-    from fpdt_ext.parallel_state import initialize_fpdt_parallel
+    from fpdt_ext.mcore import cpu_shims
+    from fpdt_ext.mcore.parallel_state import initialize_fpdt_parallel
 
-    runtime.prepare_megatron_core()
+    cpu_shims.prepare()
     groups = initialize_fpdt_parallel(1, 1, 1)
     set_seed(1, tp_rank=0)
     return groups, TransformerConfig
@@ -36,9 +36,9 @@ def modules_worker(rank, world_size):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.mlp import MLP
 
-    from fpdt_ext.config import FPDTConfig
-    from fpdt_ext.loss import chunked_lm_loss
-    from fpdt_ext.mlp import FPDTMLP
+    from fpdt_ext.core.config import FPDTConfig
+    from fpdt_ext.mcore.loss import chunked_lm_loss
+    from fpdt_ext.mcore.mlp import FPDTMLP
 
     groups, TransformerConfig = _megatron(world_size)
     report = {}
@@ -137,7 +137,7 @@ def test_chunked_loss_in_bf16_multiplies_in_bf16_and_sums_in_float32():
 
 
 def test_loss_chunks_bound_the_logits_of_one_chunk():
-    from fpdt_ext.loss import MAX_CHUNK_LOGITS, MIN_CHUNK_TOKENS, loss_chunk_tokens, loss_chunks
+    from fpdt_ext.mcore.loss import MAX_CHUNK_LOGITS, MIN_CHUNK_TOKENS, loss_chunk_tokens, loss_chunks
 
     # 32K vocabulary: 131 tokens per chunk (16 MiB of float32 logits), whatever the attention chunk
     assert loss_chunk_tokens(32000) == MAX_CHUNK_LOGITS // 32000

@@ -7,8 +7,8 @@ Skipped without a GPU; run by bench/gpu_check.sh on a lent machine.
 import pytest
 import torch
 
-from fpdt_ext import kernels
-from fpdt_ext.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
+from fpdt_ext.core import kernels
+from fpdt_ext.core.attention import AttentionState, fpdt_backward, fpdt_forward, fpdt_attention, make_plan
 from tests.reference import dense_causal_attention, rel_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,7 +69,7 @@ def test_cuda_offload_bounds_residency_and_device_memory():
 def test_cuda_qkv_attention_matches_float64_reference(dtype, offload):
     """Projection and rotary inside the chunk loop, on CUDA (bf16: the weight gradient is summed
     over chunks in float32)."""
-    from fpdt_ext.qkv import QKVLayout, fpdt_qkv_attention
+    from fpdt_ext.core.qkv import QKVLayout, fpdt_qkv_attention
     from tests.reference import dense_qkv_attention, rotary_angles, rotate
 
     gen = torch.Generator().manual_seed(5)
@@ -105,7 +105,7 @@ def test_cuda_gemms_sum_low_precision_products_in_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_chunked_loss_matches_float64_reference(dtype):
-    from fpdt_ext.loss import chunked_lm_loss
+    from fpdt_ext.mcore.loss import chunked_lm_loss
 
     gen = torch.Generator().manual_seed(8)
     seq, batch, hidden, vocab = 600, 2, 128, 5000

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from fpdt_ext import runtime
-from fpdt_ext.spawn import run_world
+from fpdt_ext.testing.spawn import run_world
 from tests.cuda_on_cpu import MAPPED_BACKEND, cuda_path_on_cpu
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins for CUDA paths; a GPU runs the real ones")
@@ -44,9 +44,10 @@ def test_runtime_takes_the_gpu_and_the_device_mapped_backend_when_torch_sees_one
 
 
 def _groups_worker(rank, world_size):
-    from fpdt_ext.parallel_state import initialize_fpdt_parallel
+    from fpdt_ext.mcore import cpu_shims
+    from fpdt_ext.mcore.parallel_state import initialize_fpdt_parallel
 
-    runtime.prepare_megatron_core()
+    cpu_shims.prepare()
     groups = initialize_fpdt_parallel(tensor_model_parallel_size=2, fpdt_parallel_size=2)
     pgs = groups.pg_collection
     seen = {}

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fpdt_ext.spawn import free_port
+from fpdt_ext.testing.spawn import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fpdt_ext import kernels
+from fpdt_ext.core import kernels
 
 CUDA = torch.cuda.is_available()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fpdt_ext.layout import fpdt_global_positions, fpdt_shard, fpdt_shard_batch, fpdt_unshard
+from fpdt_ext.core.layout import fpdt_global_positions, fpdt_shard, fpdt_shard_batch, fpdt_unshard
 
 
 @pytest.mark.parametrize("sp_size,num_chunks", [(1, 1), (1, 4), (2, 1), (2, 3), (4, 2), (4, 8), (3, 5)])

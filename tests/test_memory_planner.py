@@ -132,7 +132,7 @@ def test_predictions_within_15_percent_of_measured_cpu_runs():
 def test_loss_chunk_constants_match_the_implementation():
     import memory_planner
 
-    from fpdt_ext import loss
+    from fpdt_ext.mcore import loss
 
     assert memory_planner.LOSS_MAX_CHUNK_LOGITS == loss.MAX_CHUNK_LOGITS
     assert memory_planner.LOSS_MIN_CHUNK_TOKENS == loss.MIN_CHUNK_TOKENS

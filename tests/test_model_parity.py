@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fpdt_ext.layout import fpdt_shard, fpdt_shard_batch
-from fpdt_ext.spawn import run_world
+from fpdt_ext.core.layout import fpdt_shard, fpdt_shard_batch
+from fpdt_ext.testing.spawn import run_world
 
 SEQ, BATCH, VOCAB = 48, 2, 96
 COMMON = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
@@ -120,11 +120,11 @@ class _Forbidden:
 
 
 def _forbid_globals_in_fpdt_hot_paths():
-    import fpdt_ext.attention as attention
-    import fpdt_ext.loss as loss
-    import fpdt_ext.model as model
-    import fpdt_ext.qkv as qkv
-    from fpdt_ext.spec import FPDTCoreAttention
+    import fpdt_ext.core.attention as attention
+    import fpdt_ext.mcore.loss as loss
+    import fpdt_ext.mcore.model as model
+    import fpdt_ext.core.qkv as qkv
+    from fpdt_ext.mcore.attention import FPDTCoreAttention
 
     _Forbidden.install()
     _Forbidden.wrap(FPDTCoreAttention, "forward")
@@ -142,6 +142,11 @@ def fpdt_worker(rank, world_size, config, tp):
     args, groups = _setup(CONFIGS[config] + FPDT + ["--fpdt-parallel-size", "2", "--tensor-model-parallel-size",
                                                     str(tp)], world_size)
     model = build_model(args, groups, VOCAB)
+    norm_calls = {"input": 0, "pre_mlp": 0}  # whole-sequence norm calls (the loops normalise chunks instead)
+    for layer in model.decoder.layers:
+        layer.input_layernorm.register_forward_hook(lambda *_: norm_calls.__setitem__("input", norm_calls["input"] + 1))
+        layer.pre_mlp_layernorm.register_forward_hook(
+            lambda *_: norm_calls.__setitem__("pre_mlp", norm_calls["pre_mlp"] + 1))
     full = _batch()
     batch = fpdt_shard_batch(full, sp_rank=groups.sp_rank, sp_size=2, num_chunks=args.fpdt_num_chunks)
     _forbid_globals_in_fpdt_hot_paths()
@@ -157,8 +162,7 @@ def fpdt_worker(rank, world_size, config, tp):
     weights = {n: _full_grad(p, p.detach().clone(), groups) for n, p in model.named_parameters()}
     return {"losses": losses.detach(), "grads": grads, "weights": weights, "sp_rank": groups.sp_rank,
             "num_chunks": args.fpdt_num_chunks, "calls": dict(_Forbidden.calls),
-            "fused_norms": sum(layer.input_layernorm.fused_into_next for layer in model.decoder.layers),
-            "fused_mlp_norms": sum(layer.pre_mlp_layernorm.fused_into_next for layer in model.decoder.layers)}
+            "norm_calls": norm_calls}
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,8 +190,9 @@ def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
         assert calls.get("FPDTQKVAttentionFunction.forward") == chunked, calls
         assert calls.get("FPDTQKVAttentionFunction.backward") == chunked, calls
         assert calls.get("FPDTCoreAttention.forward") == (None if chunked else 2), calls
-        assert result["fused_norms"] == (2 if chunked else 0)  # input norms run inside the QKV loop
-        assert result["fused_mlp_norms"] == 2  # pre-MLP norms inside the MLP's chunks
+        # input norms run inside the QKV loop (on the whole sequence only for the fallback),
+        # pre-MLP norms inside the MLP's chunks
+        assert result["norm_calls"] == {"input": 0 if chunked else 2, "pre_mlp": 0}, result["norm_calls"]
         expected = fpdt_shard(ref["losses"], dim=1, sp_rank=result["sp_rank"], sp_size=2,
                               num_chunks=result["num_chunks"])
         torch.testing.assert_close(result["losses"], expected, rtol=1e-5, atol=1e-5)

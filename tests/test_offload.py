@@ -6,7 +6,7 @@ The same tests run on CUDA (pinned pool, side stream, events) when a GPU is pres
 import pytest
 import torch
 
-from fpdt_ext.offload import ChunkStore, HostBufferPool, Residency, host_pool
+from fpdt_ext.memory.offload import ChunkStore, HostBufferPool, Residency, host_pool
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]

@@ -12,10 +12,10 @@ import functools
 import pytest
 import torch
 
-from fpdt_ext.parallel_state import ParallelLayout
-from fpdt_ext.spawn import run_world
+from fpdt_ext.mcore.parallel_state import ParallelLayout
+from fpdt_ext.testing.spawn import run_world
 from fpdt_ext import runtime
-from fpdt_ext.runtime import CPURNGStatesTracker
+from fpdt_ext.mcore.cpu_shims import CPURNGStatesTracker
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are inactive with CUDA")
 

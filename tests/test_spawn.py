@@ -1,11 +1,11 @@
-"""fpdt_ext.spawn.run_world: results by rank, errors reported, dead workers noticed at once."""
+"""fpdt_ext.testing.spawn.run_world: results by rank, errors reported, dead workers noticed at once."""
 
 import os
 import time
 
 import pytest
 
-from fpdt_ext.spawn import run_world
+from fpdt_ext.testing.spawn import run_world
 
 
 def rank_worker(rank, world_size, scale):

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fpdt_ext.spawn import free_port
+from fpdt_ext.testing.spawn import free_port
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.flops import training_flops_per_token
 from tests.disk_dir import shared_disk_scratch_dir
@@ -146,7 +146,7 @@ def test_qk_layernorm_gradients_are_summed_over_tensor_parallel_ranks():
     """TP 2 x FPDT 2 with q/k layernorm (megatron-core's own attention forward): those weights see
     only this TP rank's heads, so after a step their gradients must be the sum over TP, equal on
     every rank (megatron-core's finalize_model_grads; a bare DDP sync leaves them partial)."""
-    from fpdt_ext.spawn import run_world
+    from fpdt_ext.testing.spawn import run_world
 
     flags = LLAMA + ["--attention-dropout", "0", "--hidden-dropout", "0", "--qk-layernorm",
                      "--tensor-model-parallel-size", "2", "--fpdt", "--fpdt-parallel-size",
@@ -206,7 +206,7 @@ def test_distributed_optimizer_splits_adam_state_and_matches_the_unsharded_run(d
     """--use-distributed-optimizer on the CPU (FPDT 2): each rank keeps Adam state (and bf16's fp32
     master weights) only for the parameters it owns, the owners cover every parameter once, and
     losses, gradient norms and weights are bit for bit those of the unsharded optimizer."""
-    from fpdt_ext.spawn import run_world
+    from fpdt_ext.testing.spawn import run_world
 
     flags = LLAMA + ["--attention-dropout", "0", "--hidden-dropout", "0", "--fpdt", "--fpdt-parallel-size", "2",
                      "--fpdt-chunk-size", "32"] + (["--bf16"] if dtype == "bf16" else [])

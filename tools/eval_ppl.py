@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     opts = _parse(argv)
     from megatron.core import dist_checkpointing
 
-    from fpdt_ext.layout import fpdt_shard_batch, fpdt_unshard
+    from fpdt_ext.core.layout import fpdt_shard_batch, fpdt_unshard
     from fpdt_ext.runtime import init_distributed
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.checkpointing import checkpoint_name, list_checkpoints, verify_checkpoint

@@ -40,7 +40,7 @@ PRESETS = {
     "llama-tiny": (4, 256, 688, 8, 4, 32000, True, False),
 }
 GiB = 2**30
-# fpdt_ext.loss: a loss chunk holds at most this many logits, and at least this many tokens
+# fpdt_ext.mcore.loss: a loss chunk holds at most this many logits, and at least this many tokens
 # (kept in step by tests/test_memory_planner.py; the planner imports neither torch nor megatron).
 LOSS_MAX_CHUNK_LOGITS = 1 << 22
 LOSS_MIN_CHUNK_TOKENS = 128
@@ -104,7 +104,7 @@ class Plan:
                 ("fp32 master + Adam moments", 12 * n / shard, 0, 0), runtime]
 
     def loss_rows(self):
-        """Tokens per rank in one loss chunk (fpdt_ext.loss.loss_chunk_tokens), at most the local sequence."""
+        """Tokens per rank in one loss chunk (fpdt_ext.mcore.loss.loss_chunk_tokens), at most the local sequence."""
         vocab_local = self.model.vocab // self.tp
         return max(LOSS_MIN_CHUNK_TOKENS, LOSS_MAX_CHUNK_LOGITS // vocab_local)
 

@@ -18,8 +18,8 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from fpdt_ext.config import FPDTConfig, check_heads
-from fpdt_ext.disk import check_offload_dir
+from fpdt_ext.core.config import FPDTConfig, check_heads
+from fpdt_ext.memory.disk import check_offload_dir
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args
 
 

@@ -4,7 +4,7 @@ Samples are ``[S]`` sequences from megatron-core's ``GPTDataset`` (or
 ``MockGPTDataset`` with ``--mock-data``). A global batch of G samples is split
 over data-parallel ranks and micro batches in Megatron's order. Every rank of
 an FPDT group reads the same samples and keeps its own piece in the FPDT
-layout (:func:`fpdt_ext.layout.fpdt_shard_batch`): tokens, labels, loss mask
+layout (:func:`fpdt_ext.core.layout.fpdt_shard_batch`): tokens, labels, loss mask
 and position ids (the tokens' true global positions) are permuted together.
 """
 
@@ -17,7 +17,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
-from fpdt_ext.layout import fpdt_shard_batch
+from fpdt_ext.core.layout import fpdt_shard_batch
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 

@@ -11,12 +11,13 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from fpdt_ext import runtime
-from fpdt_ext.parallel_state import ParallelGroups, initialize_fpdt_parallel
+from fpdt_ext.mcore import cpu_shims
+from fpdt_ext.mcore.parallel_state import ParallelGroups, initialize_fpdt_parallel
 
 
 def initialize(args) -> ParallelGroups:
     runtime.init_distributed(timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
-    runtime.prepare_megatron_core()
+    cpu_shims.prepare()
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"arguments were validated for {args.world_size} processes but "
                            f"{dist.get_world_size()} are running")

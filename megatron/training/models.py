@@ -8,8 +8,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpdt_ext import runtime
-from fpdt_ext.model import FPDTGPTModel
-from fpdt_ext.spec import get_fpdt_layer_spec
+from fpdt_ext.mcore.model import FPDTGPTModel
+from fpdt_ext.mcore.spec import get_fpdt_layer_spec
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.baseline import baseline_layer_spec
 

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from fpdt_ext import runtime
-from fpdt_ext.disk import disk_peak_bytes
-from fpdt_ext.offload import SavedTensorsToHost
+from fpdt_ext.memory.disk import disk_peak_bytes
+from fpdt_ext.memory.saved import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 from megatron.training.data import MicroBatches, build_datasets, to_model_layout

@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     parser.add_argument("--load-dir", required=True)
     parser.add_argument("--save-dir", required=True)
     args = parser.parse_args(argv)
-    from fpdt_ext.spawn import free_port
+    from fpdt_ext.testing.spawn import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # a world of one process, on this machine
     if args.loader == args.saver:

@@ -1,13 +1,14 @@
-"""Chunked LayerNorm / RMSNorm: whole-sequence input and output, chunk-sized everything else.
+"""LayerNorm / RMSNorm one chunk at a time: the functions FPDT's loops normalise with.
 
 torch's norms save what their backward formula needs and that backward makes
 several whole-sequence temporaries (on the CPU, RMSNorm's backward is a chain
-of elementwise ops, each a ``[s/P, b, h]`` tensor). Here the forward writes
+of elementwise ops, each a ``[s/P, b, h]`` tensor). :func:`chunked_norm` writes
 the output chunk by chunk, saves only the input (which the residual stream
-keeps alive anyway), and the backward recomputes each chunk's norm under
+keeps alive anyway), and its backward recomputes each chunk's norm under
 autograd and writes its input gradient into place, so a norm's backward costs
-one ``[s/P, b, h]`` gradient plus chunk-sized scratch. The parameters are
-torch's (``weight``, and ``bias`` for LayerNorm), so checkpoints are unchanged.
+one ``[s/P, b, h]`` gradient plus chunk-sized scratch. :class:`InputNorm` is a
+norm's parameters handed to a loop that normalises each chunk itself (the QKV
+projection, the MLP); :class:`ChunkNormGrads` is its backward there.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from fpdt_ext.config import FPDTConfig
 
 Tensor = torch.Tensor
 
@@ -93,61 +92,8 @@ class _ChunkedNorm(torch.autograd.Function):
         return grad_x, *norm.result(), None, None, None
 
 
-def fuse_into_next(norm, config) -> bool:
-    """Mark ``norm`` as run by the module that follows it (which then normalises chunk by chunk
-    with its parameters) and return True; False, changing nothing, when ``norm`` is not a
-    chunked torch norm or megatron-core's selective layernorm recompute is on (it frees the
-    norm's output, which a fused norm passes through: the residual stream itself)."""
-    selective = config.recompute_granularity == "selective" and "layernorm" in (config.recompute_modules or ())
-    if selective or not isinstance(norm, (ChunkedLayerNorm, ChunkedRMSNorm)):
-        return False
-    norm.fused_into_next = True
-    return True
-
-
-class _ChunkedNormMixin:
-    fpdt_config: FPDTConfig
-    # Set by FPDTSelfAttention.fuse_input_norm: the attention normalises chunk by chunk inside
-    # its loop (this norm's parameters), so this module passes its input through.
-    fused_into_next = False
-
-    @property
-    def rms(self) -> bool:
-        return isinstance(self, torch.nn.RMSNorm)
-
-    def forward(self, x: Tensor) -> Tensor:  # [s/P, b, h]
-        return x if self.fused_into_next else self.normalize(x)
-
-    def as_input_norm(self) -> InputNorm:
-        """This norm's parameters, for the module it is fused into."""
-        return InputNorm(self.weight, getattr(self, "bias", None), self.eps, self.rms)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        num_chunks = self.fpdt_config.num_chunks(x.shape[0] * self.fpdt_config.fpdt_parallel_size)
-        if num_chunks == 1 or not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return super().forward(x)
-        return _ChunkedNorm.apply(x, self.weight, getattr(self, "bias", None), self.eps,  # None: F.rms_norm's default
-                                  self.rms, num_chunks)
-
-
-class ChunkedLayerNorm(_ChunkedNormMixin, torch.nn.LayerNorm):
-    pass
-
-
-class ChunkedRMSNorm(_ChunkedNormMixin, torch.nn.RMSNorm):
-    pass
-
-
-class FPDTNorm:
-    """Drop-in for megatron-core's WrappedTorchNorm (same arguments, same parameters)."""
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, *args, fpdt_config: FPDTConfig, **kwargs):
-        kinds = {"LayerNorm": ChunkedLayerNorm, "RMSNorm": ChunkedRMSNorm}
-        if config.normalization not in kinds:
-            raise ValueError(f"FPDT's chunked norm supports {sorted(kinds)}, got --normalization "
-                             f"{config.normalization}")
-        if config.layernorm_zero_centered_gamma or config.sequence_parallel:
-            raise ValueError("FPDT's chunked norm has no zero-centred gamma and no Megatron sequence parallelism")
-        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
-        norm.fpdt_config = fpdt_config
-        return norm
+def chunked_norm(x: Tensor, norm: InputNorm, num_chunks: int) -> Tensor:
+    """``norm(x)`` for ``x [s, b, h]``, computed and backpropagated ``num_chunks`` chunks at a time."""
+    if num_chunks == 1 or not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+        return norm(x)
+    return _ChunkedNorm.apply(x, norm.weight, norm.bias, norm.eps, norm.rms, num_chunks)

@@ -6,9 +6,9 @@ checkpointed layer inputs alone are ``layers x tokens x hidden`` per GPU). A
 directory the user names (an NVMe or disk path; ``--offload-dir``), as
 ZeRO-Infinity does for parameters. It serves two writers:
 
-* :class:`fpdt_ext.offload.ChunkStore` with a directory: the attention's stored
+* :class:`fpdt_ext.memory.offload.ChunkStore` with a directory: the attention's stored
   chunks (KV, q/out/lse, dout, dq partials) go to the file instead of host buffers;
-* :class:`fpdt_ext.offload.SavedTensorsToHost` with a directory: the checkpointed
+* :class:`fpdt_ext.memory.offload.SavedTensorsToHost` with a directory: the checkpointed
   layer inputs (and anything else saved for backward outside the recomputed layers).
 
 Each tensor gets a slot: a page-aligned byte range, recycled by exact size

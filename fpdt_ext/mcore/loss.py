@@ -7,7 +7,7 @@ recomputes each chunk's logits from the saved hidden states and the lse, so
 its peak is also one chunk of logits. Every GEMM takes its inputs in the
 model's dtype (bf16 at tensor-core speed) and sums in float32: logits and the
 softmax in float32, the weight gradient summed over chunks in float32
-(:func:`fpdt_ext.kernels.addmm_fp32`). The arithmetic of the loss is
+(:func:`fpdt_ext.core.kernels.addmm_fp32`). The arithmetic of the loss is
 megatron-core's ``VocabParallelCrossEntropy``; the group is an argument.
 
 Works with tied or untied output weights (pass whichever weight the model
@@ -21,8 +21,8 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from fpdt_ext import kernels
-from fpdt_ext.comm import group_rank, group_size
+from fpdt_ext.core import kernels
+from fpdt_ext.core.comm import group_rank, group_size
 
 
 def _all_reduce(t, op, group):

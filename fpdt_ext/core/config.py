@@ -5,16 +5,17 @@ Field names follow the command-line flags (``--fpdt-parallel-size`` ->
 In code the FPDT axis is called ``sp`` (``sp_size``, ``sp_rank``, ``sp_group``).
 
 Every check raises ``ValueError`` with a message that says what to change, and
-runs before any communication or allocation.
+runs before any communication or allocation. :meth:`FPDTConfig.plan` is the one place
+where a sequence is cut into chunks: every chunked module asks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from fpdt_ext.disk import check_offload_dir
+import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,8 @@ class FPDTConfig:
     fpdt_num_chunks: alternatively, the number of chunks u directly.
     fpdt_offload: keep chunks not being computed on in host memory.
     offload_dir: with fpdt_offload, keep them in a file in this directory instead (a disk
-        tier below host memory, :mod:`fpdt_ext.disk`; the flag ``--offload-dir`` also sends
-        the checkpointed layer inputs there).
+        tier below host memory, :mod:`fpdt_ext.memory.disk`, which checks the directory when it
+        opens its file; the flag ``--offload-dir`` also sends the checkpointed layer inputs there).
     """
 
     fpdt_parallel_size: int = 1
@@ -55,8 +56,22 @@ class FPDTConfig:
                 )
         if self.fpdt_num_chunks is not None:
             _require_positive("fpdt_num_chunks", self.fpdt_num_chunks)
-        if self.offload_dir is not None:
-            check_offload_dir(self.offload_dir)
+        if self.offload_dir is not None and not self.fpdt_offload:
+            raise ValueError("offload_dir holds offloaded chunks: set fpdt_offload too, or no offload_dir")
+
+    def plan(self, local_seq_length: int, sp_group=None) -> "ChunkPlan":
+        """How a rank's ``local_seq_length`` tokens are chunked and where the chunks live, on the
+        FPDT group ``sp_group`` (None: a group of one; its size must be fpdt_parallel_size)."""
+        sp_size = 1 if sp_group is None else dist.get_world_size(sp_group)
+        if sp_size != self.fpdt_parallel_size:
+            raise ValueError(f"the FPDT group has {sp_size} ranks but fpdt_parallel_size is "
+                             f"{self.fpdt_parallel_size}")
+        return ChunkPlan(sp_group=sp_group, sp_size=sp_size, num_chunks=self.local_chunks(local_seq_length),
+                         offload=self.fpdt_offload, offload_dir=self.offload_dir)
+
+    def local_chunks(self, local_seq_length: int) -> int:
+        """Chunks of a rank's ``local_seq_length`` tokens (for modules that need no group)."""
+        return self.num_chunks(local_seq_length * self.fpdt_parallel_size)
 
     def num_chunks(self, seq_length: int) -> int:
         """Chunks u for a global sequence of ``seq_length`` tokens (validated)."""
@@ -91,6 +106,18 @@ class FPDTConfig:
             tp_size=tensor_model_parallel_size,
         )
         return num_chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """The chunking of one call, from :meth:`FPDTConfig.plan`: u chunks of the local sequence on a
+    group of P ranks; chunks not being computed on offloaded (to ``offload_dir`` if set)."""
+
+    sp_group: Any
+    sp_size: int
+    num_chunks: int
+    offload: bool = False
+    offload_dir: Optional[str] = None
 
 
 def _require_positive(name: str, value) -> None:

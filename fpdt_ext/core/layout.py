@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fpdt_ext.config import check_sequence_length
+from fpdt_ext.core.config import check_sequence_length
 
 
 def fpdt_shard(x: torch.Tensor, *, dim: int, sp_rank: int, sp_size: int, num_chunks: int) -> torch.Tensor:

@@ -8,10 +8,8 @@ the forward differs in two places:
 * with labels, logits and loss come from :func:`chunked_lm_loss`, so no
   ``[s, vocab]`` tensor exists.
 
-It returns the per-token loss ``[b, s/P]`` like GPTModel. Each layer's input norm
-is fused into its FPDT self-attention (see :mod:`fpdt_ext.spec`), its pre-MLP
-norm into its chunked MLP (:mod:`fpdt_ext.mlp`). Pipeline
-parallelism is not supported by this forward (one stage holds the whole model).
+It returns the per-token loss ``[b, s/P]`` like GPTModel. Pipeline parallelism is not
+supported by this forward (one stage holds the whole model).
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from fpdt_ext.config import FPDTConfig
-from fpdt_ext.loss import chunked_lm_loss, loss_chunks
-from fpdt_ext.mlp import FPDTMLP
-from fpdt_ext.spec import FPDTSelfAttention
+from fpdt_ext.core.config import FPDTConfig
+from fpdt_ext.mcore.loss import chunked_lm_loss, loss_chunks
 
 
 class FPDTGPTModel(GPTModel):
@@ -33,11 +29,6 @@ class FPDTGPTModel(GPTModel):
                              "--pipeline-model-parallel-size 1")
         self.fpdt_config = fpdt_config
         self._rotary_cache = {}
-        for layer in self.decoder.layers:  # each layer's norms run inside the chunk loops that follow them
-            if isinstance(getattr(layer, "self_attention", None), FPDTSelfAttention):
-                layer.self_attention.fuse_input_norm(layer.input_layernorm)
-            if isinstance(getattr(layer, "mlp", None), FPDTMLP):
-                layer.mlp.fuse_input_norm(layer.pre_mlp_layernorm)
 
     def _rotary_at(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Rotary frequencies at global positions: [s/P, b, 1, dim]."""
@@ -66,7 +57,6 @@ class FPDTGPTModel(GPTModel):
         if labels is None:  # full logits: for short inputs only
             logits, _ = self.output_layer(hidden, weight=weight)
             return logits.transpose(0, 1).contiguous()  # [b, s/P, V/tp]
-        seq = hidden.shape[0] * self.fpdt_config.fpdt_parallel_size
         chunks = loss_chunks(hidden.shape[0] * hidden.shape[1], weight.shape[0],
-                             at_least=self.fpdt_config.num_chunks(seq))
+                             at_least=self.fpdt_config.local_chunks(hidden.shape[0]))
         return chunked_lm_loss(hidden, weight, labels, tp_group=self.pg_collection.tp, num_chunks=chunks)

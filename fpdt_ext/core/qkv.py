@@ -3,7 +3,7 @@
 This is DESIGN.md's data flow: per local chunk i, the layer's input norm
 (optional), ``x_i @ W_qkv^T (+ b)``, the split into q/k/v heads, the rotary
 embedding, then the all-to-all and the chunked attention of
-:mod:`fpdt_ext.attention`. No whole-sequence norm output, q, k, v or
+:mod:`fpdt_ext.core.attention`. No whole-sequence norm output, q, k, v or
 ``[s/P, b, 3h]`` projection exists in forward or backward; what the backward
 keeps besides the attention chunks is the input ``x`` (the layer's input,
 which the residual stream keeps alive anyway).
@@ -22,16 +22,17 @@ group's query heads, then its key head, then its value head.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fpdt_ext import kernels
-from fpdt_ext.attention import (AttentionState, GradSink, backward_chunks, close_state, forward_chunks,
-                                keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
-from fpdt_ext.norm import ChunkNormGrads, InputNorm, normalize
+from fpdt_ext.core import kernels
+from fpdt_ext.core.attention import (AttentionPlan, AttentionState, GradSink, backward_chunks, close_state,
+                                     forward_chunks, keep_for_backward, make_plan, take_for_backward, unreplicate_kv)
+from fpdt_ext.core.config import ChunkPlan
+from fpdt_ext.core.norm import ChunkNormGrads, InputNorm, normalize
 
 Tensor = torch.Tensor
 Rotary = Callable[[Tensor, Tensor], Tensor]  # (t [c, b, heads, d], angles [c, b|1, 1, rot]) -> rotated t
@@ -110,29 +111,42 @@ class _ProjectionGrads(GradSink):
         return self.grad_x, self.grad_w.to(self.weight.dtype), grad_b
 
 
+@dataclasses.dataclass(frozen=True)
+class QKVStatic:
+    """Everything :class:`FPDTQKVAttentionFunction` needs besides its tensors."""
+
+    plan: AttentionPlan
+    layout: QKVLayout
+    rotary: Optional[Rotary]  # with rotary frequencies
+    norm_kind: Optional[Tuple[Optional[float], bool]]  # (eps, rms) of the input norm, if any
+    tp_group: Any  # the norm's parameter gradients are summed over it (None: no TP)
+    overwrite_grad: bool  # the output's gradient may be used as scratch
+    for_backward: bool
+
+
 class FPDTQKVAttentionFunction(torch.autograd.Function):
+    """Tensors in (``freqs`` and the norm's parameters may be None), ``static`` the rest."""
+
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, freqs, plan, layout: QKVLayout,
-                rotary: Optional[Rotary], norm_kind, tp_group, overwrite_grad, for_backward):
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, freqs, static: QKVStatic):
+        plan, layout = static.plan, static.layout
         s_local, b, _ = x.shape
         c = s_local // plan.num_chunks
-        state = AttentionState(plan, x.device, for_backward)
+        state = AttentionState(plan, x.device, static.for_backward)
 
         def chunk(i: int):
             sl = slice(i * c, (i + 1) * c)
-            n_i = x[sl] if norm_kind is None else normalize(x[sl], norm_weight, norm_bias, *norm_kind)
+            n_i = x[sl] if static.norm_kind is None else normalize(x[sl], norm_weight, norm_bias, *static.norm_kind)
             q, k, v = layout.split(F.linear(n_i, weight, bias))
             if freqs is not None:
-                q, k = rotary(q, freqs[sl]), rotary(k, freqs[sl])
+                q, k = static.rotary(q, freqs[sl]), static.rotary(k, freqs[sl])
             return q, k, v
 
         out = forward_chunks(chunk, x.new_empty(s_local, b, layout.num_heads, layout.head_dim), plan, state)
-        if not for_backward:
+        if not static.for_backward:
             close_state(state)
         else:
-            ctx.plan, ctx.layout, ctx.rotary, ctx.has_bias = plan, layout, rotary, bias is not None
-            ctx.has_freqs, ctx.norm_kind, ctx.tp_group = freqs is not None, norm_kind, tp_group
-            ctx.overwrite_grad = overwrite_grad
+            ctx.static, ctx.has_bias, ctx.has_freqs = static, bias is not None, freqs is not None
             empty = x.new_empty(0)
             keep_for_backward(ctx, state, x, weight, *(empty if t is None else t for t in (freqs, norm_weight, norm_bias)))
         return out.flatten(2)  # [s/P, b, H*d]
@@ -140,23 +154,25 @@ class FPDTQKVAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, freqs, norm_weight, norm_bias = take_for_backward(ctx)
-        plan, layout, norm_kind = ctx.plan, ctx.layout, ctx.norm_kind
+        static = ctx.static
+        plan, layout = static.plan, static.layout
         norm = None
-        if norm_kind is not None:
-            norm = ChunkNormGrads(norm_weight, norm_bias if norm_bias.numel() else None, *norm_kind)
+        if static.norm_kind is not None:
+            norm = ChunkNormGrads(norm_weight, norm_bias if norm_bias.numel() else None, *static.norm_kind)
         sink = _ProjectionGrads(x, weight, ctx.has_bias, freqs if ctx.has_freqs else None, layout,
-                                ctx.rotary, plan.kv_rep, plan.num_chunks, norm)
+                                static.rotary, plan.kv_rep, plan.num_chunks, norm)
         dout = dout.unflatten(2, (layout.num_heads, layout.head_dim)).contiguous()
-        backward_chunks(dout, plan, ctx.state, sink, overwrite_dout=ctx.overwrite_grad)
+        backward_chunks(dout, plan, ctx.state, sink, overwrite_dout=static.overwrite_grad)
         close_state(ctx.state)
-        norm_grads = (None, None)
+        grad_norm_weight = grad_norm_bias = None
         if norm is not None:
-            norm_grads = norm.result()
-            if ctx.tp_group is not None:  # each TP rank saw its heads' share of the norm's output gradient
-                for g in norm_grads:
+            grad_norm_weight, grad_norm_bias = norm.result()
+            if static.tp_group is not None:  # each TP rank saw its heads' share of the norm's output gradient
+                for g in (grad_norm_weight, grad_norm_bias):
                     if g is not None:
-                        dist.all_reduce(g, group=ctx.tp_group)
-        return (sink.grad_x, *norm_grads, *sink.result()[1:], None, None, None, None, None, None, None, None)
+                        dist.all_reduce(g, group=static.tp_group)
+        grad_x, grad_weight, grad_bias = sink.result()
+        return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None
 
 
 def fpdt_qkv_attention(
@@ -164,23 +180,22 @@ def fpdt_qkv_attention(
     weight: Tensor,
     bias: Optional[Tensor],
     layout: QKVLayout,
+    plan: Optional[ChunkPlan] = None,
     *,
     norm: Optional[InputNorm] = None,
     rotary_freqs: Optional[Tensor] = None,
     rotary: Optional[Rotary] = None,
-    sp_group=None,
     tp_group=None,
     overwrite_output_grad: bool = False,
-    num_chunks: int = 1,
-    offload: bool = False,
-    offload_dir: Optional[str] = None,
-    softmax_scale: Optional[float] = None,
-    backend: Optional[str] = None,
+    **plan_kwargs,
 ) -> Tensor:
     """Causal self-attention of hidden states ``x [s/P, b, h]`` in the FPDT layout.
 
     ``weight [layout.width, h]`` and ``bias`` are the QKV projection's (this TP
     rank's rows; the caller makes x's gradient all-reduce over TP).
+    ``plan``: the chunking, from :meth:`FPDTConfig.plan` (or, for a direct call, the keyword
+    arguments of :func:`fpdt_ext.core.attention.make_plan`: ``sp_group``, ``num_chunks``,
+    ``offload``, ``offload_dir``; and ``softmax_scale``, ``backend`` in any case).
     ``norm``: the layer's input norm, applied chunk by chunk first; its parameters get
     gradients like the projection's, with TP summed over ``tp_group`` (each rank
     projects its heads).
@@ -199,15 +214,14 @@ def fpdt_qkv_attention(
     if (rotary_freqs is None) != (rotary is None):
         raise ValueError("pass both rotary_freqs and rotary, or neither")
     shape = lambda heads: torch.empty(s_local, b, heads, layout.head_dim, dtype=x.dtype, device="meta")
-    plan = make_plan(shape(layout.num_heads), shape(layout.num_kv_heads), shape(layout.num_kv_heads),
-                     sp_group=sp_group, num_chunks=num_chunks, offload=offload, offload_dir=offload_dir,
-                     softmax_scale=softmax_scale,
-                     backend=backend, device=x.device)
+    attention_plan = make_plan(shape(layout.num_heads), shape(layout.num_kv_heads), shape(layout.num_kv_heads),
+                               plan, device=x.device, **plan_kwargs)
     norm_weight, norm_bias = (None, None) if norm is None else (norm.weight, norm.bias)
     tensors = [t for t in (x, weight, bias, norm_weight, norm_bias) if t is not None]
-    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    norm_kind = None if norm is None else (norm.eps, norm.rms)
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
-    return FPDTQKVAttentionFunction.apply(x, norm_weight, norm_bias, weight, bias, rotary_freqs, plan, layout,
-                                          rotary, norm_kind, tp_group, overwrite_output_grad, for_backward)
+    static = QKVStatic(plan=attention_plan, layout=layout, rotary=rotary,
+                       norm_kind=None if norm is None else (norm.eps, norm.rms), tp_group=tp_group,
+                       overwrite_grad=overwrite_output_grad,
+                       for_backward=torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return FPDTQKVAttentionFunction.apply(x, norm_weight, norm_bias, weight, bias, rotary_freqs, static)

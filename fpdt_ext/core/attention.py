@@ -1,6 +1,6 @@
 """FPDT attention: chunked, offloading, pipelined causal attention over an SP group.
 
-Inputs are local pieces in the FPDT layout (see :mod:`fpdt_ext.layout`), shaped
+Inputs are local pieces in the FPDT layout (see :mod:`fpdt_ext.core.layout`), shaped
 like megatron-core's core attention: q ``[s/P, b, H, d]``, k and v
 ``[s/P, b, KV, d]``. Per local chunk i (c = s/(P*u) tokens):
 
@@ -22,7 +22,7 @@ kind during the backward.
 
 :func:`forward_chunks` and :func:`backward_chunks` are the loops; they take
 chunks from a callback and hand finished gradients to a :class:`GradSink`, so
-:mod:`fpdt_ext.qkv` can project q/k/v from hidden states one chunk at a time
+:mod:`fpdt_ext.core.qkv` can project q/k/v from hidden states one chunk at a time
 and take each chunk's gradient back through the projection as it completes.
 """
 
@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from fpdt_ext import kernels
-from fpdt_ext.comm import Pending, group_size, head_to_seq, seq_to_head
-from fpdt_ext.config import check_attention_inputs, default_softmax_scale, kv_replication
-from fpdt_ext.offload import ChunkStore, Residency
+from fpdt_ext.core import kernels
+from fpdt_ext.core.comm import Pending, group_size, head_to_seq, seq_to_head
+from fpdt_ext.core.config import ChunkPlan, FPDTConfig, check_attention_inputs, default_softmax_scale, kv_replication
+from fpdt_ext.memory.offload import ChunkStore, Residency
 
 Tensor = torch.Tensor
 
@@ -47,32 +47,51 @@ _MAX_INFLIGHT = 4
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
-    """Static knobs of one call, validated by :func:`make_plan`."""
+    """Static knobs of one call: the chunking (from :meth:`FPDTConfig.plan`) and what the inputs
+    decide (softmax scale, KV-head replication, kernel backend). Made by :func:`make_plan`."""
 
-    sp_group: Any
-    sp_size: int
-    num_chunks: int
-    offload: bool
-    offload_dir: Optional[str]  # with offload: a directory for a disk tier instead of host memory
+    chunks: ChunkPlan
     scale: float
     kv_rep: int  # each KV head is repeated this often so the SP group can split them
     backend: str
 
+    @property
+    def sp_group(self):
+        return self.chunks.sp_group
 
-def make_plan(q, k, v, *, sp_group, num_chunks, offload=False, offload_dir=None, softmax_scale=None,
-              backend=None, device=None) -> AttentionPlan:
-    """Validate q/k/v (tensors, or meta tensors of their shapes with ``device`` the real one)."""
-    sp_size = group_size(sp_group)
-    check_attention_inputs(q, k, v, sp_size=sp_size, num_chunks=num_chunks)
+    @property
+    def sp_size(self) -> int:
+        return self.chunks.sp_size
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunks.num_chunks
+
+    @property
+    def offload(self) -> bool:
+        return self.chunks.offload
+
+    @property
+    def offload_dir(self) -> Optional[str]:
+        return self.chunks.offload_dir
+
+
+def make_plan(q, k, v, plan: Optional[ChunkPlan] = None, *, sp_group=None, num_chunks: int = 1, offload=False,
+              offload_dir=None, softmax_scale=None, backend=None, device=None) -> AttentionPlan:
+    """Validate q/k/v (tensors, or meta tensors of their shapes with ``device`` the real one) and
+    plan the call. ``plan`` comes from :meth:`FPDTConfig.plan`; without it, one is made the same
+    way from ``sp_group``, ``num_chunks``, ``offload`` and ``offload_dir`` (direct calls)."""
+    if plan is None:  # the inputs are checked first: their errors name the local shapes
+        check_attention_inputs(q, k, v, sp_size=group_size(sp_group), num_chunks=num_chunks)
+        config = FPDTConfig(fpdt_parallel_size=group_size(sp_group), fpdt_num_chunks=num_chunks,
+                            fpdt_offload=bool(offload), offload_dir=offload_dir if offload else None)
+        plan = config.plan(q.shape[0], sp_group)
+    check_attention_inputs(q, k, v, sp_size=plan.sp_size, num_chunks=plan.num_chunks)
     head_dim = q.shape[-1]
     return AttentionPlan(
-        sp_group=sp_group,
-        sp_size=sp_size,
-        num_chunks=num_chunks,
-        offload=bool(offload),
-        offload_dir=offload_dir if offload else None,
+        chunks=plan,
         scale=default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale),
-        kv_rep=kv_replication(q.shape[2], k.shape[2], sp_size),
+        kv_rep=kv_replication(q.shape[2], k.shape[2], plan.sp_size),
         backend=kernels.select_backend(device or q.device, q.dtype, head_dim, backend),
     )
 
@@ -358,30 +377,18 @@ class FPDTAttentionFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def fpdt_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    sp_group=None,
-    num_chunks: int = 1,
-    offload: bool = False,
-    offload_dir: Optional[str] = None,
-    softmax_scale: Optional[float] = None,
-    backend: Optional[str] = None,
-) -> Tensor:
+def fpdt_attention(q: Tensor, k: Tensor, v: Tensor, plan: Optional[ChunkPlan] = None, **kwargs) -> Tensor:
     """Causal attention on local pieces in the FPDT layout.
 
     q ``[s/P, b, H, d]``, k and v ``[s/P, b, KV, d]`` (GQA when KV < H; KV heads
     are replicated when the FPDT size P exceeds or does not divide KV).
-    Returns ``[s/P, b, H, d]``. ``sp_group=None`` means a group of one.
-    ``backend`` picks the block kernel (see :mod:`fpdt_ext.kernels`); default: best available.
-    ``offload``: chunks not being computed on leave the device, to host memory, or with
-    ``offload_dir`` to a file there (:mod:`fpdt_ext.disk`).
+    Returns ``[s/P, b, H, d]``. ``plan``: the chunking, from :meth:`FPDTConfig.plan`; or, for
+    a direct call, the keyword arguments ``sp_group`` (None: a group of one), ``num_chunks``
+    and ``offload`` (chunks not being computed on leave the device: to host memory, or with
+    ``offload_dir`` to a file there, :mod:`fpdt_ext.memory.disk`). Also ``softmax_scale`` and
+    ``backend`` (the block kernel, see :mod:`fpdt_ext.core.kernels`; default: best available).
     Shapes are checked before any communication.
     """
-    plan = make_plan(q, k, v, sp_group=sp_group, num_chunks=num_chunks, offload=offload, offload_dir=offload_dir,
-                     softmax_scale=softmax_scale, backend=backend)
+    attention_plan = make_plan(q, k, v, plan, **kwargs)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return FPDTAttentionFunction.apply(q, k, v, plan, for_backward)
-
+    return FPDTAttentionFunction.apply(q, k, v, attention_plan, for_backward)

@@ -15,10 +15,10 @@ the MLP: it returns zeros in the output's place through :class:`_DeferredChunks`
 whose backward runs each chunk's forward and backward, as the checkpoint would.
 So the MLP's forward runs twice per step (not three times) under full recompute.
 
-FPDTGPTModel fuses the layer's pre-MLP norm into it (:meth:`FPDTMLP.fuse_input_norm`):
-each chunk is normalised inside its checkpoint, so neither the norm's
-whole-sequence output nor a separate whole-sequence norm gradient exists; the
-norm's parameters stay ``pre_mlp_layernorm.*``.
+The layer hands its pre-MLP norm to the forward (``input_norm``): each chunk is
+normalised inside its checkpoint, so neither the norm's whole-sequence output
+nor a separate whole-sequence norm gradient exists; the norm's parameters stay
+the layer's ``pre_mlp_layernorm.*``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from megatron.core.transformer.mlp import MLP
 from torch.utils.checkpoint import checkpoint
 
-from fpdt_ext.config import FPDTConfig
-from fpdt_ext.norm import fuse_into_next
+from fpdt_ext.core.config import FPDTConfig
+from fpdt_ext.mcore.norm import ChunkedNorm
 
 
 def _in_backward() -> bool:
@@ -64,20 +64,6 @@ class FPDTMLP(MLP):
     def __init__(self, config, submodules, *args, fpdt_config: FPDTConfig, **kwargs):
         super().__init__(config, submodules, *args, **kwargs)
         self.fpdt_config = fpdt_config
-        self._input_norm = ()  # (norm,) once fused; a tuple, so it is not registered a second time
-
-    def fuse_input_norm(self, norm) -> bool:
-        """Normalise each chunk with ``norm`` (the layer's ``pre_mlp_layernorm``, a chunked torch
-        norm) inside the chunk's checkpoint; the norm module then passes its input through."""
-        if not fuse_into_next(norm, self.config):
-            return False
-        self._input_norm = (norm,)
-        return True
-
-    def _run(self, chunk):
-        if self._input_norm:
-            chunk = self._input_norm[0].as_input_norm()(chunk)
-        return MLP.forward(self, chunk)
 
     def _output_unread(self) -> bool:
         """True in the recompute pass of a layer that megatron-core checkpoints on its own: the
@@ -89,16 +75,25 @@ class FPDTMLP(MLP):
         return (cfg.recompute_granularity == "full" and alone and self.training and torch.is_grad_enabled()
                 and _in_backward())
 
-    def forward(self, hidden_states, per_token_scale=None, **kwargs):  # [s/P, b, h]
+    def forward(self, hidden_states, input_norm=None, per_token_scale=None, **kwargs):  # [s/P, b, h]
+        """``input_norm``: the layer's norm for ``hidden_states``, run on each chunk inside its
+        checkpoint (None: ``hidden_states`` are already normalised)."""
         if per_token_scale is not None:
             raise ValueError("the chunked FPDT MLP does not take per_token_scale (MoE only)")
-        num_chunks = self.fpdt_config.num_chunks(hidden_states.shape[0] * self.fpdt_config.fpdt_parallel_size)
+        if input_norm is not None and not isinstance(input_norm, ChunkedNorm):
+            hidden_states, input_norm = input_norm(hidden_states), None  # a norm the loop cannot run
+        norm = None if input_norm is None else input_norm.input_norm()
+
+        def run(chunk):  # [s/(P*u), b, h]
+            return MLP.forward(self, chunk if norm is None else norm(chunk))
+
+        num_chunks = self.fpdt_config.local_chunks(hidden_states.shape[0])
         if self._output_unread():
             fc2 = self.linear_fc2
             bias = fc2.bias if getattr(fc2, "skip_bias_add", False) else None  # what MLP.forward returns
-            return _DeferredChunks.apply(hidden_states, self._run, num_chunks), bias
+            return _DeferredChunks.apply(hidden_states, run, num_chunks), bias
         outputs, bias = [], None
-        for chunk in hidden_states.chunk(num_chunks, dim=0):  # [s/(P*u), b, h]
-            out, bias = checkpoint(self._run, chunk, use_reentrant=False)
+        for chunk in hidden_states.chunk(num_chunks, dim=0):
+            out, bias = checkpoint(run, chunk, use_reentrant=False)
             outputs.append(out)
         return torch.cat(outputs, dim=0), bias

@@ -1,0 +1,1 @@
+"""The FPDT algorithm in plain torch (no megatron-core import)."""

@@ -1,0 +1,1 @@
+"""Where FPDT's chunks and checkpointed inputs live: device, host (pinned) or a disk file."""

@@ -1,0 +1,1 @@
+"""Running functions on several local processes (tests and benchmarks)."""
