@@ -32,7 +32,6 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.memory import PeakMemory, malloc_env  # noqa: E402
 from fpdt_ext import fpdt_attention  # noqa: E402
-from fpdt_ext.memory.offload import host_pool  # noqa: E402
 from fpdt_ext.testing.spawn import run_world  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,7 +75,8 @@ def worker(rank, world_size, setups, seq_lens, heads, head_dim, dtype_name, repe
                 start = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - start)
-            host_pool(q.device).clear()  # host buffers count too: on the CPU they are the same RAM
+            # each direct call offloads into its own host buffers (private MemoryTiers), so the
+            # measured call's buffers count: on the CPU they are the same RAM
             with PeakMemory() as mem:
                 run()
             results.append(dict(seq=seq, kind=kind, ranks=world_size, num_chunks=num_chunks, offload=offload,

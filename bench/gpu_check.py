@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from fpdt_ext.core import kernels, runtime  # noqa: E402
+from fpdt_ext import runtime  # noqa: E402
+from fpdt_ext.core import kernels  # noqa: E402
 
 GiB = 2**30
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}

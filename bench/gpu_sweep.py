@@ -25,16 +25,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_step import LLAMA, MODEL, measure  # noqa: E402
+from bench.train_step import MODEL, VOCAB, measure, setup_config  # noqa: E402
 
 
 def _flops_per_token(model: str, seq: int) -> float:
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.flops import flops_per_token_from_args
+    from megatron.training.flops import flops_per_token
 
-    args = validate_args(parse_args(MODEL[model] + LLAMA + ["--seq-length", str(seq), "--train-iters", "1",
-                                                             "--mock-data"]), world_size=1)
-    return flops_per_token_from_args(args, args.vocab_size)
+    return flops_per_token(setup_config("fpdt", model, seq, 1, seq, False, False), VOCAB[model])
 
 
 def _append(path, row):

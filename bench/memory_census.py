@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.train_step import MODEL, setup_flags  # noqa: E402
+from bench.train_step import MODEL, setup_config  # noqa: E402
 from fpdt_ext.runtime import Runtime  # noqa: E402
 
 _OURS = ("/fpdt_ext/", "/megatron/", "/bench/train_step.py")
@@ -98,14 +98,10 @@ class TensorCensus(TorchDispatchMode):
         return result
 
 
-def census_worker(rank, world_size, flags):
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.initialize import initialize
+def census_worker(rank, world_size, config):
     from megatron.training.training import Trainer
 
-    args = validate_args(parse_args(flags), world_size=world_size)
-    initialize(args)
-    trainer = Trainer(args)
+    trainer = Trainer(config)
     trainer.train_step()  # warm-up: optimizer state, pools
     census = TensorCensus()
     with census:
@@ -132,9 +128,9 @@ def main(argv=None):
         from bench.max_seq import default_offload_dir
 
         offload_dir = default_offload_dir()
-    flags = setup_flags(a.kind, a.model, a.seq, a.nproc, a.chunk_size, False, False, offload_dir)
-    report = run_world(a.nproc, census_worker, flags, timeout=7200)[0]
-    hidden = int(MODEL[a.model][MODEL[a.model].index("--hidden-size") + 1])
+    config = setup_config(a.kind, a.model, a.seq, a.nproc, a.chunk_size, False, False, offload_dir)
+    report = run_world(a.nproc, census_worker, config, timeout=7200)[0]
+    hidden = config.model.hidden_size
     local = a.seq // (a.nproc if a.kind != "baseline" else 1)
     unit = local * hidden * 4
     print(f"# {a.kind}, {a.model}, {a.seq} tokens, {a.nproc} processes (rank 0); "

@@ -3,7 +3,7 @@
     python bench/train_step.py                         # CPU: a small Llama, 2 processes each
     python bench/train_step.py --seq-lens 2048 4096 8192 --plot bench_train_step.png
 
-Both setups train the same model (same flags) on the same number of processes:
+Both setups train the same model (same configuration) on the same number of processes:
 FPDT (``--fpdt``, FPDT size = processes, chunked; offload on CUDA only: on the
 CPU the host is the same RAM, so offloading would only add copies) and the baseline,
 megatron-core's standard spec on the same processes with tensor parallelism
@@ -30,63 +30,70 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODEL = {  # a small Llama with a real 32K vocabulary
-    "llama-tiny": ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "688",
-                   "--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "4",
-                   "--vocab-size", "32000", "--untie-embeddings-and-output-weights"],
+# The benchmarks' models: Llama's architecture (RMSNorm, SwiGLU, no biases, RoPE, no dropout), with
+# the vocabulary each is measured with. Fields are ModelConfig's (megatron/training/config.py).
+LLAMA = dict(normalization="RMSNorm", swiglu=True, add_bias_linear=False, position_embedding_type="rope",
+             attention_dropout=0.0, hidden_dropout=0.0)
+MODEL = {
+    # a small Llama with a real 32K vocabulary
+    "llama-tiny": dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
+                       num_query_groups=4, untie_embeddings_and_output_weights=True),
     # a second shape, for checking tools/memory_planner.py away from the one it was calibrated on
-    "llama-wide": ["--num-layers", "2", "--hidden-size", "384", "--ffn-hidden-size", "1024",
-                   "--num-attention-heads", "6", "--group-query-attention", "--num-query-groups", "2",
-                   "--vocab-size", "32000", "--untie-embeddings-and-output-weights"],
+    "llama-wide": dict(num_layers=2, hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6,
+                       num_query_groups=2, untie_embeddings_and_output_weights=True),
     # Llama-3.2-1B (the GPU check): tied embeddings, 1.24B parameters, as the planner's preset
-    "llama3.2-1b": ["--num-layers", "16", "--hidden-size", "2048", "--ffn-hidden-size", "8192",
-                    "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8",
-                    "--kv-channels", "64", "--rotary-base", "500000", "--vocab-size", "128256"],
+    "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                        num_query_groups=8, kv_channels=64, rotary_base=500000.0),
 }
-LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-         "--attention-dropout", "0", "--hidden-dropout", "0"]
+VOCAB = {"llama-tiny": 32000, "llama-wide": 32000, "llama3.2-1b": 128256}
 
 
-def setup_flags(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool,
-                offload_dir: Optional[str] = None) -> list:
-    """Flags of one setup: "baseline", "fpdt", or "fpdt-disk" (FPDT offloading its chunks and
-    checkpointed inputs to a file in ``offload_dir``, the disk tier)."""
-    flags = MODEL[model] + LLAMA + [
-        "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--micro-batch-size", "1",
-        "--global-batch-size", "1", "--train-iters", "100", "--lr", "1e-4", "--mock-data", "--eval-iters", "0",
-        "--recompute-granularity", "full", "--log-interval", "1000",
-        # optimizer state split over data x FPDT ranks; the baseline's TP ranks have no such group
-        "--use-distributed-optimizer"] + (["--bf16"] if bf16 else [])
-    if kind in ("fpdt", "fpdt-disk"):
-        flags += ["--fpdt", "--fpdt-parallel-size", str(nproc), "--fpdt-chunk-size", str(min(chunk, seq))]
-        if offload or kind == "fpdt-disk":  # on the CPU the host is the same RAM: offloading there only adds copies
-            flags += ["--fpdt-offload", "--offload-recompute-inputs"]
-        if kind == "fpdt-disk":
-            if offload_dir is None:
-                raise ValueError("the fpdt-disk setup needs a directory on a disk (offload_dir)")
-            flags += ["--offload-dir", offload_dir]
-    elif nproc > 1:
-        flags += ["--tensor-model-parallel-size", str(nproc)]
-    return flags
+def model_config(model: str, seq: int):
+    from megatron.training.config import ModelConfig
+
+    return ModelConfig(**MODEL[model], **LLAMA, max_position_embeddings=seq)
 
 
-def step_worker(rank, world_size, flags, steps):
+def setup_config(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool,
+                 offload_dir: Optional[str] = None):
+    """The run config of one setup: "baseline", "fpdt", or "fpdt-disk" (FPDT offloading its chunks
+    and checkpointed inputs to a file in ``offload_dir``, the disk tier). One sequence per step,
+    mock data, full recompute, the optimizer state split over data x FPDT ranks (the baseline's
+    ranks are all TP, so nothing is split there)."""
+    from fpdt_ext.core.config import FPDTConfig
+    from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
+
+    fpdt = kind in ("fpdt", "fpdt-disk")
+    if kind == "fpdt-disk" and offload_dir is None:
+        raise ValueError("the fpdt-disk setup needs a directory on a disk (offload_dir)")
+    offload = fpdt and (offload or kind == "fpdt-disk")  # on the CPU the host is the same RAM: offload only copies
+    directory = offload_dir if kind == "fpdt-disk" else None
+    training = TrainingConfig(seq_length=seq, train_iters=100, global_batch_size=1, lr=1e-4, eval_iters=0,
+                              log_interval=1000, recompute_granularity="full", offload_recompute_inputs=offload,
+                              offload_dir=directory, bf16=bf16)
+    parallel = ParallelConfig(world_size=nproc, use_distributed_optimizer=True,
+                              **({"fpdt_parallel_size": nproc} if fpdt else {"tensor_model_parallel_size": nproc}))
+    return RunConfig(model=model_config(model, seq), training=training, data=DataConfig(mock_data=True),
+                     parallel=parallel, tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer",
+                                                                  vocab_size=VOCAB[model]),
+                     fpdt=FPDTConfig(fpdt_parallel_size=nproc, fpdt_chunk_size=min(chunk, seq), fpdt_offload=offload,
+                                     offload_dir=directory) if fpdt else None)
+
+
+def step_worker(rank, world_size, config, steps):
     """Build the trainer, warm up one step, time ``steps`` steps; report time and peak memory."""
     import torch
     import torch.distributed as dist
 
     from fpdt_ext import runtime
-    from megatron.training.arguments import parse_args, validate_args
     from megatron.training.initialize import initialize
+    from megatron.training.training import Trainer
 
-    args = validate_args(parse_args(flags), world_size=world_size)
-    initialize(args)  # groups and seeds first: the baseline memory excludes the runtime
+    groups = initialize(config)  # groups and seeds first: the baseline memory excludes the runtime
     rt = runtime.current()
     cpu = torch.device("cpu")
     base, host_base = rt.memory_in_use_bytes(), runtime.memory_in_use_bytes(cpu)
-    from megatron.training.training import Trainer
-
-    trainer = Trainer(args)
+    trainer = Trainer(config, groups=groups)
     started = time.perf_counter()
     trainer.train_step()  # warm-up: optimizer state, pools, caches
     warmup = time.perf_counter() - started
@@ -102,13 +109,11 @@ def step_worker(rank, world_size, flags, steps):
         rt.synchronize()
         times.append(time.perf_counter() - start)
     peak = rt.peak_memory_bytes() - base
-    from fpdt_ext.memory.disk import disk_peak_bytes
-
     # host: what the step added to the process's resident set (pinned offload buffers among it);
     # on the CPU that is the device figure
     host = runtime.peak_memory_bytes(cpu) - host_base if rt.on_gpu else peak
     return {"seconds": statistics.median(times), "warmup_seconds": warmup, "peak_bytes": peak,
-            "peak_host_bytes": host, "peak_disk_bytes": disk_peak_bytes()}
+            "peak_host_bytes": host, "peak_disk_bytes": trainer.memory.peak_disk_bytes()}
 
 
 def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=None, timeout=3600,
@@ -123,9 +128,9 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
 
     malloc_env()
     offload = runtime.Runtime.detect().cuda if offload is None else offload
-    flags = setup_flags(kind, model, seq, nproc, chunk, bf16, offload, offload_dir)
+    config = setup_config(kind, model, seq, nproc, chunk, bf16, offload, offload_dir)
     try:
-        per_rank = run_world(nproc, step_worker, flags, steps, timeout=timeout)
+        per_rank = run_world(nproc, step_worker, config, steps, timeout=timeout)
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             return {"kind": kind, "seq": seq, "oom": True}

@@ -63,7 +63,10 @@ def our_logits_worker(rank, world_size, checkpoint_dir, tokens):
 
     path = os.path.join(checkpoint_dir, "iter_0000000")
     common = dist_checkpointing.load_common_state_dict(path)
-    args, model, _ = convert._single_process_model(convert._flags_from_model_args(common["model_args"]))
+    from megatron.training.checkpointing import model_config_from_args
+
+    _, model, _ = convert._single_process_model(model_config_from_args(common["model_args"]),
+                                                common["true_vocab_size"])
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
     model.eval()
     with torch.no_grad():

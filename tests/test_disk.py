@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fpdt_ext.memory import disk
-from fpdt_ext.memory.disk import MAX_QUEUED_WRITES, PAGE, DiskTier, check_offload_dir, disk_tier
-from fpdt_ext.memory.offload import ChunkStore, Residency
+from fpdt_ext.memory.disk import MAX_QUEUED_WRITES, PAGE, DiskTier, check_offload_dir
+from fpdt_ext.memory.offload import ChunkStore, MemoryTiers, Residency
 from fpdt_ext.memory.saved import SavedTensorsToHost
 from tests.disk_dir import disk_scratch_dir
 
@@ -122,10 +122,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_chunk_store_on_disk_round_trips_overwrites_and_poisons(device):
-    directory = disk_scratch_dir()
-    tier = disk_tier(directory)
+    tiers = MemoryTiers(disk_scratch_dir())
+    tier = tiers.disk
     before = tier.bytes_in_use
-    store = ChunkStore("kv", torch.device(device), offload=True, residency=Residency(), directory=directory)
+    store = ChunkStore("kv", torch.device(device), offload=True, residency=Residency(), tiers=tiers)
     chunks = {i: (torch.randn(4, 5, device=device), torch.randn(3, device=device).to(torch.bfloat16))
               for i in range(3)}
     for i, tensors in chunks.items():
@@ -158,12 +158,12 @@ def test_chunk_store_on_disk_round_trips_overwrites_and_poisons(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_saved_tensors_go_to_disk_and_come_back_exactly(device):
-    directory = disk_scratch_dir()
-    tier = disk_tier(directory)
+    tiers = MemoryTiers(disk_scratch_dir())
+    tier = tiers.disk
     before = tier.bytes_in_use
     x = torch.randn(256, 128, device=device, requires_grad=True)  # 128 KiB: over the 64 KiB threshold
     w = torch.nn.Parameter(torch.randn(128, 128, device=device))
-    with SavedTensorsToHost(directory=directory):
+    with SavedTensorsToHost(tiers):
         y = torch.tanh(x) @ w  # tanh saves its output, matmul its input; w is a parameter: not moved
     assert tier.bytes_in_use - before == 2 * 128 * PAGE // 4, "tanh's output and matmul's input on disk"
     y.sum().backward()

@@ -137,7 +137,7 @@ def test_chunked_loss_in_bf16_multiplies_in_bf16_and_sums_in_float32():
 
 
 def test_loss_chunks_bound_the_logits_of_one_chunk():
-    from fpdt_ext.mcore.loss import MAX_CHUNK_LOGITS, MIN_CHUNK_TOKENS, loss_chunk_tokens, loss_chunks
+    from fpdt_ext.core.config import MAX_CHUNK_LOGITS, MIN_CHUNK_TOKENS, loss_chunk_tokens, loss_chunks
 
     # 32K vocabulary: 131 tokens per chunk (16 MiB of float32 logits), whatever the attention chunk
     assert loss_chunk_tokens(32000) == MAX_CHUNK_LOGITS // 32000

@@ -80,9 +80,9 @@ def _initial_weights_worker(rank, world_size, flags, path):
     from megatron.training.models import build_model
 
     args = validate_args(parse_args(flags), world_size=world_size)
-    model = build_model(args, initialize(args), args.vocab_size)
+    model = build_model(args, initialize(args), args.tokenizer.vocab_size)
     write_checkpoint(path, 0, {"model": model.sharded_state_dict(), "kind": "weights",
-                               "model_args": model_args_dict(args), "true_vocab_size": args.vocab_size}, {})
+                               "model_args": model_args_dict(args), "true_vocab_size": args.tokenizer.vocab_size}, {})
 
 
 @functools.lru_cache(maxsize=None)

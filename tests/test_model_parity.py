@@ -75,8 +75,8 @@ def reference_worker(rank, world_size, config):
     from megatron.training.models import build_model
 
     args, groups = _setup(CONFIGS[config], world_size)
-    model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(normalization=args.normalization,
-                                                                                qk_layernorm=args.qk_layernorm))
+    model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(
+        normalization=args.model.normalization, qk_layernorm=args.model.qk_layernorm))
     batch = _batch()
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, S]
     (losses * batch["loss_mask"]).sum().div(batch["loss_mask"].sum()).backward()

@@ -6,14 +6,14 @@ The same tests run on CUDA (pinned pool, side stream, events) when a GPU is pres
 import pytest
 import torch
 
-from fpdt_ext.memory.offload import ChunkStore, HostBufferPool, Residency, host_pool
+from fpdt_ext.memory.offload import ChunkStore, HostBufferPool, MemoryTiers, Residency
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-def _store(device, offload=True):
-    return ChunkStore("kv", torch.device(device), offload=offload, residency=Residency())
+def _store(device, offload=True, tiers=None):
+    return ChunkStore("kv", torch.device(device), offload=offload, residency=Residency(), tiers=tiers)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -88,11 +88,11 @@ def test_without_offload_chunks_stay_resident_and_are_not_copied():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pool_reuses_buffers_across_calls(device):
-    pool = host_pool(torch.device(device))
-    pool.clear()
+    tiers = MemoryTiers()  # one model's: shared by its stores, across layers and iterations
+    pool = tiers.pool(torch.device(device))
     before = pool.num_allocated
     for _ in range(3):  # three "iterations" of the same shapes
-        store = _store(device)
+        store = _store(device, tiers=tiers)
         for i in range(4):
             store.put(i, (torch.randn(8, 2, device=device),))
             store.release(i)

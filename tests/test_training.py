@@ -61,8 +61,9 @@ def test_deepspeed_fpdt_flags_are_aliases():
     args = _validate(["--ds-sequence-parallel-fpdt", "--ds-sequence-parallel-size", "2",
                       "--ds-sequence-parallel-fpdt-chunk-size", "16", "--ds-sequence-parallel-fpdt-offloading",
                       "--attention-dropout", "0"])
-    assert (args.fpdt, args.fpdt_parallel_size, args.fpdt_chunk_size, args.fpdt_offload) == (True, 2, 16, True)
-    assert args.fpdt_num_chunks == 4 and args.data_parallel_size == 1
+    fpdt = args.fpdt
+    assert (fpdt.fpdt_parallel_size, fpdt.fpdt_chunk_size, fpdt.fpdt_offload) == (2, 16, True)
+    assert args.fpdt_num_chunks == 4 and args.parallel.data_parallel_size == 1
 
 
 def test_flops_formula():

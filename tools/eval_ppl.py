@@ -20,6 +20,7 @@ default). Works on 1 or more processes (world = TP x FPDT).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -81,56 +82,54 @@ def main(argv=None) -> int:
     opts = _parse(argv)
     from megatron.core import dist_checkpointing
 
+    from fpdt_ext.core.config import FPDTConfig
     from fpdt_ext.core.layout import fpdt_shard_batch, fpdt_unshard
     from fpdt_ext.runtime import init_distributed
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.checkpointing import checkpoint_name, list_checkpoints, verify_checkpoint
+    from megatron.training.checkpointing import model_config_from_args, newest_usable_checkpoint
+    from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
     from megatron.training.initialize import initialize
     from megatron.training.models import build_model
     from megatron.training.tokenizer import build_tokenizer
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint"))
-    from convert import _flags_from_model_args
-
     init_distributed()
-    for iteration in list_checkpoints(opts.load):
-        path = checkpoint_name(opts.load, iteration)
-        problem = verify_checkpoint(path)
-        if problem is None:
-            break
-        if dist.get_rank() == 0:
-            print(f"skipping {path}: {problem}")
-    else:
-        raise SystemExit(f"no usable checkpoint in {opts.load}")
-    model_args = dist_checkpointing.load_common_state_dict(path)["model_args"]
-
-    tok_args = argparse.Namespace(**{k: getattr(opts, k) or model_args.get(k) for k in
-                                     ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")},
-                                  vocab_size=model_args["vocab_size"])
-    tokenizer = build_tokenizer(tok_args) if tok_args.tokenizer_type not in (None, "NullTokenizer") else None
+    path, reasons = newest_usable_checkpoint(opts.load)
+    if path is None:
+        raise SystemExit(f"no usable checkpoint in {opts.load}" + "".join(f"\n  {r}" for r in reasons))
+    common = dist_checkpointing.load_common_state_dict(path)
+    model_args = common["model_args"]
+    vocab = common.get("true_vocab_size") or model_args["vocab_size"]
+    names = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+    text_tokenizer = TokenizerConfig(**{k: getattr(opts, k) or model_args.get(k) for k in names}, vocab_size=vocab)
+    tokenizer = (build_tokenizer(text_tokenizer) if text_tokenizer.tokenizer_type not in (None, "NullTokenizer")
+                 else None)
     docs = list(_documents(opts.input, opts.json_key, tokenizer))
     sp = opts.fpdt_parallel_size if opts.fpdt else 1
     multiple = opts.fpdt_chunk_size or sp
     longest = max(len(ids) - 1 for _, ids in docs)
     padded_longest = -(-longest // multiple) * multiple
-    flags = _flags_from_model_args({**model_args, "seq_length": padded_longest})
-    if model_args["position_embedding_type"] == "rope":
-        flags += ["--max-position-embeddings", str(max(padded_longest, model_args["max_position_embeddings"]))]
-    elif padded_longest > model_args["max_position_embeddings"]:
-        raise SystemExit(f"a document of {longest + 1} tokens is longer than the model's "
-                         f"{model_args['max_position_embeddings']} learned positions")
-    flags += ["--mock-data", "--train-iters", "1", "--attention-dropout", "0", "--hidden-dropout", "0",
-              "--tensor-model-parallel-size", str(opts.tensor_model_parallel_size)]
-    if opts.fpdt:
-        flags += ["--fpdt", "--fpdt-parallel-size", str(sp)] + (
-            ["--fpdt-chunk-size", str(opts.fpdt_chunk_size)] if opts.fpdt_chunk_size else []) + (
-            ["--fpdt-offload"] if opts.fpdt_offload else [])
-    args = validate_args(parse_args(flags), world_size=dist.get_world_size())
-    if args.data_parallel_size != 1:
+    model = model_config_from_args(model_args)
+    positions = model.max_position_embeddings
+    if model.position_embedding_type == "rope":
+        positions = max(padded_longest, positions)
+    elif padded_longest > positions:
+        raise SystemExit(f"a document of {longest + 1} tokens is longer than the model's {positions} learned positions")
+    model = dataclasses.replace(model, attention_dropout=0.0, hidden_dropout=0.0, max_position_embeddings=positions)
+    try:
+        fpdt = FPDTConfig(fpdt_parallel_size=sp, fpdt_chunk_size=opts.fpdt_chunk_size,
+                          fpdt_offload=opts.fpdt_offload) if opts.fpdt else None
+        config = RunConfig(model=model, training=TrainingConfig(seq_length=padded_longest, train_iters=1),
+                           data=DataConfig(mock_data=True),
+                           parallel=ParallelConfig(world_size=dist.get_world_size(),
+                                                   tensor_model_parallel_size=opts.tensor_model_parallel_size,
+                                                   fpdt_parallel_size=sp),
+                           tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=vocab), fpdt=fpdt)
+    except ValueError as e:
+        raise SystemExit(f"eval_ppl.py: {e}")
+    if config.parallel.data_parallel_size != 1:
         raise SystemExit(f"eval_ppl runs one document at a time on TP x FPDT ranks; launch "
-                         f"{dist.get_world_size() // args.data_parallel_size} processes")
-    groups = initialize(args)
-    model = build_model(args, groups, model_args["vocab_size"])
+                         f"{dist.get_world_size() // config.parallel.data_parallel_size} processes")
+    groups = initialize(config)
+    model = build_model(config, groups, vocab)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
     model.eval()
 

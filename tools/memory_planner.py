@@ -29,7 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fpdt_ext.core.config import loss_chunk_tokens  # noqa: E402
+from megatron.training.flops import parameter_count  # noqa: E402
 
 PRESETS = {
     # name: (layers, hidden, ffn, heads, kv_heads, vocab, gated, tied)
@@ -40,10 +46,6 @@ PRESETS = {
     "llama-tiny": (4, 256, 688, 8, 4, 32000, True, False),
 }
 GiB = 2**30
-# fpdt_ext.mcore.loss: a loss chunk holds at most this many logits, and at least this many tokens
-# (kept in step by tests/test_memory_planner.py; the planner imports neither torch nor megatron).
-LOSS_MAX_CHUNK_LOGITS = 1 << 22
-LOSS_MIN_CHUNK_TOKENS = 128
 
 
 @dataclasses.dataclass
@@ -85,11 +87,13 @@ class Plan:
         return 4 if self.device == "cpu" else 2  # float32 on the CPU, bf16 on GPUs
 
     def params_per_rank(self):
-        m, t = self.model, self.tp
-        attn = m.hidden * (m.heads + 2 * m.kv_heads) * m.head_dim + m.heads * m.head_dim * m.hidden
-        mlp = m.hidden * m.ffn * (3 if m.gated else 2)
-        embed = m.vocab * m.hidden * (1 if m.tied else 2)
-        return (m.layers * (attn + mlp) + embed) / t + (2 * m.layers + 1) * m.hidden
+        """The training code's count (megatron/training/flops.py); all but the norms split over TP."""
+        m = self.model
+        total = parameter_count(num_layers=m.layers, hidden_size=m.hidden, num_heads=m.heads, num_kv_heads=m.kv_heads,
+                                head_dim=m.head_dim, ffn_hidden_size=m.ffn, vocab_size=m.vocab, gated=m.gated,
+                                tied=m.tied)
+        norms = (2 * m.layers + 1) * m.hidden
+        return (total - norms) / self.tp + norms
 
     def static_terms(self):
         """(name, device bytes, host bytes, disk bytes) of what does not depend on the sequence length."""
@@ -104,9 +108,8 @@ class Plan:
                 ("fp32 master + Adam moments", 12 * n / shard, 0, 0), runtime]
 
     def loss_rows(self):
-        """Tokens per rank in one loss chunk (fpdt_ext.mcore.loss.loss_chunk_tokens), at most the local sequence."""
-        vocab_local = self.model.vocab // self.tp
-        return max(LOSS_MIN_CHUNK_TOKENS, LOSS_MAX_CHUNK_LOGITS // vocab_local)
+        """Tokens per rank in one loss chunk, as the chunked loss sizes them."""
+        return loss_chunk_tokens(self.model.vocab // self.tp)
 
     # Whole-local-sequence tensors at the two peaks of a step, in units of [tokens, hidden] of the
     # activation dtype, beyond the checkpointed layer inputs. Calibrated on CPU measurements of

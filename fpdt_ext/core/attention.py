@@ -72,8 +72,8 @@ class AttentionPlan:
         return self.chunks.offload
 
     @property
-    def offload_dir(self) -> Optional[str]:
-        return self.chunks.offload_dir
+    def tiers(self):
+        return self.chunks.tiers
 
 
 def make_plan(q, k, v, plan: Optional[ChunkPlan] = None, *, sp_group=None, num_chunks: int = 1, offload=False,
@@ -97,7 +97,7 @@ def make_plan(q, k, v, plan: Optional[ChunkPlan] = None, *, sp_group=None, num_c
 
 
 def chunk_store(kind: str, plan: AttentionPlan, device: torch.device, residency: Residency) -> ChunkStore:
-    return ChunkStore(kind, device, offload=plan.offload, residency=residency, directory=plan.offload_dir)
+    return ChunkStore(kind, device, offload=plan.offload, residency=residency, tiers=plan.tiers)
 
 
 class AttentionState:
@@ -257,7 +257,7 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
     # Received in place, the dout chunks live in dout's storage, which stays until the end:
     # offloading copies of them would move nothing off the device.
     do_store = ChunkStore("do", device, offload=plan.offload and not overwrite_dout, residency=state.residency,
-                          directory=plan.offload_dir)
+                          tiers=plan.tiers)
     dq_store = chunk_store("dq", plan, device, state.residency)
     block = dict(scale=plan.scale, backend=plan.backend)
 

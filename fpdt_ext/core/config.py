@@ -59,15 +59,24 @@ class FPDTConfig:
         if self.offload_dir is not None and not self.fpdt_offload:
             raise ValueError("offload_dir holds offloaded chunks: set fpdt_offload too, or no offload_dir")
 
-    def plan(self, local_seq_length: int, sp_group=None) -> "ChunkPlan":
+    def plan(self, local_seq_length: int, sp_group=None, tiers=None) -> "ChunkPlan":
         """How a rank's ``local_seq_length`` tokens are chunked and where the chunks live, on the
-        FPDT group ``sp_group`` (None: a group of one; its size must be fpdt_parallel_size)."""
+        FPDT group ``sp_group`` (None: a group of one; its size must be fpdt_parallel_size).
+        ``tiers``: the model's :class:`~fpdt_ext.memory.offload.MemoryTiers` (its directory must be
+        ``offload_dir``); None makes private ones (a direct call)."""
         sp_size = 1 if sp_group is None else dist.get_world_size(sp_group)
         if sp_size != self.fpdt_parallel_size:
             raise ValueError(f"the FPDT group has {sp_size} ranks but fpdt_parallel_size is "
                              f"{self.fpdt_parallel_size}")
+        if tiers is None:
+            from fpdt_ext.memory.offload import MemoryTiers
+
+            tiers = MemoryTiers(self.offload_dir)
+        elif self.fpdt_offload and tiers.directory != self.offload_dir:
+            raise ValueError(f"the memory tiers' directory {tiers.directory!r} is not offload_dir "
+                             f"{self.offload_dir!r}: chunks would go elsewhere than configured")
         return ChunkPlan(sp_group=sp_group, sp_size=sp_size, num_chunks=self.local_chunks(local_seq_length),
-                         offload=self.fpdt_offload, offload_dir=self.offload_dir)
+                         offload=self.fpdt_offload, tiers=tiers)
 
     def local_chunks(self, local_seq_length: int) -> int:
         """Chunks of a rank's ``local_seq_length`` tokens (for modules that need no group)."""
@@ -111,13 +120,34 @@ class FPDTConfig:
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
     """The chunking of one call, from :meth:`FPDTConfig.plan`: u chunks of the local sequence on a
-    group of P ranks; chunks not being computed on offloaded (to ``offload_dir`` if set)."""
+    group of P ranks; with ``offload``, chunks not being computed on go to ``tiers`` (host
+    memory, or its disk when it has a directory)."""
 
     sp_group: Any
     sp_size: int
     num_chunks: int
-    offload: bool = False
-    offload_dir: Optional[str] = None
+    offload: bool
+    tiers: Any  # fpdt_ext.memory.offload.MemoryTiers
+
+
+# The chunked loss (fpdt_ext.mcore.loss): a chunk holds at most this many logits (tokens x local
+# vocabulary; 16 MiB in float32), but no fewer than MIN_CHUNK_TOKENS tokens, so the weight-gradient
+# GEMM (whose inner size is the chunk's token count) stays efficient. tools/memory_planner.py uses
+# the same numbers.
+MAX_CHUNK_LOGITS = 1 << 22
+MIN_CHUNK_TOKENS = 128
+
+
+def loss_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per loss chunk for a local vocabulary size."""
+    return max(MIN_CHUNK_TOKENS, MAX_CHUNK_LOGITS // vocab_local)
+
+
+def loss_chunks(tokens: int, vocab_local: int, at_least: int = 1) -> int:
+    """Chunks for the loss over ``tokens`` tokens: at least ``at_least``, and enough that none
+    holds more than :func:`loss_chunk_tokens` tokens (the loss's memory is one chunk of logits,
+    whatever the attention chunk size)."""
+    return min(tokens, max(at_least, -(-tokens // loss_chunk_tokens(vocab_local))))
 
 
 def _require_positive(name: str, value) -> None:

@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from fpdt_ext.core.attention import fpdt_attention
 from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.core.qkv import QKVLayout, fpdt_qkv_attention
+from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.mcore.norm import ChunkedNorm
 
 
@@ -53,7 +54,8 @@ class FPDTCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None, *, fpdt_config: FPDTConfig):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, *, fpdt_config: FPDTConfig,
+                 tiers: MemoryTiers):
         super().__init__(config=config)
         if attention_type != "self" or attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"FPDT attention is causal self-attention; got {attention_type} "
@@ -64,7 +66,7 @@ class FPDTCoreAttention(MegatronModule):
         if pg_collection is None:
             raise ValueError("FPDTCoreAttention needs the process groups (pg_collection) it runs on")
         self.sp_group = pg_collection.cp  # the FPDT group occupies megatron-core's context-parallel axis
-        self.fpdt_config = fpdt_config
+        self.fpdt_config, self.tiers = fpdt_config, tiers
         self.softmax_scale = _softmax_scale(config, softmax_scale)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -72,7 +74,7 @@ class FPDTCoreAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
             raise ValueError("FPDT attention is causal by construction: pass attention_mask=None and no "
                              "attention bias or packed sequences")
-        plan = self.fpdt_config.plan(query.shape[0], sp_group=self.sp_group)
+        plan = self.fpdt_config.plan(query.shape[0], sp_group=self.sp_group, tiers=self.tiers)
         out = fpdt_attention(query, key, value, plan=plan, softmax_scale=self.softmax_scale)
         return out.flatten(2)  # [s/P, b, heads/tp * d]
 
@@ -81,10 +83,10 @@ class FPDTSelfAttention(SelfAttention):
     """megatron-core's SelfAttention with the input norm, QKV projection and rotary inside FPDT's
     chunk loop (see the module docstring for the two configurations that are not)."""
 
-    def __init__(self, config, submodules, *args, fpdt_config: FPDTConfig, **kwargs):
+    def __init__(self, config, submodules, *args, fpdt_config: FPDTConfig, tiers: MemoryTiers, **kwargs):
         _check_supported(config)
         super().__init__(config, submodules, *args, **kwargs)
-        self.fpdt_config = fpdt_config
+        self.fpdt_config, self.tiers = fpdt_config, tiers
         self.sp_group = self.pg_collection.cp
         self.softmax_scale = _softmax_scale(config)
         qk_norm = not all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm))
@@ -119,7 +121,7 @@ class FPDTSelfAttention(SelfAttention):
         x = hidden_states
         if self.world_size > 1:  # identity forward, all-reduce of x's gradient over TP
             x = copy_to_tensor_model_parallel_region(x, group=self.pg_collection.tp)
-        plan = self.fpdt_config.plan(x.shape[0], sp_group=self.sp_group)
+        plan = self.fpdt_config.plan(x.shape[0], sp_group=self.sp_group, tiers=self.tiers)
         out = fpdt_qkv_attention(
             x, self.linear_qkv.weight, self.linear_qkv.bias, self.qkv_layout, plan,
             norm=None if input_norm is None else input_norm.input_norm(),

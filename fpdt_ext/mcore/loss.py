@@ -25,6 +25,7 @@ from fpdt_ext.core import kernels
 from fpdt_ext.core.comm import group_rank, group_size
 
 
+
 def _all_reduce(t, op, group):
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
@@ -83,25 +84,6 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
             kernels.addmm_fp32(grad_weight, dlogits.t(), h_c.reshape(-1, h_c.shape[-1]))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # every TP rank saw part of the vocab
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
-
-
-# A loss chunk holds at most this many logits (tokens x local vocabulary; 16 MiB in float32),
-# but no fewer than MIN_CHUNK_TOKENS tokens, so the weight-gradient GEMM (whose inner size is the
-# chunk's token count) stays efficient.
-MAX_CHUNK_LOGITS = 1 << 22
-MIN_CHUNK_TOKENS = 128
-
-
-def loss_chunk_tokens(vocab_local: int) -> int:
-    """Tokens per loss chunk for a local vocabulary size."""
-    return max(MIN_CHUNK_TOKENS, MAX_CHUNK_LOGITS // vocab_local)
-
-
-def loss_chunks(tokens: int, vocab_local: int, at_least: int = 1) -> int:
-    """Chunks for the loss over ``tokens`` tokens: at least ``at_least``, and enough that none
-    holds more than :func:`loss_chunk_tokens` tokens (the loss's memory is one chunk of logits,
-    whatever the attention chunk size)."""
-    return min(tokens, max(at_least, -(-tokens // loss_chunk_tokens(vocab_local))))
 
 
 def chunked_lm_loss(hidden, weight, labels, *, tp_group=None, num_chunks: int = 1):

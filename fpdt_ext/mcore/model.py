@@ -18,7 +18,8 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from fpdt_ext.core.config import FPDTConfig
-from fpdt_ext.mcore.loss import chunked_lm_loss, loss_chunks
+from fpdt_ext.core.config import loss_chunks
+from fpdt_ext.mcore.loss import chunked_lm_loss
 
 
 class FPDTGPTModel(GPTModel):

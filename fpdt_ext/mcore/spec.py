@@ -17,7 +17,8 @@ checkpoints as megatron-core's GPTModel, and every Megatron checkpoint tool keep
         linear_fc1, linear_fc2  ColumnParallelLinear, RowParallelLinear
       mlp_bda            megatron-core's bias-dropout-add
 
-All FPDT modules take the same frozen :class:`~fpdt_ext.core.config.FPDTConfig`; process groups
+All FPDT modules take the same frozen :class:`~fpdt_ext.core.config.FPDTConfig`, and the
+attention modules the model's :class:`~fpdt_ext.memory.offload.MemoryTiers`; process groups
 come from megatron-core's ``pg_collection`` (the FPDT group is its context-parallel group).
 """
 
@@ -40,12 +41,15 @@ from fpdt_ext.mcore.attention import FPDTCoreAttention, FPDTSelfAttention
 from fpdt_ext.mcore.layer import FPDTTransformerLayer
 from fpdt_ext.mcore.mlp import FPDTMLP
 from fpdt_ext.mcore.norm import chunked_norm_class
+from fpdt_ext.memory.offload import MemoryTiers
 
 
-def get_fpdt_layer_spec(fpdt_config: FPDTConfig, *, tp_group, normalization: Optional[str] = None,
-                        qk_layernorm: bool = False) -> ModuleSpec:
-    """The FPDT layer for ``--normalization`` (LayerNorm or RMSNorm). ``tp_group`` goes to the MLP
+def get_fpdt_layer_spec(fpdt_config: FPDTConfig, *, tiers: MemoryTiers, tp_group,
+                        normalization: Optional[str] = None, qk_layernorm: bool = False) -> ModuleSpec:
+    """The FPDT layer for ``--normalization`` (LayerNorm or RMSNorm). ``tiers``: where the model's
+    offloaded chunks go (one per model, shared by its layers). ``tp_group`` goes to the MLP
     explicitly (megatron-core passes it only to its own MLP class)."""
+    attention_params = {"fpdt_config": fpdt_config, "tiers": tiers}
     norm = ModuleSpec(module=chunked_norm_class(normalization or "LayerNorm"), params={"fpdt_config": fpdt_config})
     qk_norm = WrappedTorchNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
@@ -54,10 +58,10 @@ def get_fpdt_layer_spec(fpdt_config: FPDTConfig, *, tp_group, normalization: Opt
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=FPDTSelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal, "fpdt_config": fpdt_config},
+                params={"attn_mask_type": AttnMaskType.causal, **attention_params},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=ModuleSpec(module=FPDTCoreAttention, params={"fpdt_config": fpdt_config}),
+                    core_attention=ModuleSpec(module=FPDTCoreAttention, params=attention_params),
                     linear_proj=RowParallelLinear,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,

@@ -305,19 +305,3 @@ def _drop_cache(fd: int, direct: bool, offset: int, length: int) -> None:
     # clean pages, so the bytes leave RAM.
     if not direct:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-_TIERS: Dict[str, DiskTier] = {}
-
-
-def disk_tier(directory: str) -> DiskTier:
-    """The process-wide tier for ``directory`` (one file per process and directory)."""
-    key = os.path.realpath(directory)
-    if key not in _TIERS:
-        _TIERS[key] = DiskTier(directory)
-    return _TIERS[key]
-
-
-def disk_peak_bytes() -> int:
-    """The most bytes this process has held on disk tiers at once (summed over directories)."""
-    return sum(t.peak_bytes_in_use for t in _TIERS.values())

@@ -6,18 +6,17 @@ Objects, all explicit:
   On CUDA they are pinned and allocated once, then recycled across chunks,
   layers and iterations (no per-chunk ``pin_memory()``; no power-of-two
   rounding waste on reuse).
-* :class:`TransferStream` - the one side stream per device on which every
-  host<->device copy runs. Because all copies share it, a host buffer handed
-  back to the pool after its fetch was queued can be refilled by a later
-  offload without any event: the stream orders them.
+* :class:`MemoryTiers` - one model's pools, its side stream per device (on
+  which every host<->device copy runs) and its disk tier; made and handed
+  around explicitly.
 * :class:`ChunkStore` - one kind of per-chunk tensors (e.g. the KV chunks of
   one attention call). ``put`` stores (offloading when on), ``prefetch``
   starts a fetch, ``get`` returns device tensors, ``release`` says the caller
   is done with them, ``pop`` forgets a chunk. A :class:`Residency` counter
   records how many chunks of each kind are on the compute device, so tests can
-  bound it. Given a directory, its offloaded copies go to a file there instead
-  of host buffers (:mod:`fpdt_ext.memory.disk`: written and read on its I/O thread, so a
-  ``prefetch`` overlaps compute there too).
+  bound it. When its tiers have a directory, its offloaded copies go to a file
+  there instead of host buffers (:mod:`fpdt_ext.memory.disk`: written and read on
+  its I/O thread, so a ``prefetch`` overlaps compute there too).
 
 On the CPU there is no separate device memory, but offload still makes real
 copies into separate host buffers, and a fetched copy is poisoned (NaN) when
@@ -43,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fpdt_ext.memory.disk import Reading, disk_tier
+from fpdt_ext.memory.disk import DiskTier, Reading
 
 Tensor = torch.Tensor
 
@@ -79,32 +78,55 @@ class HostBufferPool:
         self._free.clear()
 
 
-_POOLS: Dict[bool, HostBufferPool] = {}
+class MemoryTiers:
+    """The memory below the device that one model's offloaded tensors use: recycled host buffers
+    (pinned for CUDA), one side stream per CUDA device on which every host<->device copy runs,
+    and with a ``directory`` the disk tier (one file, opened at first use).
 
+    Explicit, never process-wide: whoever builds a model makes one and hands it to everything
+    that offloads for that model (the trainer: the FPDT modules, through the spec, and
+    :class:`~fpdt_ext.memory.saved.SavedTensorsToHost`), and reads the disk's peak from it.
+    Because all copies of a device share its stream, a host buffer handed back to the pool
+    after its fetch was queued can be refilled by a later offload without any event: the
+    stream orders them.
+    """
 
-def host_pool(device: torch.device) -> HostBufferPool:
-    """The process-wide pool for offloading from ``device``."""
-    pin = torch.device(device).type == "cuda"
-    if pin not in _POOLS:
-        _POOLS[pin] = HostBufferPool(pin)
-    return _POOLS[pin]
+    def __init__(self, directory: Optional[str] = None):
+        self.directory = directory
+        self._pools: Dict[bool, HostBufferPool] = {}
+        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+        self._disk: Optional[DiskTier] = None
 
+    def pool(self, device: torch.device) -> HostBufferPool:
+        """The host buffers for offloading from ``device`` (pinned for CUDA)."""
+        pin = torch.device(device).type == "cuda"
+        if pin not in self._pools:
+            self._pools[pin] = HostBufferPool(pin)
+        return self._pools[pin]
 
-class TransferStream:
-    """The side stream for host<->device copies on one CUDA device (None on CPU)."""
-
-    _streams: Dict[torch.device, "torch.cuda.Stream"] = {}
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> Optional["torch.cuda.Stream"]:
+    def stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
+        """The side stream for copies to and from a CUDA ``device`` (None on the CPU)."""
         device = torch.device(device)
         if device.type != "cuda":
             return None
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in cls._streams:
-            cls._streams[device] = torch.cuda.Stream(device)
-        return cls._streams[device]
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    @property
+    def disk(self) -> DiskTier:
+        """The disk tier in ``directory`` (its file is opened on first use)."""
+        if self.directory is None:
+            raise ValueError("these memory tiers have no disk: give a directory (--offload-dir)")
+        if self._disk is None:
+            self._disk = DiskTier(self.directory)
+        return self._disk
+
+    def peak_disk_bytes(self) -> int:
+        """The most bytes held on the disk tier at once (0 if it was never used)."""
+        return self._disk.peak_bytes_in_use if self._disk is not None else 0
 
 
 class Residency:
@@ -136,16 +158,19 @@ class ChunkStore:
     """Per-chunk tensors of one kind, resident or offloaded."""
 
     def __init__(self, kind: str, device: torch.device, *, offload: bool, residency: Residency,
-                 directory: Optional[str] = None):
+                 tiers: Optional[MemoryTiers] = None):
+        """``tiers``: where offloaded chunks go (default: host memory of a new, private
+        :class:`MemoryTiers`); to its disk when it has a directory."""
         self.kind = kind
         self.device = torch.device(device)
         self.offload = offload
         self.residency = residency
         self._entries: Dict[int, _Entry] = {}
-        self._disk = disk_tier(directory) if offload and directory else None
+        tiers = tiers or MemoryTiers()
+        self._disk = tiers.disk if offload and tiers.directory else None
         on_host = offload and self._disk is None
-        self._stream = TransferStream.for_device(self.device) if on_host else None
-        self._pool = host_pool(self.device) if on_host else None
+        self._stream = tiers.stream(self.device) if on_host else None
+        self._pool = tiers.pool(self.device) if on_host else None
 
     # -- storing ----------------------------------------------------------
     def put(self, idx: int, tensors: Sequence[Tensor]) -> None:

@@ -7,16 +7,16 @@ from typing import Optional
 
 import torch
 
-from fpdt_ext.memory.disk import DiskSlot, disk_tier
-from fpdt_ext.memory.offload import TransferStream
+from fpdt_ext.memory.disk import DiskSlot
+from fpdt_ext.memory.offload import MemoryTiers
 
 Tensor = torch.Tensor
 
 
 class SavedTensorsToHost(torch.autograd.graph.saved_tensors_hooks):
     """Keep tensors saved for backward in host memory (the checkpointed layer
-    inputs of full recompute, in the FPDT paper's recipe), or in a file in
-    ``directory`` (:mod:`fpdt_ext.memory.disk`) when given.
+    inputs of full recompute, in the FPDT paper's recipe), or on the disk tier of
+    ``tiers`` (:mod:`fpdt_ext.memory.disk`) when it has a directory.
 
     Tensors smaller than ``min_bytes`` and parameters stay where they are. On
     CUDA the copy out runs on the side stream ([offload-after-produce]) into
@@ -25,17 +25,18 @@ class SavedTensorsToHost(torch.autograd.graph.saved_tensors_hooks):
     A disk slot is freed when autograd drops the saved tensor.
     """
 
-    def __init__(self, min_bytes: int = 1 << 16, directory: Optional[str] = None):
+    def __init__(self, tiers: Optional[MemoryTiers] = None, min_bytes: int = 1 << 16):
         super().__init__(self._pack, self._unpack)
         self.min_bytes = min_bytes
-        self._disk = disk_tier(directory) if directory else None
+        self._tiers = tiers or MemoryTiers()
+        self._disk = self._tiers.disk if self._tiers.directory else None
 
     def _pack(self, t: Tensor):
         if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
             return t
         if self._disk is not None:
             return self._disk.write(t)
-        stream = TransferStream.for_device(t.device)
+        stream = self._tiers.stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=stream is not None)
         if stream is None:
             return (host.copy_(t), t.device, None)

@@ -1,9 +1,11 @@
 """Command-line arguments with Megatron-LM's flag names, plus FPDT's.
 
-``parse_args`` parses; ``validate_args`` checks every combination once, before
-any process group, model or data is built, and raises :class:`ArgumentError`
+``parse_args`` parses; ``validate_args`` turns the flags into the frozen
+:class:`~megatron.training.config.RunConfig` (whose parts check every combination)
+before any process group, model or data is built, and raises :class:`ArgumentError`
 with a message that says what to change. Entry points turn that into a usage
-error (exit code 2).
+error (exit code 2). Nothing downstream reads the flags: tools and benchmarks build
+a RunConfig directly.
 
 Where we differ from Megatron-LM: ``--fpdt`` and its ``--fpdt-*`` flags (and
 DeepSpeed's ``--ds-sequence-parallel-*`` FPDT flags as aliases);
@@ -15,11 +17,15 @@ FPDT (the FPDT group occupies megatron-core's context-parallel axis).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional, Sequence
 
-from fpdt_ext.core.config import FPDTConfig, check_heads
+from fpdt_ext import runtime
+from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.memory.disk import check_offload_dir
+from megatron.training.config import (CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig,
+                                      TokenizerConfig, TrainingConfig)
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args
 
 
@@ -160,154 +166,78 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = 
     return parser.parse_args(argv)
 
 
-def cuda_available() -> bool:
-    from fpdt_ext import runtime
-
-    return runtime.current().cuda
-
-
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Check every combination; fill derived values. Raises ArgumentError."""
+def _fields(cls, args) -> dict:
+    """The flags of ``args`` that are fields of the dataclass ``cls`` (same names)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> RunConfig:
+    """The run configuration the flags describe, every combination checked (the parts check
+    themselves; here: what only flags can get wrong, and the files they name). ``args`` is not
+    changed. Raises ArgumentError, with what to change."""
     if world_size is None:
         world_size = args.dry_run_world_size if args.dry_run and args.dry_run_world_size else _world_size()
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    fpdt_size = args.fpdt_parallel_size
     if args.context_parallel_size != 1:
         raise ArgumentError("--context-parallel-size is not supported: FPDT occupies megatron-core's context-"
                             "parallel axis; use --fpdt --fpdt-parallel-size N instead")
-    if pp != 1:
-        raise ArgumentError("--pipeline-model-parallel-size > 1 is not supported by this training loop yet; "
-                            "use tensor parallelism and FPDT instead")
-    if fpdt_size > 1 and not args.fpdt:
-        raise ArgumentError(f"--fpdt-parallel-size {fpdt_size} needs --fpdt")
+    if args.fpdt_parallel_size > 1 and not args.fpdt:
+        raise ArgumentError(f"--fpdt-parallel-size {args.fpdt_parallel_size} needs --fpdt")
     for name in ("fpdt_chunk_size", "fpdt_offload"):
         if getattr(args, name) and not args.fpdt:
             raise ArgumentError(f"--{name.replace('_', '-')} needs --fpdt")
-    model_parallel = tp * fpdt_size * pp
-    if world_size % model_parallel:
-        raise ArgumentError(
-            f"world size {world_size} is not divisible by tensor ({tp}) x FPDT ({fpdt_size}) x pipeline ({pp}) "
-            f"parallel sizes = {model_parallel}; launch a multiple of {model_parallel} processes")
-    args.world_size = world_size
-    args.data_parallel_size = world_size // model_parallel
-
-    if args.bf16 and args.fp16:
-        raise ArgumentError("choose one of --bf16 and --fp16")
-    if args.fp16 and not cuda_available():
-        raise ArgumentError("--fp16 needs a GPU (loss scaling lives in megatron-core's GPU optimizer); use "
-                            "--bf16 or float32 on the CPU")
-    args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
-    if args.kv_channels is None:
-        if args.hidden_size % args.num_attention_heads:
-            raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-                                f"{args.num_attention_heads}; set --kv-channels")
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
-    args.num_query_groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.max_position_embeddings < args.seq_length:
-        raise ArgumentError(f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
-                            f"--seq-length {args.seq_length}")
-    try:
-        check_heads(args.num_attention_heads, args.num_query_groups, sp_size=fpdt_size if args.fpdt else 1,
-                    tp_size=tp)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from None
-
-    if args.fpdt:
-        if args.attention_dropout:
-            raise ArgumentError(f"FPDT attention has no dropout: add --attention-dropout 0 "
-                                f"(got {args.attention_dropout})")
-        if args.sequence_parallel:
-            raise ArgumentError("--sequence-parallel (Megatron-SP) cannot be combined with --fpdt yet; drop it "
-                                "(FPDT already splits the sequence)")
-        try:
-            args.fpdt_config = FPDTConfig(fpdt_parallel_size=fpdt_size, fpdt_chunk_size=args.fpdt_chunk_size,
-                                          fpdt_offload=args.fpdt_offload,
-                                          offload_dir=args.offload_dir if args.fpdt_offload else None)
-            args.fpdt_num_chunks = args.fpdt_config.num_chunks(args.seq_length)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
-    else:
-        args.fpdt_config = None
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # as Megatron: meaningless without TP
-
-    dp = args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ArgumentError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {dp}; use a multiple of {args.micro_batch_size * dp}")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-
-    if args.offload_recompute_inputs and args.recompute_granularity != "full":
-        raise ArgumentError("--offload-recompute-inputs needs --recompute-granularity full")
-    if args.offload_dir is not None:
-        if not (args.fpdt_offload or args.offload_recompute_inputs):
-            raise ArgumentError("--offload-dir has nothing to hold: add --fpdt-offload (attention chunks) and/or "
-                                "--offload-recompute-inputs (checkpointed layer inputs)")
-        try:
-            check_offload_dir(args.offload_dir)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be shorter than the decay "
-                            f"({args.lr_decay_iters} iterations: --lr-decay-iters, default --train-iters)")
-    if not args.mock_data and not args.data_path:
-        raise ArgumentError("give --data-path PREFIX [PREFIX ...] or --mock-data")
-    if args.tokenizer_type is None:
-        if not args.mock_data:
-            raise ArgumentError("--data-path needs the tokenizer it was made with: set --tokenizer-type (and its "
-                                "files)")
-        if args.vocab_size is None:
-            raise ArgumentError("--mock-data without a tokenizer needs --vocab-size")
-        args.tokenizer_type = "NullTokenizer"
-    problem = check_tokenizer_args(args)
-    if problem:
-        raise ArgumentError(problem)
     if args.reset_attention_mask:
         raise ArgumentError("--reset-attention-mask is not supported: FPDT and the baseline attend causally over "
                             "the whole sequence (no per-document masks); drop it (--reset-position-ids and "
                             "--eod-mask-loss do work)")
-    if args.reset_position_ids and args.position_embedding_type == "rope":
-        raise ArgumentError("--reset-position-ids with --position-embedding-type rope is not supported: "
-                            "megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 whatever the position "
-                            "ids; use it with learned_absolute positions")
-    if args.data_path and not args.mock_data:
-        prefixes = [p for i, p in enumerate(args.data_path) if not (len(args.data_path) % 2 == 0 and i % 2 == 0)]
-        for prefix in prefixes:
+    try:
+        data = DataConfig(**_fields(DataConfig, args))
+        tokenizer = _fields(TokenizerConfig, args)
+        if args.tokenizer_type is None:
+            if not args.mock_data:
+                raise ValueError("--data-path needs the tokenizer it was made with: set --tokenizer-type (and its "
+                                 "files)")
+            if args.vocab_size is None:
+                raise ValueError("--mock-data without a tokenizer needs --vocab-size")
+            tokenizer["tokenizer_type"] = "NullTokenizer"
+        model = ModelConfig(**{**_fields(ModelConfig, args), "num_query_groups": args.num_query_groups
+                               if args.group_query_attention else None})
+        parallel = ParallelConfig(**{**_fields(ParallelConfig, args), "world_size": world_size})
+        training = TrainingConfig(**_fields(TrainingConfig, args))
+        fpdt = FPDTConfig(fpdt_parallel_size=args.fpdt_parallel_size, fpdt_chunk_size=args.fpdt_chunk_size,
+                          fpdt_offload=args.fpdt_offload,
+                          offload_dir=args.offload_dir if args.fpdt_offload else None) if args.fpdt else None
+        config = RunConfig(model=model, training=training, data=data, parallel=parallel,
+                           tokenizer=TokenizerConfig(**tokenizer),
+                           checkpoint=CheckpointConfig(**_fields(CheckpointConfig, args)), fpdt=fpdt)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if config.training.fp16 and not runtime.current().cuda:
+        raise ArgumentError("--fp16 needs a GPU (loss scaling lives in megatron-core's GPU optimizer); use "
+                            "--bf16 or float32 on the CPU")
+    problem = check_files(config)
+    if problem:
+        raise ArgumentError(problem)
+    return config
+
+
+def check_files(config: RunConfig) -> Optional[str]:
+    """What to change when a file or directory the run names is missing or unusable, else None."""
+    problem = check_tokenizer_args(config.tokenizer)
+    if problem:
+        return problem
+    if config.training.offload_dir is not None:
+        try:
+            check_offload_dir(config.training.offload_dir)
+        except ValueError as e:
+            return str(e)
+    if not config.data.mock_data:
+        for prefix in config.data.prefixes:
             missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
             if missing:
-                raise ArgumentError(f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found "
-                                    f"(make it with tools/preprocess_data.py)")
-    if args.save_interval is not None and not args.save:
-        raise ArgumentError("--save-interval needs --save DIR")
-    if args.keep_last is not None and args.keep_last < 1:
-        raise ArgumentError("--keep-last must be at least 1")
-    for name in ("save_interval", "exit_interval"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("log_interval", "eval_interval", "train_iters", "micro_batch_size", "seq_length"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be positive")
-    if args.eval_iters < 0:
-        raise ArgumentError("--eval-iters must be >= 0")
-    return args
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's vocabulary padding: a multiple of divisible_by x TP."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+                return (f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found "
+                        f"(make it with tools/preprocess_data.py)")
+    return None

@@ -27,13 +27,14 @@ and iteration, with a note.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,9 +101,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _layout(trainer) -> dict:
-    args = trainer.args
-    return {"world_size": args.world_size, "tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "fpdt_parallel_size": args.fpdt_parallel_size, "data_parallel_size": args.data_parallel_size}
+    par = trainer.config.parallel
+    return {"world_size": par.world_size, "tensor_model_parallel_size": par.tensor_model_parallel_size,
+            "fpdt_parallel_size": par.fpdt_parallel_size, "data_parallel_size": par.data_parallel_size}
 
 
 # How megatron-core's optimizers lay out their state in a checkpoint (the GPU path; HostAdamW's
@@ -133,7 +134,7 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "consumed_samples": trainer.state.consumed_samples,
         "layout": _layout(trainer),
         "kind": "training",
-        "model_args": model_args_dict(trainer.args),
+        "model_args": model_args_dict(trainer.config),
         "true_vocab_size": trainer.tokenizer.vocab_size,
         "optimizer_format": optimizer_format(trainer.optimizer),
     }
@@ -186,19 +187,25 @@ def write_checkpoint(save_dir: str, iteration: int, sharded_state: dict, rank_fi
 def save_checkpoint(trainer, iteration: int) -> str:
     """Save everything needed to continue exactly; returns the checkpoint path."""
     rank = dist.get_rank()
-    return write_checkpoint(trainer.args.save, iteration, _sharded_state(trainer, loading=False),
-                            {f"train_state/rank_{rank:05d}.pt": _rng_state()}, keep_last=trainer.args.keep_last)
+    ckpt = trainer.config.checkpoint
+    return write_checkpoint(ckpt.save, iteration, _sharded_state(trainer, loading=False),
+                            {f"train_state/rank_{rank:05d}.pt": _rng_state()}, keep_last=ckpt.keep_last)
 
 
-def model_args_dict(args) -> dict:
-    """The arguments that define the model, stored in every checkpoint (for converters and evaluation)."""
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-            "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
-            "rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "normalization",
-            "norm_epsilon", "swiglu", "openai_gelu", "add_bias_linear", "untie_embeddings_and_output_weights",
-            "qk_layernorm", "make_vocab_size_divisible_by", "vocab_size", "tokenizer_type", "vocab_file",
-            "merge_file", "tokenizer_model", "params_dtype", "init_method_std", "seq_length")
-    return {k: getattr(args, k, None) for k in keys}
+def model_args_dict(config) -> dict:
+    """The model of the run ``config``, stored in every checkpoint as a flat dict under the flags'
+    names (what converters and evaluation rebuild it from: :func:`model_config_from_args`)."""
+    return {**dataclasses.asdict(config.model), **dataclasses.asdict(config.tokenizer),
+            "group_query_attention": config.model.group_query_attention, "params_dtype": config.params_dtype,
+            "seq_length": config.training.seq_length}
+
+
+def model_config_from_args(saved: dict):
+    """The :class:`~megatron.training.config.ModelConfig` of a checkpoint's stored model arguments."""
+    from megatron.training.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in names and v is not None})
 
 
 # -- load ------------------------------------------------------------------------------
@@ -247,13 +254,9 @@ def verify_checkpoint(path: str) -> Optional[str]:
     return None
 
 
-def load_checkpoint(trainer, directory: str) -> Optional[int]:
-    """Load the newest usable checkpoint in ``directory``; returns its iteration, or None if there
-    is none at all. Raises CheckpointError when checkpoints exist but none is usable."""
-    from megatron.core import dist_checkpointing
-
-    from megatron.training.optimizer import prepare_for_loading
-
+def newest_usable_checkpoint(directory: str) -> Tuple[Optional[str], List[str]]:
+    """(path of the newest checkpoint in ``directory`` that verifies, or None; the reasons the newer
+    ones were passed over). Newest means at or below the "latest" pointer (collective)."""
     candidates = list_checkpoints(directory)
     pointer = _latest_pointer(directory)
     if pointer is not None:
@@ -262,47 +265,60 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
     for iteration in candidates:
         path = checkpoint_name(directory, iteration)
         problem = verify_checkpoint(path)
-        if problem:
-            reasons.append(f"{path}: {problem}")
-            _print0(f" checkpoint {path} is unusable: {problem}; trying the previous one")
-            continue
-        common = dist_checkpointing.load_common_state_dict(path)
-        kind = common.get("kind")
-        if kind == "weights":  # a converted or exported model: weights only, training starts at 0
-            state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
-            trainer.model.module.load_state_dict(state["model"])
-            trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
-            _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
-            return 0
-        saved_format, this_format = common.get("optimizer_format"), optimizer_format(trainer.optimizer)
-        if saved_format is not None and saved_format != this_format:
-            raise CheckpointError(
-                f"{path} holds optimizer state written by {saved_format}, and this run uses {this_format} "
-                f"({'GPU' if this_format == MEGATRON_OPTIMIZER else 'CPU'} path): resume it on the kind of machine "
-                "that wrote it, or start from its weights alone (tools/checkpoint/convert.py --loader mcore "
-                "--saver hf, then --loader hf --saver mcore, and --load that)")
-        prepare_for_loading(trainer.optimizer)
-        state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
-        trainer.model.module.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.state.iteration = state["iteration"]
-        trainer.state.consumed_samples = state["consumed_samples"]
-        trainer.train_data.consumed_samples = state["consumed_samples"]
-        rng_file = os.path.join(path, "train_state", f"rank_{dist.get_rank():05d}.pt")
-        if state["layout"] == _layout(trainer) and os.path.exists(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            from megatron.training.initialize import set_seed
+        if problem is None:
+            return path, reasons
+        reasons.append(f"{path}: {problem}")
+        _print0(f" checkpoint {path} is unusable: {problem}; trying the previous one")
+    return None, reasons
 
-            _print0(f" note: checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}; "
-                    f"RNG streams re-seeded from --seed and the iteration")
-            set_seed(trainer.args.seed + iteration, tp_rank=trainer.groups.tp_rank)
-        _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
-        return iteration
-    if reasons:
-        raise CheckpointError(f"no usable checkpoint in {directory}:\n  " + "\n  ".join(reasons))
-    return None
+
+def load_checkpoint(trainer, directory: str) -> Optional[int]:
+    """Load the newest usable checkpoint in ``directory``; returns its iteration, or None if there
+    is none at all. Raises CheckpointError when checkpoints exist but none is usable."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.training.optimizer import prepare_for_loading
+
+    path, reasons = newest_usable_checkpoint(directory)
+    if path is None:
+        if reasons:
+            raise CheckpointError(f"no usable checkpoint in {directory}:\n  " + "\n  ".join(reasons))
+        return None
+    iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
+    common = dist_checkpointing.load_common_state_dict(path)
+    kind = common.get("kind")
+    if kind == "weights":  # a converted or exported model: weights only, training starts at 0
+        state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
+        trainer.model.module.load_state_dict(state["model"])
+        trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
+        _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
+        return 0
+    saved_format, this_format = common.get("optimizer_format"), optimizer_format(trainer.optimizer)
+    if saved_format is not None and saved_format != this_format:
+        raise CheckpointError(
+            f"{path} holds optimizer state written by {saved_format}, and this run uses {this_format} "
+            f"({'GPU' if this_format == MEGATRON_OPTIMIZER else 'CPU'} path): resume it on the kind of machine "
+            "that wrote it, or start from its weights alone (tools/checkpoint/convert.py --loader mcore "
+            "--saver hf, then --loader hf --saver mcore, and --load that)")
+    prepare_for_loading(trainer.optimizer)
+    state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
+    trainer.model.module.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.state.iteration = state["iteration"]
+    trainer.state.consumed_samples = state["consumed_samples"]
+    trainer.train_data.consumed_samples = state["consumed_samples"]
+    rng_file = os.path.join(path, "train_state", f"rank_{dist.get_rank():05d}.pt")
+    if state["layout"] == _layout(trainer) and os.path.exists(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        from megatron.training.initialize import set_seed
+
+        _print0(f" note: checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}; "
+                f"RNG streams re-seeded from --seed and the iteration")
+        set_seed(trainer.config.training.seed + iteration, tp_rank=trainer.groups.tp_rank)
+    _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
+    return iteration
 
 
 def _print0(message: str) -> None:

@@ -22,17 +22,19 @@ from fpdt_ext.core.layout import fpdt_shard_batch
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+def dataset_config(config, tokenizer) -> GPTDatasetConfig:
+    """megatron-core's dataset config for the run ``config`` (:class:`~megatron.training.config.RunConfig`)."""
+    data = config.data
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=None if args.mock_data else get_blend_from_list(args.data_path),
-        split=args.split,
-        path_to_cache=args.data_cache_path,
+        random_seed=config.training.seed,
+        sequence_length=config.training.seq_length,
+        blend=None if data.mock_data else get_blend_from_list(list(data.data_path)),
+        split=data.split,
+        path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
-        reset_position_ids=args.reset_position_ids,
+        reset_position_ids=data.reset_position_ids,
         reset_attention_mask=False,
-        eod_mask_loss=args.eod_mask_loss,
+        eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,  # FPDT and the baseline attention are causal by construction
     )
 
@@ -63,19 +65,19 @@ def resolve_split(split: str, prefixes, needed) -> str:
     return ",".join(f"{w:.12g}" for w in weights)
 
 
-def build_datasets(args, tokenizer):
+def build_datasets(config, tokenizer):
     """(train, valid, test) datasets sized for the whole run, as Megatron-LM sizes them."""
-    num_evals = args.train_iters // args.eval_interval + 1
-    sizes = [args.train_iters * args.global_batch_size,
-             num_evals * args.eval_iters * args.global_batch_size,
-             args.eval_iters * args.global_batch_size]
-    config = dataset_config(args, tokenizer)
-    if not args.mock_data:
-        needed = ("train", "validation") if args.eval_iters else ("train",)
-        config.split = resolve_split(args.split, config.blend[0], needed)
-        config.__post_init__()  # recompute the split matrix
-    cls = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    t, data = config.training, config.data
+    num_evals = t.train_iters // t.eval_interval + 1
+    sizes = [t.train_iters * t.global_batch_size, num_evals * t.eval_iters * t.global_batch_size,
+             t.eval_iters * t.global_batch_size]
+    dataset = dataset_config(config, tokenizer)
+    if not data.mock_data:
+        needed = ("train", "validation") if t.eval_iters else ("train",)
+        dataset.split = resolve_split(data.split, dataset.blend[0], needed)
+        dataset.__post_init__()  # recompute the split matrix
+    cls = MockGPTDataset if data.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dataset).build()
 
 
 class MicroBatches:

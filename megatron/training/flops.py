@@ -33,26 +33,37 @@ def training_flops_per_token(*, num_layers, hidden_size, num_heads, num_kv_heads
     return 3.0 * (num_layers * (qkv + attention + projection + mlp) + logits)
 
 
-def count_parameters(args, vocab_size: int) -> int:
-    """Parameters of the GPT/Llama model the arguments describe (all ranks together)."""
-    h, d, f = args.hidden_size, args.kv_channels, args.ffn_hidden_size
-    heads, kv = args.num_attention_heads, args.num_query_groups
-    bias = args.add_bias_linear
-    norm = 2 * h if args.normalization == "LayerNorm" else h
-    attention = h * (heads + 2 * kv) * d + heads * d * h + (bias and (heads + 2 * kv) * d + h)
-    mlp = h * f * (2 if args.swiglu else 1) + f * h + (bias and f * (2 if args.swiglu else 1) + h)
+def parameter_count(*, num_layers, hidden_size, num_heads, num_kv_heads, head_dim, ffn_hidden_size, vocab_size,
+                    gated, tied, bias=False, layernorm=False, learned_positions=0) -> int:
+    """Parameters of a GPT/Llama decoder (all ranks together): the one count, shared by the
+    training code and tools/memory_planner.py."""
+    h, d, f = hidden_size, head_dim, ffn_hidden_size
+    norm = 2 * h if layernorm else h
+    attention = h * (num_heads + 2 * num_kv_heads) * d + num_heads * d * h + (
+        (num_heads + 2 * num_kv_heads) * d + h if bias else 0)
+    mlp = h * f * (2 if gated else 1) + f * h + (f * (2 if gated else 1) + h if bias else 0)
     layer = attention + mlp + 2 * norm
-    embeddings = vocab_size * h * (1 if not args.untie_embeddings_and_output_weights else 2)
-    if args.position_embedding_type == "learned_absolute":
-        embeddings += args.max_position_embeddings * h
-    return args.num_layers * layer + norm + embeddings
+    embeddings = vocab_size * h * (1 if tied else 2) + learned_positions * h
+    return num_layers * layer + norm + embeddings
 
 
-def flops_per_token_from_args(args, vocab_size: int) -> float:
+def count_parameters(model, vocab_size: int) -> int:
+    """Parameters of the model a :class:`~megatron.training.config.ModelConfig` describes."""
+    return parameter_count(
+        num_layers=model.num_layers, hidden_size=model.hidden_size, num_heads=model.num_attention_heads,
+        num_kv_heads=model.num_query_groups, head_dim=model.kv_channels, ffn_hidden_size=model.ffn_hidden_size,
+        vocab_size=vocab_size, gated=model.swiglu, tied=not model.untie_embeddings_and_output_weights,
+        bias=model.add_bias_linear, layernorm=model.normalization == "LayerNorm",
+        learned_positions=model.max_position_embeddings if model.position_embedding_type == "learned_absolute" else 0)
+
+
+def flops_per_token(config, vocab_size: int) -> float:
+    """Training FLOPs per token of the run ``config`` (:class:`~megatron.training.config.RunConfig`)."""
+    model = config.model
     return training_flops_per_token(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_query_groups, head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=vocab_size, seq_length=args.seq_length, gated=args.swiglu)
+        num_layers=model.num_layers, hidden_size=model.hidden_size, num_heads=model.num_attention_heads,
+        num_kv_heads=model.num_query_groups, head_dim=model.kv_channels, ffn_hidden_size=model.ffn_hidden_size,
+        vocab_size=vocab_size, seq_length=config.training.seq_length, gated=model.swiglu)
 
 
 def device_peak_tflops(override=None):

@@ -15,19 +15,22 @@ from fpdt_ext.mcore import cpu_shims
 from fpdt_ext.mcore.parallel_state import ParallelGroups, initialize_fpdt_parallel
 
 
-def initialize(args) -> ParallelGroups:
-    runtime.init_distributed(timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+def initialize(config) -> ParallelGroups:
+    """For the run ``config`` (:class:`~megatron.training.config.RunConfig`): the process group and
+    runtime, megatron-core's CPU shims where needed, the parallel groups, the seeds."""
+    parallel = config.parallel
+    runtime.init_distributed(timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
     cpu_shims.prepare()
-    if dist.get_world_size() != args.world_size:
-        raise RuntimeError(f"arguments were validated for {args.world_size} processes but "
+    if dist.get_world_size() != parallel.world_size:
+        raise RuntimeError(f"the run was configured for {parallel.world_size} processes but "
                            f"{dist.get_world_size()} are running")
     groups = initialize_fpdt_parallel(
-        args.tensor_model_parallel_size,
-        args.fpdt_parallel_size,
-        args.pipeline_model_parallel_size,
-        timeout_minutes=args.distributed_timeout_minutes,
+        parallel.tensor_model_parallel_size,
+        parallel.fpdt_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        timeout_minutes=parallel.distributed_timeout_minutes,
     )
-    set_seed(args.seed, tp_rank=groups.tp_rank)
+    set_seed(config.training.seed, tp_rank=groups.tp_rank)
     return groups
 
 

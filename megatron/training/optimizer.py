@@ -235,31 +235,32 @@ def _main_replica(sharded):
     return dataclasses.replace(sharded, replica_id=(*rid[:-1], 0) if isinstance(rid, tuple) else 0)
 
 
-def build_optimizer(args, model, groups):
-    """The optimizer for ``model`` (DDP-wrapped) and megatron-core's LR/WD scheduler."""
+def build_optimizer(config, model, groups):
+    """The optimizer for ``model`` (DDP-wrapped) and megatron-core's LR/WD scheduler, for the
+    run ``config`` (:class:`~megatron.training.config.RunConfig`)."""
+    t = config.training
+    distributed = config.parallel.use_distributed_optimizer
     if runtime.current().cuda:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        config = OptimizerConfig(
-            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
-            params_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32),
-            use_distributed_optimizer=args.use_distributed_optimizer,
+        optimizer_config = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad, bf16=t.bf16, fp16=t.fp16, params_dtype=getattr(torch, t.params_dtype),
+            use_distributed_optimizer=distributed,
         )
         # with explicit process groups megatron-core takes no gloo side groups (it raises otherwise);
         # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)
-        optimizer = get_megatron_optimizer(config, [model], pg_collection=groups.pg_collection,
+        optimizer = get_megatron_optimizer(optimizer_config, [model], pg_collection=groups.pg_collection,
                                            use_gloo_process_groups=False)
         _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
-        optimizer = HostAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
-                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                              clip_grad=args.clip_grad, tp_group=groups.tp,
-                              shard_group=groups.dp_sp if args.use_distributed_optimizer else None)
+        optimizer = HostAdamW(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
+                              eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
+                              shard_group=groups.dp_sp if distributed else None)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+        optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.lr_decay_iters,
+        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters, wd_incr_style="constant")
     return optimizer, scheduler

@@ -26,12 +26,14 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from fpdt_ext import runtime
-from fpdt_ext.memory.disk import disk_peak_bytes
+from fpdt_ext.mcore.parallel_state import ParallelGroups
+from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.training.config import RunConfig
 from megatron.training.data import MicroBatches, build_datasets, to_model_layout
-from megatron.training.flops import device_peak_tflops, flops_per_token_from_args
+from megatron.training.flops import device_peak_tflops, flops_per_token
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model, transformer_config
 from megatron.training.optimizer import build_optimizer
@@ -67,39 +69,46 @@ def print_rank_0(*args, **kwargs):
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
-        self.groups = initialize(args)
+    """One run: ``config`` (:class:`~megatron.training.config.RunConfig`) in, its model, optimizer,
+    data and checkpoints built once; :meth:`train` runs the loop."""
+
+    def __init__(self, config: RunConfig, groups: Optional[ParallelGroups] = None):
+        """``groups``: from :func:`~megatron.training.initialize.initialize` already (made here otherwise)."""
+        self.config = config
+        t = config.training
+        self.groups = groups or initialize(config)
         self.runtime = runtime.current()
         self.device = self.runtime.device
-        self.tokenizer = build_tokenizer(args)
-        model = build_model(args, self.groups, self.tokenizer.vocab_size)
+        # where this run's offloaded tensors go: the FPDT chunks and the checkpointed layer inputs
+        self.memory = MemoryTiers(t.offload_dir)
+        self.tokenizer = build_tokenizer(config.tokenizer)
+        model = build_model(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory)
         # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed
         # optimizer needs DDP's buffers laid out for it.
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=args.use_distributed_optimizer and self.runtime.cuda)
-        self.model = DistributedDataParallel(transformer_config(args), ddp_config, model,
+            use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
+        self.model = DistributedDataParallel(transformer_config(config), ddp_config, model,
                                              pg_collection=self.groups.pg_collection)
-        self.optimizer, self.scheduler = build_optimizer(args, self.model, self.groups)
-        train_ds, valid_ds, _ = build_datasets(args, self.tokenizer)
+        self.optimizer, self.scheduler = build_optimizer(config, self.model, self.groups)
+        train_ds, valid_ds, _ = build_datasets(config, self.tokenizer)
         self.state = RunState()
-        batches = dict(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        batches = dict(micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                        dp_rank=self.groups.dp_rank, dp_size=self.groups.layout.data_parallel_size)
         self.train_data = MicroBatches(train_ds, **batches)
         self.valid_data = MicroBatches(valid_ds, **batches)
-        self.num_chunks = args.fpdt_num_chunks if args.fpdt else None
-        if args.load:
-            load_checkpoint(self, args.load)
-        self.flops_per_token = flops_per_token_from_args(args, self.tokenizer.vocab_size)
-        self.peak_tflops = device_peak_tflops(args.peak_tflops)
+        self.num_chunks = config.fpdt_num_chunks
+        if config.checkpoint.load:
+            load_checkpoint(self, config.checkpoint.load)
+        self.flops_per_token = flops_per_token(config, self.tokenizer.vocab_size)
+        self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.num_parameters = sum(p.numel() for p in model.parameters())
 
     # -- one micro batch ----------------------------------------------------------
     def _loss_terms(self, batch):
         """(masked loss sum on this rank, masked token count of the whole sequence)."""
         b = to_model_layout(batch, groups=self.groups, num_chunks=self.num_chunks, device=self.device)
-        offload = (SavedTensorsToHost(directory=self.args.offload_dir) if self.args.offload_recompute_inputs
+        offload = (SavedTensorsToHost(self.memory) if self.config.training.offload_recompute_inputs
                    else contextlib.nullcontext())
         with offload:
             losses = self.model(b["tokens"], b["position_ids"], None, labels=b["labels"])  # [b, s/P]
@@ -110,7 +119,7 @@ class Trainer:
         return (losses.float() * mask).sum(), tokens
 
     def train_step(self):
-        args = self.args
+        config = self.config
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sp_size = self.groups.layout.fpdt_parallel_size
@@ -121,7 +130,7 @@ class Trainer:
         loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
         for batch in self.train_data.global_batch():
             local_sum, tokens = self._loss_terms(batch)
-            (local_sum * sp_size / tokens.clamp(min=1) / args.num_microbatches * loss_scale).backward()
+            (local_sum * sp_size / tokens.clamp(min=1) / config.num_microbatches * loss_scale).backward()
             loss_sum += local_sum.detach().double()
             token_sum += tokens.detach().double() / sp_size
         # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
@@ -138,14 +147,14 @@ class Trainer:
         if not math.isfinite(loss):
             self.state.nan_iterations += 1
         self.state.iteration += 1
-        self.state.consumed_samples += args.global_batch_size
+        self.state.consumed_samples += config.training.global_batch_size
         return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self):
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for _ in range(self.args.eval_iters):
+        for _ in range(self.config.training.eval_iters):
             for batch in self.valid_data.global_batch():
                 local_sum, tokens = self._loss_terms(batch)
                 totals += torch.stack([local_sum.double(), tokens.double() / self.groups.layout.fpdt_parallel_size])
@@ -155,41 +164,43 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def train(self):
-        args = self.args
-        print_rank_0(f"> {self.num_parameters * args.tensor_model_parallel_size / 1e6:.2f}M parameters "
-                     f"(TP shards counted once per rank x TP), world {args.world_size} = TP "
-                     f"{args.tensor_model_parallel_size} x FPDT {args.fpdt_parallel_size} x DP "
-                     f"{args.data_parallel_size}; {'FPDT ' + str(self.num_chunks) + ' chunks' if args.fpdt else 'baseline'}"
-                     f"{', offload' if args.fpdt_offload else ''}{' to ' + args.offload_dir if args.offload_dir else ''}; seq {args.seq_length}, global batch "
-                     f"{args.global_batch_size} ({args.num_microbatches} micro batches)")
-        log_file = open(args.loss_log_file, "a") if args.loss_log_file and dist.get_rank() == 0 else None
-        tokens_per_iter = args.global_batch_size * args.seq_length
+        config, t, ckpt = self.config, self.config.training, self.config.checkpoint
+        par = config.parallel
+        what = f"FPDT {self.num_chunks} chunks" if config.fpdt else "baseline"
+        offload = ", offload" if config.fpdt and config.fpdt.fpdt_offload else ""
+        print_rank_0(f"> {self.num_parameters * par.tensor_model_parallel_size / 1e6:.2f}M parameters "
+                     f"(TP shards counted once per rank x TP), world {par.world_size} = TP "
+                     f"{par.tensor_model_parallel_size} x FPDT {par.fpdt_parallel_size} x DP "
+                     f"{par.data_parallel_size}; {what}{offload}{' to ' + t.offload_dir if t.offload_dir else ''}; "
+                     f"seq {t.seq_length}, global batch {t.global_batch_size} ({config.num_microbatches} micro batches)")
+        log_file = open(t.loss_log_file, "a") if t.loss_log_file and dist.get_rank() == 0 else None
+        tokens_per_iter = t.global_batch_size * t.seq_length
         run_start = interval_start = time.perf_counter()
         interval_iters = 0
         losses, last = [], {}
-        while self.state.iteration < args.train_iters:
+        while self.state.iteration < t.train_iters:
             loss, grad_norm = self.train_step()
             losses.append(loss)
             interval_iters += 1
             it = self.state.iteration
-            if it % args.log_interval == 0 or it == args.train_iters:
+            if it % t.log_interval == 0 or it == t.train_iters:
                 elapsed = (time.perf_counter() - interval_start) / interval_iters
-                tflops = self.flops_per_token * tokens_per_iter / elapsed / args.world_size / 1e12
+                tflops = self.flops_per_token * tokens_per_iter / elapsed / par.world_size / 1e12
                 last = dict(iteration=it, lm_loss=loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                             ms_per_iter=elapsed * 1e3, tokens_per_s=tokens_per_iter / elapsed,
                             tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
                             peak_mem_gib=self.runtime.peak_memory_bytes() / 2**30)
-                if args.offload_dir:
-                    last["peak_disk_gib"] = disk_peak_bytes() / 2**30
+                if t.offload_dir:
+                    last["peak_disk_gib"] = self.memory.peak_disk_bytes() / 2**30
                 self._log(last)
                 interval_start, interval_iters = time.perf_counter(), 0
             exit_reason = self._exit_reason(it, run_start)
-            due = (args.save_interval and it % args.save_interval == 0) or it == args.train_iters
-            if args.save and (due or exit_reason):
+            due = (ckpt.save_interval and it % ckpt.save_interval == 0) or it == t.train_iters
+            if ckpt.save and (due or exit_reason):
                 last["checkpoint"] = save_checkpoint(self, it)
                 print_rank_0(f" saved checkpoint at iteration {it} to {last['checkpoint']}")
                 interval_start = time.perf_counter()
-            if args.eval_iters and (it % args.eval_interval == 0 or it == args.train_iters):
+            if t.eval_iters and (it % t.eval_interval == 0 or it == t.train_iters):
                 val = self.evaluate()
                 print_rank_0(f" validation loss at iteration {it} | lm loss value: {val:.6E} | "
                              f"lm loss PPL: {math.exp(min(val, 20)):.6E} |")
@@ -205,7 +216,7 @@ class Trainer:
             log_file.close()
         run_seconds = time.perf_counter() - run_start
         if not losses:
-            print_rank_0(f"summary: nothing to train (at iteration {self.state.iteration} of {args.train_iters})")
+            print_rank_0(f"summary: nothing to train (at iteration {self.state.iteration} of {t.train_iters})")
             return dict(last, losses=[])
         summary = dict(last, losses=losses, first_loss=losses[0], final_loss=losses[-1],
                        mean_tokens_per_s=tokens_per_iter * len(losses) / run_seconds)
@@ -217,22 +228,22 @@ class Trainer:
 
     def _exit_reason(self, iteration: int, run_start: float) -> Optional[str]:
         """Why to stop after this iteration (all ranks agree), or None."""
-        args = self.args
+        ckpt = self.config.checkpoint
         local = 0
-        if args.exit_signal_handler and _SIGNAL.received:
+        if ckpt.exit_signal_handler and _SIGNAL.received:
             local = 1
-        if args.exit_duration_in_mins and (time.perf_counter() - run_start) / 60 > args.exit_duration_in_mins:
+        if ckpt.exit_duration_in_mins and (time.perf_counter() - run_start) / 60 > ckpt.exit_duration_in_mins:
             local = max(local, 2)
-        if args.exit_signal_handler or args.exit_duration_in_mins:
+        if ckpt.exit_signal_handler or ckpt.exit_duration_in_mins:
             flag = torch.tensor([local], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             local = int(flag.item())
         if local == 1:
             return "SIGTERM received"
         if local == 2:
-            return f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
-        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-            return f"--exit-interval {args.exit_interval}"
+            return f"--exit-duration-in-mins {ckpt.exit_duration_in_mins} reached"
+        if ckpt.exit_interval and iteration % ckpt.exit_interval == 0 and iteration < self.config.training.train_iters:
+            return f"--exit-interval {ckpt.exit_interval}"
         return None
 
     def _log(self, m):
@@ -240,9 +251,9 @@ class Trainer:
         # megatron-core's optimizers give no norm for a step skipped on overflow (fp16)
         grad_norm = f"{m['grad_norm']:.3f}" if m["grad_norm"] is not None else "n/a"
         print_rank_0(
-            f" iteration {m['iteration']:8d}/{self.args.train_iters:8d} | consumed samples: "
+            f" iteration {m['iteration']:8d}/{self.config.training.train_iters:8d} | consumed samples: "
             f"{self.state.consumed_samples:12d} | elapsed time per iteration (ms): {m['ms_per_iter']:.1f} | "
-            f"learning rate: {m['lr']:.6E} | global batch size: {self.args.global_batch_size:5d} | "
+            f"learning rate: {m['lr']:.6E} | global batch size: {self.config.training.global_batch_size:5d} | "
             f"lm loss: {m['lm_loss']:.6E} | grad norm: {grad_norm} | number of skipped iterations: "
             f"{self.state.skipped_iterations:3d} | number of nan iterations: {self.state.nan_iterations:3d} | "
             f"tokens/s: {m['tokens_per_s']:.0f} | TFLOP/s/device: {m['tflops_per_device']:.3f} | MFU: {mfu} | "
@@ -250,34 +261,36 @@ class Trainer:
             + (f" peak offload file (GiB): {m['peak_disk_gib']:.2f} |" if "peak_disk_gib" in m else ""))
 
 
-def describe_plan(args) -> str:
+def describe_plan(config: RunConfig) -> str:
     """What a validated configuration will run, for --dry-run."""
-    from megatron.training.arguments import padded_vocab_size
     from megatron.training.flops import count_parameters
+    from megatron.training.models import padded_vocab_size
     from megatron.training.tokenizer import build_tokenizer, tokenizer_files
 
-    vocab = build_tokenizer(args).vocab_size
-    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    sp = args.fpdt_parallel_size
+    model, t, par = config.model, config.training, config.parallel
+    vocab = build_tokenizer(config.tokenizer).vocab_size
+    padded = padded_vocab_size(vocab, model.make_vocab_size_divisible_by, par.tensor_model_parallel_size)
+    sp = par.fpdt_parallel_size
     lines = [
         "dry run: the configuration is valid",
-        f"  world {args.world_size} = TP {args.tensor_model_parallel_size} x FPDT {sp} x PP "
-        f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}",
-        f"  model: {count_parameters(args, padded) / 1e9:.2f}B parameters (L={args.num_layers}, h={args.hidden_size}, "
-        f"heads {args.num_attention_heads}/kv {args.num_query_groups}, ffn {args.ffn_hidden_size}, vocab {vocab} "
-        f"padded to {padded})",
-        f"  batch: {args.global_batch_size} sequences of {args.seq_length} tokens = {args.num_microbatches} micro "
-        f"batches of {args.micro_batch_size} per data-parallel rank",
+        f"  world {par.world_size} = TP {par.tensor_model_parallel_size} x FPDT {sp} x PP "
+        f"{par.pipeline_model_parallel_size} x DP {par.data_parallel_size}",
+        f"  model: {count_parameters(model, padded) / 1e9:.2f}B parameters (L={model.num_layers}, "
+        f"h={model.hidden_size}, heads {model.num_attention_heads}/kv {model.num_query_groups}, ffn "
+        f"{model.ffn_hidden_size}, vocab {vocab} padded to {padded})",
+        f"  batch: {t.global_batch_size} sequences of {t.seq_length} tokens = {config.num_microbatches} micro "
+        f"batches of {t.micro_batch_size} per data-parallel rank",
     ]
-    if args.fpdt:
-        u = args.fpdt_num_chunks
-        lines.append(f"  FPDT: {args.seq_length // sp} tokens per rank in {u} chunks of {args.seq_length // u} "
-                     f"tokens ({args.seq_length // u // sp} per rank); offload {'on' if args.fpdt_offload else 'off'}")
+    if config.fpdt:
+        u = config.fpdt_num_chunks
+        lines.append(f"  FPDT: {t.seq_length // sp} tokens per rank in {u} chunks of {t.seq_length // u} "
+                     f"tokens ({t.seq_length // u // sp} per rank); offload "
+                     f"{'on' if config.fpdt.fpdt_offload else 'off'}")
     else:
         lines.append("  baseline: megatron-core GPTModel, standard spec")
-    files = tokenizer_files(args)
-    lines.append(f"  tokenizer: {args.tokenizer_type}" + (f" ({', '.join(files)}: found)" if files else ""))
-    lines.append("  data: " + ("mock" if args.mock_data else " ".join(args.data_path)))
+    files = tokenizer_files(config.tokenizer)
+    lines.append(f"  tokenizer: {config.tokenizer.tokenizer_type}" + (f" ({', '.join(files)}: found)" if files else ""))
+    lines.append("  data: " + ("mock" if config.data.mock_data else " ".join(config.data.data_path)))
     return "\n".join(lines)
 
 
@@ -285,17 +298,17 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     """Entry point of pretrain_*.py: parse, validate, train. Returns the exit code."""
     args = parse_args(argv, defaults=defaults, description=description)
     try:
-        validate_args(args)
+        config = validate_args(args)
     except ArgumentError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe_plan(args))
+        print(describe_plan(config))
         return 0
-    if args.exit_signal_handler:
+    if config.checkpoint.exit_signal_handler:
         _SIGNAL.install()
     try:
-        trainer = Trainer(args)
+        trainer = Trainer(config)
     except CheckpointError as e:
         print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
         return 1

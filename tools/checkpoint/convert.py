@@ -30,6 +30,7 @@ GPT-2's Conv1D weights are stored transposed ([in, out]); they are transposed on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -57,35 +58,33 @@ def _vocab_multiple(vocab: int) -> int:
     return next(m for m in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % m == 0)
 
 
-def flags_from_hf_config(model_type: str, c: dict) -> list:
-    """Our command-line flags for the model a Hugging Face config.json describes."""
+def model_config_from_hf(model_type: str, c: dict):
+    """Our :class:`~megatron.training.config.ModelConfig` for the model a Hugging Face config.json describes."""
+    from megatron.training.config import ModelConfig
+
+    common = dict(attention_dropout=0.0, hidden_dropout=0.0, make_vocab_size_divisible_by=_vocab_multiple(c["vocab_size"]))
     if model_type == "llama":
         scaling = c.get("rope_scaling") or (c.get("rope_parameters") or {})
         if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
             raise SystemExit(f"rope scaling {scaling.get('rope_type')} is not supported by the converter")
-        heads = c["num_attention_heads"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        flags = ["--num-layers", c["num_hidden_layers"], "--hidden-size", c["hidden_size"],
-                 "--ffn-hidden-size", c["intermediate_size"], "--num-attention-heads", heads,
-                 "--kv-channels", head_dim, "--group-query-attention",
-                 "--num-query-groups", c.get("num_key_value_heads", heads),
-                 "--normalization", "RMSNorm", "--norm-epsilon", c.get("rms_norm_eps", 1e-6), "--swiglu",
-                 "--disable-bias-linear", "--position-embedding-type", "rope", "--rotary-base", _rope_theta(c),
-                 "--vocab-size", c["vocab_size"], "--max-position-embeddings", c.get("max_position_embeddings", 4096)]
-        if not c.get("tie_word_embeddings", False):
-            flags.append("--untie-embeddings-and-output-weights")
         if c.get("attention_bias") or c.get("mlp_bias"):
             raise SystemExit("Llama checkpoints with attention or MLP biases are not supported")
-    else:
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise SystemExit(f"GPT-2 activation {c.get('activation_function')} is not supported")
-        flags = ["--num-layers", c["n_layer"], "--hidden-size", c["n_embd"],
-                 "--ffn-hidden-size", c.get("n_inner") or 4 * c["n_embd"], "--num-attention-heads", c["n_head"],
-                 "--normalization", "LayerNorm", "--norm-epsilon", c.get("layer_norm_epsilon", 1e-5),
-                 "--openai-gelu", "--position-embedding-type", "learned_absolute",
-                 "--vocab-size", c["vocab_size"], "--max-position-embeddings", c["n_positions"]]
-    flags += ["--make-vocab-size-divisible-by", _vocab_multiple(c["vocab_size"])]
-    return [str(f) for f in flags]
+        heads = c["num_attention_heads"]
+        return ModelConfig(
+            num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+            num_attention_heads=heads, kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
+            num_query_groups=c.get("num_key_value_heads", heads), normalization="RMSNorm",
+            norm_epsilon=c.get("rms_norm_eps", 1e-6), swiglu=True, add_bias_linear=False,
+            position_embedding_type="rope", rotary_base=_rope_theta(c),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False), **common)
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise SystemExit(f"GPT-2 activation {c.get('activation_function')} is not supported")
+    return ModelConfig(
+        num_layers=c["n_layer"], hidden_size=c["n_embd"], ffn_hidden_size=c.get("n_inner") or 4 * c["n_embd"],
+        num_attention_heads=c["n_head"], normalization="LayerNorm", norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+        openai_gelu=True, position_embedding_type="learned_absolute", max_position_embeddings=c["n_positions"],
+        **common)
 
 
 def hf_config_from_args(model_type: str, a: dict, vocab: int) -> dict:
@@ -233,40 +232,36 @@ def read_hf_weights(directory: str) -> dict:
 # -- the two directions ------------------------------------------------------------------
 
 
-def _single_process_model(flags):
-    """Our model (baseline spec, TP 1) in a world of one process, with its validated args."""
-    from megatron.training.arguments import padded_vocab_size, parse_args, validate_args
+def _single_process_model(model, vocab_size: int):
+    """Our model (baseline spec, TP 1) for ``model`` (a ModelConfig) in a world of one process:
+    (the run config, the model, the padded vocabulary size)."""
+    from megatron.training.config import DataConfig, RunConfig, TokenizerConfig, TrainingConfig
     from megatron.training.initialize import initialize
-    from megatron.training.models import build_model
+    from megatron.training.models import build_model, padded_vocab_size
 
-    args = validate_args(parse_args(flags + ["--mock-data", "--train-iters", "1", "--micro-batch-size", "1",
-                                             "--attention-dropout", "0", "--hidden-dropout", "0"]), world_size=1)
-    groups = initialize(args)
-    model = build_model(args, groups, args.vocab_size)
-    return args, model, padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, 1)
+    config = RunConfig(model=model, training=TrainingConfig(seq_length=model.max_position_embeddings, train_iters=1),
+                       data=DataConfig(mock_data=True),
+                       tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=vocab_size))
+    built = build_model(config, initialize(config), vocab_size)
+    return config, built, padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, 1)
 
 
 def hf_to_mcore(model_type, load_dir, save_dir):
     from megatron.training.checkpointing import model_args_dict, write_checkpoint
 
     with open(os.path.join(load_dir, "config.json")) as f:
-        config = json.load(f)
-    flags = flags_from_hf_config(model_type, config) + ["--seq-length", str(flags_max_positions(model_type, config))]
-    args, model, padded = _single_process_model(flags)
+        hf_config = json.load(f)
+    model_config = model_config_from_hf(model_type, hf_config)
+    vocab = hf_config["vocab_size"]
+    config, model, padded = _single_process_model(model_config, vocab)
     state = hf_to_megatron(model_type, {k: v.float() for k, v in read_hf_weights(load_dir).items()},
-                           vars(args), padded)
+                           dataclasses.asdict(model_config), padded)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise SystemExit(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    path = write_checkpoint(save_dir, 0, {"model": model.sharded_state_dict(), "kind": "weights",
-                                          "model_args": model_args_dict(args), "true_vocab_size": args.vocab_size},
-                            {})
-    return path
-
-
-def flags_max_positions(model_type, config):
-    return config.get("max_position_embeddings", 4096) if model_type == "llama" else config["n_positions"]
+    return write_checkpoint(save_dir, 0, {"model": model.sharded_state_dict(), "kind": "weights",
+                                          "model_args": model_args_dict(config), "true_vocab_size": vocab}, {})
 
 
 def mcore_to_hf(model_type, load_dir, save_dir):
@@ -274,53 +269,30 @@ def mcore_to_hf(model_type, load_dir, save_dir):
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    from megatron.training.checkpointing import checkpoint_name, list_checkpoints, verify_checkpoint
-
     from fpdt_ext.runtime import init_distributed
+    from megatron.training.checkpointing import model_config_from_args, newest_usable_checkpoint
 
     init_distributed()
-    for iteration in list_checkpoints(load_dir):
-        path = checkpoint_name(load_dir, iteration)
-        problem = verify_checkpoint(path)
-        if problem is None:
-            break
-        print(f"skipping {path}: {problem}")
-    else:
-        raise SystemExit(f"no usable checkpoint in {load_dir}")
+    path, reasons = newest_usable_checkpoint(load_dir)
+    if path is None:
+        raise SystemExit(f"no usable checkpoint in {load_dir}" + "".join(f"\n  {r}" for r in reasons))
     common = dist_checkpointing.load_common_state_dict(path)
     a = common["model_args"]
-    flags = _flags_from_model_args(a)
-    args, model, _ = _single_process_model(flags)
+    model_config = model_config_from_args(a)
+    vocab = common.get("true_vocab_size") or a["vocab_size"]
+    _, model, _ = _single_process_model(model_config, vocab)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
     model.load_state_dict(loaded)
-    vocab = common.get("true_vocab_size") or a["vocab_size"]
+    fields = dataclasses.asdict(model_config)
     hf = megatron_to_hf(model_type, {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
-                        vars(args), vocab)
+                        fields, vocab)
     os.makedirs(save_dir, exist_ok=True)
     save_file(hf, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(save_dir, "config.json"), "w") as f:
-        json.dump(hf_config_from_args(model_type, vars(args), vocab), f, indent=1)
+        json.dump(hf_config_from_args(model_type, fields, vocab), f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
     return save_dir
-
-
-def _flags_from_model_args(a: dict) -> list:
-    flags = []
-    for key, value in a.items():
-        if value is None or key in ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model",
-                                    "params_dtype", "group_query_attention"):
-            continue
-        name = "--" + key.replace("_", "-")
-        if key == "add_bias_linear":
-            flags += [] if value else ["--disable-bias-linear"]
-        elif isinstance(value, bool):
-            flags += [name] if value else []
-        else:
-            flags += [name, str(value)]
-    if a.get("group_query_attention") or a["num_query_groups"] != a["num_attention_heads"]:
-        flags.append("--group-query-attention")
-    return flags
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,306 @@
+"""The run configuration: one frozen object in parts, each validated when it is made.
+
+``validate_args`` (arguments.py) turns Megatron-style flags into a :class:`RunConfig`; tools
+and benchmarks build one directly. Field names are the flags' (``--num-layers`` ->
+``model.num_layers``), so adding an option touches the flag and the field. A part checks
+itself in ``__post_init__``; :class:`RunConfig` checks how the parts fit together (heads
+against TP x FPDT, batch sizes against data parallelism, the sequence against the FPDT
+chunks, ...). Every check raises ``ValueError`` with a message that says what to change,
+before any process group, model or data exists.
+
+Defaults that depend on other fields (``ffn_hidden_size`` = 4 x hidden, ``kv_channels`` =
+hidden / heads, ``max_position_embeddings`` = ``seq_length``, the global batch, the LR decay
+length) are resolved when the part (or the run) is made, so a config never holds a None
+that means "work it out later".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from fpdt_ext.core.config import FPDTConfig, check_heads
+from fpdt_ext.mcore.parallel_state import ParallelLayout
+
+
+def _set(obj, **values) -> None:
+    """Resolve derived fields of a frozen dataclass in its ``__post_init__``."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+def _positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape and arithmetic: what a checkpoint needs to be rebuilt."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: Optional[int] = None  # 4 x hidden_size
+    kv_channels: Optional[int] = None  # hidden_size / num_attention_heads
+    num_query_groups: Optional[int] = None  # num_attention_heads (no GQA)
+    max_position_embeddings: Optional[int] = None  # the run's seq_length
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    openai_gelu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    qk_layernorm: bool = False
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self):
+        _positive(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                  num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
+                  kv_channels=self.kv_channels, num_query_groups=self.num_query_groups)
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                                 f"{self.num_attention_heads}; set --kv-channels")
+            _set(self, kv_channels=self.hidden_size // self.num_attention_heads)
+        if self.ffn_hidden_size is None:
+            _set(self, ffn_hidden_size=4 * self.hidden_size)
+        if self.num_query_groups is None:
+            _set(self, num_query_groups=self.num_attention_heads)
+        if self.position_embedding_type not in ("learned_absolute", "rope"):
+            raise ValueError(f"--position-embedding-type {self.position_embedding_type}: use learned_absolute or rope")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"--normalization {self.normalization}: use LayerNorm or RMSNorm")
+        check_heads(self.num_attention_heads, self.num_query_groups, sp_size=1)
+
+    @property
+    def group_query_attention(self) -> bool:
+        return self.num_query_groups != self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How the world's ranks split the work (world = TP x FPDT x PP x DP)."""
+
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    fpdt_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # Megatron-SP, within the TP group
+    use_distributed_optimizer: bool = False
+    distributed_timeout_minutes: int = 30
+
+    def __post_init__(self):
+        if self.pipeline_model_parallel_size != 1:
+            raise ValueError("--pipeline-model-parallel-size > 1 is not supported by this training loop yet; "
+                             "use tensor parallelism and FPDT instead")
+        self.layout  # validates the sizes
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            _set(self, sequence_parallel=False)  # as Megatron: meaningless without TP
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(world_size=self.world_size, tensor_model_parallel_size=self.tensor_model_parallel_size,
+                              fpdt_parallel_size=self.fpdt_parallel_size,
+                              pipeline_model_parallel_size=self.pipeline_model_parallel_size)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.layout.data_parallel_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Lengths, batches, the optimizer and its schedule, precision, recompute, logging."""
+
+    seq_length: int
+    train_iters: int
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # micro batch x data-parallel size (set by RunConfig)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # train_iters
+    lr_decay_style: str = "linear"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 1234
+    recompute_granularity: Optional[str] = None  # "full"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    offload_recompute_inputs: bool = False
+    offload_dir: Optional[str] = None
+    log_interval: int = 100
+    eval_interval: int = 1000
+    eval_iters: int = 100
+    peak_tflops: Optional[float] = None
+    loss_log_file: Optional[str] = None
+
+    def __post_init__(self):
+        _positive(seq_length=self.seq_length, train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,
+                  global_batch_size=self.global_batch_size, log_interval=self.log_interval,
+                  eval_interval=self.eval_interval, recompute_num_layers=self.recompute_num_layers)
+        if self.eval_iters < 0:
+            raise ValueError("--eval-iters must be >= 0")
+        if self.bf16 and self.fp16:
+            raise ValueError("choose one of --bf16 and --fp16")
+        if self.lr_decay_iters is None:
+            _set(self, lr_decay_iters=self.train_iters)
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.lr_warmup_iters and self.lr_warmup_iters >= self.lr_decay_iters:
+            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be shorter than the decay "
+                             f"({self.lr_decay_iters} iterations: --lr-decay-iters, default --train-iters)")
+        if self.recompute_granularity not in (None, "full"):
+            raise ValueError(f"--recompute-granularity {self.recompute_granularity}: only full is supported")
+        if self.offload_recompute_inputs and self.recompute_granularity != "full":
+            raise ValueError("--offload-recompute-inputs needs --recompute-granularity full")
+
+    @property
+    def params_dtype(self) -> str:
+        return "bfloat16" if self.bf16 else ("float16" if self.fp16 else "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Megatron-LM's tokenizer flags (files are checked by megatron.training.tokenizer)."""
+
+    tokenizer_type: Optional[str] = None  # NullTokenizer with mock data and vocab_size
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    mock_data: bool = False
+    data_path: Optional[Tuple[str, ...]] = None  # PREFIX ... or WEIGHT PREFIX ...
+    split: str = "969,30,1"
+    data_cache_path: Optional[str] = None
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+
+    def __post_init__(self):
+        if self.data_path is not None:
+            _set(self, data_path=tuple(self.data_path))
+        if not self.mock_data and not self.data_path:
+            raise ValueError("give --data-path PREFIX [PREFIX ...] or --mock-data")
+
+    @property
+    def prefixes(self) -> Tuple[str, ...]:
+        """The dataset prefixes of ``data_path`` (without the weights of a blend)."""
+        paths = self.data_path or ()
+        weighted = len(paths) % 2 == 0 and all(_is_number(p) for p in paths[::2])
+        return paths[1::2] if weighted else paths
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving, resuming, and the exits that save first."""
+
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+    keep_last: Optional[int] = None
+    exit_signal_handler: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+
+    def __post_init__(self):
+        _positive(save_interval=self.save_interval, keep_last=self.keep_last, exit_interval=self.exit_interval)
+        if self.save_interval is not None and not self.save:
+            raise ValueError("--save-interval needs --save DIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is; ``fpdt`` is None for the baseline (megatron-core's standard spec)."""
+
+    model: ModelConfig
+    training: TrainingConfig
+    data: DataConfig
+    parallel: ParallelConfig = ParallelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    fpdt: Optional[FPDTConfig] = None
+
+    def __post_init__(self):
+        model, training, parallel = self.model, self.training, self.parallel
+        if model.max_position_embeddings is None:
+            _set(self, model=dataclasses.replace(model, max_position_embeddings=training.seq_length))
+            model = self.model
+        if model.max_position_embeddings < training.seq_length:
+            raise ValueError(f"--max-position-embeddings {model.max_position_embeddings} is shorter than "
+                             f"--seq-length {training.seq_length}")
+        sp = self.fpdt.fpdt_parallel_size if self.fpdt else 1
+        if sp != parallel.fpdt_parallel_size:
+            raise ValueError(f"the FPDT config's size {sp} is not the parallel config's "
+                             f"fpdt_parallel_size {parallel.fpdt_parallel_size}")
+        check_heads(model.num_attention_heads, model.num_query_groups, sp_size=sp,
+                    tp_size=parallel.tensor_model_parallel_size)
+        if self.fpdt is not None:
+            if model.attention_dropout:
+                raise ValueError(f"FPDT attention has no dropout: add --attention-dropout 0 "
+                                 f"(got {model.attention_dropout})")
+            if parallel.sequence_parallel:
+                raise ValueError("--sequence-parallel (Megatron-SP) cannot be combined with --fpdt yet; drop it "
+                                 "(FPDT already splits the sequence)")
+            self.fpdt.num_chunks(training.seq_length)  # the sequence splits into P x u sub-chunks
+            if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
+                raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
+        micro_dp = training.micro_batch_size * parallel.data_parallel_size
+        if training.global_batch_size is None:
+            _set(self, training=dataclasses.replace(training, global_batch_size=micro_dp))
+        elif training.global_batch_size % micro_dp:
+            raise ValueError(
+                f"--global-batch-size {training.global_batch_size} is not divisible by --micro-batch-size "
+                f"{training.micro_batch_size} x data-parallel size {parallel.data_parallel_size}; use a multiple "
+                f"of {micro_dp}")
+        if training.offload_dir is not None and not (training.offload_recompute_inputs or
+                                                     (self.fpdt is not None and self.fpdt.fpdt_offload)):
+            raise ValueError("--offload-dir has nothing to hold: add --fpdt-offload (attention chunks) and/or "
+                             "--offload-recompute-inputs (checkpointed layer inputs)")
+        if self.data.reset_position_ids and model.position_embedding_type == "rope":
+            raise ValueError("--reset-position-ids with --position-embedding-type rope is not supported: "
+                             "megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 whatever the position "
+                             "ids; use it with learned_absolute positions")
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.parallel.data_parallel_size)
+
+    @property
+    def fpdt_num_chunks(self) -> Optional[int]:
+        """Chunks u of a sequence (None for the baseline)."""
+        return self.fpdt.num_chunks(self.training.seq_length) if self.fpdt else None
+
+    @property
+    def params_dtype(self) -> str:
+        return self.training.params_dtype
+
+    def fpdt_flags(self) -> dict:
+        """The FPDT part as flag-named fields (for logs and the dry run)."""
+        return dataclasses.asdict(self.fpdt) if self.fpdt else {}
