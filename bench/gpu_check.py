@@ -381,8 +381,7 @@ def _fit(points):
 
 
 def phase_projection(rec, tiny, budget_s):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    from memory_planner import PRESETS, Model, Plan
+    from tools.memory_planner import PRESETS, Model, Plan
 
     env = (read_rows(rec.path, "env") or [{}])[-1]
     rows = [r for r in read_rows(rec.path, "sweep") if r.get("kind") == "fpdt" and "seconds" in r]

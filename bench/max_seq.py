@@ -35,7 +35,7 @@ A step has two memory peaks: the backward of the logits + loss and the
 backward of one recomputed layer. The points must be measured where the
 peak that binds at the maximum already dominates, or the line is straight
 but wrong: for FPDT that is the layer backward, which overtakes the loss
-backward near 27K tokens on llama-tiny now that the layers' norms run inside
+backward near 27K tokens on llama-tiny, where the layers' norms run inside
 the chunk loops (hence the default FPDT lengths, 32K-44K; with the disk tier the slope
 bends near 22K tokens, a change of binding peak, hence fpdt-disk's 24K-36K;
 ``tools/memory_planner.py --device cpu`` names the binding phase for other

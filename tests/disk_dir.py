@@ -9,8 +9,7 @@ import shutil
 import tempfile
 
 from fpdt_ext.memory.disk import check_offload_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def disk_scratch_dir() -> str:

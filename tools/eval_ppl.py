@@ -80,6 +80,9 @@ def _bucket(position, size):
 
 def main(argv=None) -> int:
     opts = _parse(argv)
+    from megatron.training.notices import quiet_known_notices
+
+    quiet_known_notices()
     from megatron.core import dist_checkpointing
 
     from fpdt_ext.core.config import FPDTConfig

@@ -120,8 +120,7 @@ class Plan:
     #    attention output, the QKV or MLP input gradient, the residual-stream gradients and
     #    communication buffers (FPDT normalises, projects q/k/v and runs the MLP inside its
     #    chunk loops, so no norm output, q/k/v or MLP intermediate exists for the whole
-    #    sequence; 10.35 units before that, 5.9 with the QKV side chunked, 3.6 with the norms
-    #    fused). FPDT's stored attention chunks are counted separately (they move to the host
+    #    sequence). FPDT's stored attention chunks are counted separately (they move to the host
     #    with offload).
     FINAL_STATES = {"baseline": 4.5, "fpdt": 4.75}
     LAYER_WORKING = {"baseline": 3.6, "fpdt": 3.6}  # baseline: FPDT's value, never binding (logits)

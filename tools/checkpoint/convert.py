@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save-dir", required=True)
     args = parser.parse_args(argv)
     from fpdt_ext.testing.spawn import free_port
+    from megatron.training.notices import quiet_known_notices
+
+    quiet_known_notices()
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # a world of one process, on this machine
     if args.loader == args.saver:

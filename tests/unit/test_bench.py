@@ -1,13 +1,8 @@
 """The benchmark scripts' arithmetic and helpers (their end-to-end runs: tests/test_gpu_check.py's dry run)."""
 
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.max_seq import fit_line, max_length, segment_slope_spread  # noqa: E402
+from bench.max_seq import fit_line, max_length, segment_slope_spread
 
 
 def test_line_fit_and_maximum_under_a_cap():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 PACKAGE = os.path.join(ROOT, "fpdt_ext")
 # which parts each part may import (besides itself)
 ALLOWED = {"runtime": set(), "memory": {"runtime"}, "core": {"memory", "runtime"},

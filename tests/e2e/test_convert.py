@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fpdt_ext.testing.spawn import run_world
+from tests.helpers import ROOT, run_script
 
 transformers = pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
 VOCAB, SEQ = 200, 48
 
@@ -58,8 +58,7 @@ def _convert(model_type, loader, saver, load_dir, save_dir):
 def our_logits_worker(rank, world_size, checkpoint_dir, tokens):
     from megatron.core import dist_checkpointing
 
-    sys.path.insert(0, os.path.join(ROOT, "tools", "checkpoint"))
-    import convert
+    from tools.checkpoint import convert
 
     path = os.path.join(checkpoint_dir, "iter_0000000")
     common = dist_checkpointing.load_common_state_dict(path)
@@ -116,19 +115,14 @@ def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
 def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     import json
 
-    from fpdt_ext.testing.spawn import free_port
-
     model, mcore_dir, _ = converted("llama", tmp_root)
     gen = torch.Generator().manual_seed(5)
     docs = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (40, 65, 97)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"tokens": d, "id": f"d{i}"}) + "\n"
                                                  for i, d in enumerate(docs)))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-                str(free_port())]
-    proc = subprocess.run([*launcher, os.path.join(ROOT, "tools", "eval_ppl.py"), "--load", mcore_dir,
-                           "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "ppl.jsonl"),
-                           "--bucket-size", "32", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(nproc, "tools/eval_ppl.py", ["--load", mcore_dir, "--input", str(tmp_path / "docs.jsonl"),
+                                            "--output", str(tmp_path / "ppl.jsonl"), "--bucket-size", "32", *flags],
+               timeout=600)
     rows = [json.loads(line) for line in (tmp_path / "ppl.jsonl").read_text().splitlines()]
     per_doc, summary = rows[:-1], rows[-1]
     all_nll = []

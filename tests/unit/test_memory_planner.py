@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from memory_planner import GiB, PRESETS, Model, Plan  # noqa: E402
+from tests.helpers import ROOT
+from tools.memory_planner import GiB, PRESETS, Model, Plan
 
 
 @pytest.mark.parametrize("preset,billions", [("llama3-8b", 8.03), ("llama3-70b", 70.55), ("llama3.2-1b", 1.24)])
@@ -101,7 +100,6 @@ def test_cli_explains_the_dominant_term():
 def test_predictions_within_15_percent_of_measured_cpu_runs():
     """A shape the planner was not calibrated on (llama-wide), FPDT and baseline, two lengths each;
     FPDT's span both peaks of a step (loss backward at 4K, layer backward at 20K)."""
-    sys.path.insert(0, ROOT)
     from bench.train_step import measure
 
     model = Model(2, 384, 1024, 6, 2, 32000, True, False)

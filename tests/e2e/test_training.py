@@ -8,26 +8,20 @@ same mock data. Logged losses must agree to float32 precision.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from fpdt_ext.testing.spawn import free_port
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.flops import training_flops_per_token
 from tests.disk_dir import shared_disk_scratch_dir
+from tests.helpers import TINY, run_pretrain, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
-        "--train-iters", "10", "--mock-data", "--vocab-size", "128"]
+# one sequence per micro batch, the global batch one micro batch per data-parallel rank
+ONE = TINY + ["--train-iters", "10", "--micro-batch-size", "1", "--global-batch-size", "2"]
 
 
 def _validate(extra, world_size=2):
-    return validate_args(parse_args(TINY + extra), world_size=world_size)
+    return validate_args(parse_args(ONE + extra), world_size=world_size)
 
 
 @pytest.mark.parametrize("extra,world_size,message", [
@@ -63,7 +57,7 @@ def test_deepspeed_fpdt_flags_are_aliases():
                       "--attention-dropout", "0"])
     fpdt = args.fpdt
     assert (fpdt.fpdt_parallel_size, fpdt.fpdt_chunk_size, fpdt.fpdt_offload) == (2, 16, True)
-    assert args.fpdt_num_chunks == 4 and args.parallel.data_parallel_size == 1
+    assert args.fpdt_num_chunks == 128 // 16 and args.parallel.data_parallel_size == 1  # TINY: 128 tokens
 
 
 def test_flops_formula():
@@ -75,29 +69,17 @@ def test_flops_formula():
 
 
 def test_entry_point_reports_bad_flags_and_exits_2():
-    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, "--fpdt-parallel-size", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
+    proc = run_script(1, "pretrain_gpt.py", [*ONE, "--fpdt-parallel-size", "2"], timeout=300, expect_rc=2)
     assert "--fpdt-parallel-size 2 needs --fpdt" in proc.stderr
 
 
-LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
-         "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "128", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "2",
-         "--lr-decay-style", "cosine", "--min-lr", "3e-4", "--clip-grad", "1.0", "--weight-decay", "0.1",
-         "--log-interval", "1", "--eval-iters", "0", "--mock-data", "--vocab-size", "256", "--seed", "42",
-         "--recompute-granularity", "full"]
+LLAMA = TINY + ["--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+                "--min-lr", "3e-4", "--clip-grad", "1.0", "--weight-decay", "0.1", "--seed", "42",
+                "--recompute-granularity", "full"]
 
 
 def _run(tmp_path, name, nproc, extra):
-    log = tmp_path / f"{name}.jsonl"
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-        str(free_port())]
-    proc = subprocess.run([*launcher, "pretrain_llama.py", *LLAMA, "--loss-log-file", str(log), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return run_pretrain(tmp_path, name, nproc, LLAMA + extra)[0]
 
 
 def test_fpdt_training_matches_baseline_losses(tmp_path):
@@ -172,19 +154,12 @@ def test_bf16_fpdt_training_runs_and_learns(tmp_path):
 
 @pytest.mark.parametrize("fpdt", [False, True], ids=["baseline", "fpdt"])
 def test_bf16_gpt_with_layernorm_trains(tmp_path, fpdt):
-    """GPT's LayerNorm in bf16: megatron-core makes torch norms in float32, and a float32 norm
-    output met the bf16 QKV weights (both setups failed); the model is now cast to the training
-    dtype, as Megatron's Float16Module does."""
-    log = tmp_path / "gpt.jsonl"
+    """GPT's LayerNorm in bf16: megatron-core makes torch norms in float32, whose output would meet
+    the bf16 QKV weights; the model is cast to the training dtype, as Megatron's Float16Module does."""
     extra = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32"] if fpdt else []
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2" if fpdt else "1",
-                "--master-port", str(free_port())]
-    proc = subprocess.run([*launcher, "pretrain_gpt.py", *TINY, "--train-iters", "4", "--bf16",
-                           "--attention-dropout", "0", "--hidden-dropout", "0", "--lr", "3e-3",
-                           "--global-batch-size", "2", "--eval-iters", "0", "--log-interval", "1",
-                           "--loss-log-file", str(log), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows, _ = run_pretrain(tmp_path, "gpt", 2 if fpdt else 1,
+                           [*ONE, "--train-iters", "4", "--bf16", "--attention-dropout", "0", "--hidden-dropout", "0",
+                            "--lr", "3e-3", *extra], script="pretrain_gpt.py", timeout=600)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rows[-1]["lm_loss"] < rows[0]["lm_loss"]
 
 

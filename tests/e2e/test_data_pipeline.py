@@ -6,16 +6,11 @@ GPT-2 BPE tokens of Python's standard library sources, preprocessed into two
 process and FPDT size 2 (offload on) must log the same losses.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from fpdt_ext.testing.spawn import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_pretrain, run_script
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +21,16 @@ def datasets(assets, tmp_path_factory):
     prefixes = []
     for name, part in (("a", lines[:60]), ("b", lines[60:])):
         (out / f"{name}.jsonl").write_text("".join(part))
-        proc = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(out / f"{name}.jsonl"),
-                               "--output-prefix", str(out / name), "--tokenizer-type", "GPT2BPETokenizer",
-                               "--vocab-file", os.path.join(assets, "gpt2/vocab.json"), "--merge-file",
-                               os.path.join(assets, "gpt2/merges.txt"), "--append-eod"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
+        run_script(1, "tools/preprocess_data.py", ["--input", str(out / f"{name}.jsonl"), "--output-prefix",
+                                                    str(out / name), "--tokenizer-type", "GPT2BPETokenizer",
+                                                    "--vocab-file", os.path.join(assets, "gpt2/vocab.json"),
+                                                    "--merge-file", os.path.join(assets, "gpt2/merges.txt"),
+                                                    "--append-eod"], timeout=600)
         prefixes.append(str(out / f"{name}_text_document"))
     return prefixes
 
 
 def _train(assets, tmp_path, name, nproc, prefixes, extra):
-    log = tmp_path / f"{name}.jsonl"
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
     args = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "256",
             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--lr", "1e-3",
             "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "4", "--attention-dropout", "0",
@@ -47,11 +38,8 @@ def _train(assets, tmp_path, name, nproc, prefixes, extra):
             "--vocab-file", os.path.join(assets, "gpt2/vocab.json"), "--merge-file",
             os.path.join(assets, "gpt2/merges.txt"), "--data-path", "0.3", prefixes[0], "0.7", prefixes[1],
             "--split", "90,10,0", "--data-cache-path", str(tmp_path / f"cache_{name}"), "--eod-mask-loss",
-            "--reset-position-ids", "--loss-log-file", str(log), *extra]
-    proc = subprocess.run([*launcher, "pretrain_gpt.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in log.read_text().splitlines()], proc.stdout
+            "--reset-position-ids", *extra]
+    return run_pretrain(tmp_path, name, nproc, args, script="pretrain_gpt.py")
 
 
 def test_real_data_loss_is_the_same_with_fpdt_on_and_off(assets, datasets, tmp_path):

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
 
 

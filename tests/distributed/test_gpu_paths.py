@@ -19,17 +19,15 @@ import torch.distributed as dist
 from fpdt_ext import runtime
 from fpdt_ext.testing.spawn import run_world
 from tests.cuda_on_cpu import MAPPED_BACKEND, cuda_path_on_cpu
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins for CUDA paths; a GPU runs the real ones")
 
-TINY_LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
-              "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "128", "--micro-batch-size", "1",
-              "--global-batch-size", "2", "--lr", "3e-3", "--lr-warmup-iters", "1", "--clip-grad", "1.0",
-              "--weight-decay", "0.1", "--eval-iters", "0", "--mock-data", "--vocab-size", "256", "--seed", "7",
-              "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
-              "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
-              "--recompute-granularity", "full", "--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32",
-              "--log-interval", "1", "--train-iters", "4"]
+ARCH = ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0"]
+TINY_LLAMA = TINY + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
+                     "--clip-grad", "1.0", "--weight-decay", "0.1", "--seed", "7", "--train-iters", "4"] + ARCH + [
+    "--recompute-granularity", "full", "--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32"]
 
 
 def test_runtime_takes_the_gpu_and_the_device_mapped_backend_when_torch_sees_one(monkeypatch):
@@ -133,7 +131,7 @@ def _run(cuda_path: bool, extra: tuple, steps: int = 4):
                          ids=["fp32", "bf16", "bf16-distributed-optimizer"])
 def test_gpu_training_path_builds_megatron_optimizer_and_matches_the_cpu_path(extra):
     """The trainer's CUDA branch on FPDT 2: megatron-core's optimizer built with explicit
-    process groups (it used to raise ValueError there), DDP laid out for the distributed
+    process groups (megatron-core refuses gloo side groups there), DDP laid out for the distributed
     optimizer when asked, parameters initialised the GPU way; from the same weights its losses
     and gradient norms are the CPU path's (HostAdamW: the same AdamW, master weights, clipping
     and no-decay groups)."""
@@ -193,8 +191,8 @@ def test_gpu_path_fuses_bias_dropout_add_only_where_there_is_something_to_fuse(e
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.models import transformer_config
 
-    args = validate_args(parse_args(TINY_LLAMA[:TINY_LLAMA.index("--normalization")] + ["--train-iters", "4"] + extra),
-                         world_size=2)
+    args = validate_args(parse_args(TINY + ["--train-iters", "4", "--micro-batch-size", "1", "--global-batch-size", "2"]
+                                    + extra), world_size=2)
     with runtime.using(runtime.Runtime(cuda=True, device=torch.device("cpu"), backend=MAPPED_BACKEND)):
         assert transformer_config(args).bias_dropout_fusion is fused
         assert transformer_config(args).use_cpu_initialization is False
@@ -203,8 +201,8 @@ def test_gpu_path_fuses_bias_dropout_add_only_where_there_is_something_to_fuse(e
 
 def test_a_checkpoint_from_the_cpu_path_is_refused_by_the_gpu_path_with_what_to_do(tmp_path):
     """HostAdamW (CPU) and megatron-core's optimizers (GPU) lay their state out differently: a
-    resume across them is refused before loading, saying what to do (it was a key-mismatch
-    traceback from dist_checkpointing)."""
+    resume across them is refused before loading, saying what to do (not with dist_checkpointing's
+    key-mismatch traceback)."""
     save = str(tmp_path / "cpu")
     run_world(2, _train_worker, TINY_LLAMA, 1, False, save, None)
     with pytest.raises(RuntimeError, match="written by HostAdamW, and this run uses megatron-core's optimizer "

@@ -6,30 +6,22 @@ unless said otherwise), with hidden dropout on so that RNG restore matters.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from fpdt_ext.testing.spawn import free_port
+from tests.helpers import ROOT, TINY, launcher, run_pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
-         "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "128", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
-         "--min-lr", "3e-4", "--hidden-dropout", "0.1", "--log-interval", "1", "--eval-iters", "0",
-         "--mock-data", "--vocab-size", "256", "--seed", "11"]
+MODEL = TINY + ["--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "3e-4",
+                "--hidden-dropout", "0.1", "--seed", "11"]
 FPDT = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--fpdt-offload"]
 
 
 def _cmd(nproc, args):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-    return [*launcher, "pretrain_llama.py", *MODEL, *args]
+    return [*launcher(nproc), "pretrain_llama.py", *MODEL, *args]
 
 
 def _kill_tree(pid):
@@ -41,12 +33,7 @@ def _kill_tree(pid):
 
 
 def _run(tmp_path, name, args, nproc=2, expect_rc=0):
-    log = tmp_path / f"{name}.jsonl"
-    proc = subprocess.run(_cmd(nproc, [*args, "--loss-log-file", str(log)]), cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return rows, proc.stdout + proc.stderr
+    return run_pretrain(tmp_path, name, nproc, MODEL + list(args), expect_rc=expect_rc)
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):

@@ -1,0 +1,1 @@
+"""Entry points end to end: pretrain_*.py under torchrun, the tools, the launch scripts, the GPU check."""

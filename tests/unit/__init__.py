@@ -1,0 +1,1 @@
+"""Fast single-process tests: pure functions, modules, the planner and benchmark arithmetic."""

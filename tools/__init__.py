@@ -1,0 +1,1 @@
+"""Command-line tools (run as scripts; importable as a package by the tests and benchmarks)."""
