@@ -300,7 +300,3 @@ class RunConfig:
     @property
     def params_dtype(self) -> str:
         return self.training.params_dtype
-
-    def fpdt_flags(self) -> dict:
-        """The FPDT part as flag-named fields (for logs and the dry run)."""
-        return dataclasses.asdict(self.fpdt) if self.fpdt else {}
