@@ -171,12 +171,16 @@ def write_checkpoint(save_dir: str, iteration: int, sharded_state: dict, rank_fi
         if os.path.exists(final):  # re-saving an iteration replaces it
             shutil.rmtree(final)
         os.replace(staging, final)
-        pointer = os.path.join(save_dir, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
+        # the pointer never moves backwards: an older iteration written later (a conversion re-run
+        # into a run directory) must not make the next run resume before the newer checkpoints
+        current = _latest_pointer(save_dir)
+        if current is None or iteration >= current:
+            pointer = os.path.join(save_dir, LATEST)
+            with open(pointer + ".tmp", "w") as f:
+                f.write(str(iteration))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(pointer + ".tmp", pointer)
         if keep_last:
             for old in list_checkpoints(save_dir)[keep_last:]:
                 shutil.rmtree(checkpoint_name(save_dir, old), ignore_errors=True)

@@ -138,3 +138,27 @@ def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     assert [(b["start"], b["end"]) for b in summary["buckets"]] == [(0, 32), (32, 64), (64, 96)]
     first = torch.cat([n[:32] for n in all_nll]).mean().item()
     assert summary["buckets"][0]["nll"] == pytest.approx(first, abs=1e-4)
+
+
+def test_converting_again_into_a_run_directory_loses_no_training(tmp_root, tmp_path):
+    """A requeued "convert, then train" job runs the conversion again into the run directory: it
+    must not write there (the run resumes from its own checkpoints), and even when told to
+    (--overwrite) the latest pointer never moves back to the converted iteration 0."""
+    converted("llama", tmp_root)
+    hf_dir, run = os.path.join(tmp_root, "llama", "hf"), tmp_path / "run"
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+             "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--vocab-size",
+             str(VOCAB), "--mock-data", "--eval-iters", "0"]
+    run_script(1, "pretrain_llama.py", flags + ["--train-iters", "2", "--save", str(run), "--save-interval", "1"],
+               timeout=600)
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
+    again = run_script(1, "tools/checkpoint/convert.py", ["--model-type", "llama", "--loader", "hf", "--saver",
+                                                          "mcore", "--load-dir", hf_dir, "--save-dir", str(run)])
+    assert "already holds training checkpoints (newest: iteration 2); nothing converted" in again.stdout
+    assert not (run / "iter_0000000").exists()
+    run_script(1, "tools/checkpoint/convert.py", ["--model-type", "llama", "--loader", "hf", "--saver", "mcore",
+                                                  "--load-dir", hf_dir, "--save-dir", str(run), "--overwrite"])
+    assert (run / "iter_0000000").exists() and (run / "iter_0000002").exists()
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
+    resumed = run_script(1, "pretrain_llama.py", flags + ["--train-iters", "3", "--load", str(run)], timeout=600)
+    assert "loaded checkpoint" in resumed.stdout and "iteration 2" in resumed.stdout

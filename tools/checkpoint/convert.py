@@ -302,6 +302,9 @@ def main(argv=None) -> int:
     parser.add_argument("--saver", choices=["hf", "mcore"], required=True, help="format to write to --save-dir")
     parser.add_argument("--load-dir", required=True)
     parser.add_argument("--save-dir", required=True)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--saver mcore: convert even into a directory that holds training checkpoints (they stay, "
+                             "and the latest pointer keeps naming the newest)")
     args = parser.parse_args(argv)
     from fpdt_ext.testing.spawn import free_port
     from megatron.training.notices import quiet_known_notices
@@ -313,9 +316,36 @@ def main(argv=None) -> int:
         parser.error("--loader and --saver must differ")
     if not os.path.isdir(args.load_dir):
         parser.error(f"--load-dir {args.load_dir} does not exist")
+    if args.saver == "mcore" and not args.overwrite:
+        trained = _training_checkpoints(args.save_dir)
+        if trained:
+            # a requeued "convert, then train" job: the run continues from its own checkpoints
+            print(f"{args.save_dir} already holds training checkpoints (newest: iteration {max(trained)}); nothing "
+                  f"converted, so a run with --load {args.save_dir} resumes from them. Convert into another "
+                  f"directory, or pass --overwrite to write the converted weights beside them.")
+            return 0
     convert = hf_to_mcore if args.loader == "hf" else mcore_to_hf
     print(f"wrote {convert(args.model_type, args.load_dir, args.save_dir)}")
     return 0
+
+
+def _training_checkpoints(directory: str) -> list:
+    """Iterations of the checkpoints in ``directory`` written by training (not weights-only)."""
+    if not os.path.isdir(directory):
+        return []
+    from megatron.core import dist_checkpointing
+
+    from megatron.training.checkpointing import checkpoint_name, list_checkpoints
+
+    found = []
+    for iteration in list_checkpoints(directory):
+        try:
+            kind = dist_checkpointing.load_common_state_dict(checkpoint_name(directory, iteration)).get("kind")
+        except Exception:  # an unreadable checkpoint is still someone's work
+            kind = "training"
+        if kind != "weights":
+            found.append(iteration)
+    return found
 
 
 if __name__ == "__main__":
