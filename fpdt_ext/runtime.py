@@ -168,7 +168,8 @@ def init_distributed(*, rank: Optional[int] = None, world_size: Optional[int] = 
 
     Without ``rank``/``world_size`` the torchrun/SLURM environment is used (``$LOCAL_RANK``
     picks the GPU unless ``local_rank`` is given); a single process without launcher variables
-    becomes a world of one. ``backend`` overrides the runtime's (tests map both device types to
+    becomes a world of one on an in-memory store (no TCP port: two such jobs on one machine
+    cannot collide). ``backend`` overrides the runtime's (tests map both device types to
     gloo on the CPU). Returns the runtime.
     """
     if dist.is_initialized():
@@ -177,10 +178,10 @@ def init_distributed(*, rank: Optional[int] = None, world_size: Optional[int] = 
     if backend is not None:
         rt = dataclasses.replace(rt, backend=backend)
     activate(rt)
-    if rank is None and "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    if rank is None and "RANK" not in os.environ:  # no launcher: a world of one, with no TCP port to collide on
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(rt.backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
+        return rt
     explicit = {k: v for k, v in dict(rank=rank, world_size=world_size, init_method=init_method).items()
                 if v is not None}  # else the launcher's environment
     dist.init_process_group(rt.backend, timeout=timeout, **explicit)

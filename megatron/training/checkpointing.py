@@ -47,7 +47,53 @@ _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, with the reasons."""
+    """A checkpoint problem the user must act on (no usable checkpoint, a --save directory taken or
+    unwritable), with the reasons."""
+
+
+LOCK = ".save.lock"
+
+
+class SaveLock:
+    """This run's claim on its ``--save`` directory, so that two runs never save into one.
+
+    Rank 0 holds an exclusive POSIX record lock (``lockf``) on ``SAVE/.save.lock`` for the run's
+    life (the file says which host and process holds it). Such a lock belongs to the process:
+    children it forks (megatron-core's checkpoint writers) do not inherit it, and the kernel drops
+    it when the process ends, however it ends, so a crashed or killed run never leaves the
+    directory taken. Collective: every rank raises :class:`CheckpointError` if the directory is
+    taken or cannot be written.
+    """
+
+    def __init__(self, save_dir: str):
+        import fcntl
+        import socket
+
+        self._fd = None
+        problem = None
+        if dist.get_rank() == 0:
+            path = os.path.join(save_dir, LOCK)
+            try:
+                os.makedirs(save_dir, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                problem = f"cannot write to --save {save_dir} ({e.strerror}); give a writable directory"
+            else:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    problem = (f"another run is saving into --save {save_dir} ({holder}); give this run another "
+                               f"--save directory, or stop that run first")
+                else:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+                    self._fd = fd
+        problem = _broadcast_object(problem)
+        if problem:
+            raise CheckpointError(problem)
 
 
 def checkpoint_name(save_dir: str, iteration: int) -> str:

@@ -30,7 +30,7 @@ from fpdt_ext.mcore.parallel_state import ParallelGroups
 from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import CheckpointError, SaveLock, load_checkpoint, save_checkpoint
 from megatron.training.config import RunConfig
 from megatron.training.data import MicroBatches, build_datasets, to_model_layout
 from megatron.training.flops import device_peak_tflops, flops_per_token
@@ -77,6 +77,8 @@ class Trainer:
         self.config = config
         t = config.training
         self.groups = groups or initialize(config)
+        # claimed before anything expensive: two runs must never save into one directory
+        self.save_lock = SaveLock(config.checkpoint.save) if config.checkpoint.save else None
         self.runtime = runtime.current()
         self.device = self.runtime.device
         # where this run's offloaded tensors go: the FPDT chunks and the checkpointed layer inputs

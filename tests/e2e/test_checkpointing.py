@@ -125,6 +125,30 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     assert [r["iteration"] for r in rows] == [saved + 1]
 
 
+def test_a_second_run_cannot_save_into_a_directory_in_use_and_a_killed_run_frees_it(tmp_path):
+    """Two runs saving into one --save would replace each other's checkpoints: the second is refused
+    before it builds anything; once the first is killed (no clean exit), the directory is free."""
+    ckpt = tmp_path / "ckpt"
+    log = tmp_path / "first.jsonl"
+    first = subprocess.Popen(_cmd(1, ["--train-iters", "1000", "--save", str(ckpt), "--save-interval", "1",
+                                      "--loss-log-file", str(log)]),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        _, out = _run(tmp_path, "second", ["--train-iters", "4", "--save", str(ckpt)], nproc=1, expect_rc=1)
+        assert f"another run is saving into --save {ckpt} (host " in out and f"pid {first.pid}" in out
+        assert out.count("another run is saving") == 1 and "Traceback" not in out
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    rows, _ = _run(tmp_path, "third", ["--train-iters", str(saved + 1), "--save", str(ckpt), "--load", str(ckpt)],
+                   nproc=1)
+    assert [r["iteration"] for r in rows] == [saved + 1]
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     ckpt = tmp_path / "ckpt"
     _run(tmp_path, "keep", ["--train-iters", "4", "--save", str(ckpt), "--save-interval", "1", "--keep-last", "2"],

@@ -306,12 +306,9 @@ def main(argv=None) -> int:
                         help="--saver mcore: convert even into a directory that holds training checkpoints (they stay, "
                              "and the latest pointer keeps naming the newest)")
     args = parser.parse_args(argv)
-    from fpdt_ext.testing.spawn import free_port
     from megatron.training.notices import quiet_known_notices
 
     quiet_known_notices()
-
-    os.environ.setdefault("MASTER_PORT", str(free_port()))  # a world of one process, on this machine
     if args.loader == args.saver:
         parser.error("--loader and --saver must differ")
     if not os.path.isdir(args.load_dir):
