@@ -103,6 +103,11 @@ def _add_training_args(p):
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="stop at a NaN or infinite loss or gradient norm, naming the iteration "
+                                      "(on by default, as Megatron-LM)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="skip such steps and go on instead")
     g.add_argument("--recompute-granularity", choices=["full"], default=None,
                    help="full: recompute each layer in backward (the FPDT paper's recipe)")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
@@ -229,6 +234,10 @@ def check_files(config: RunConfig) -> Optional[str]:
     problem = check_tokenizer_args(config.tokenizer)
     if problem:
         return problem
+    load, save = config.checkpoint.load, config.checkpoint.save
+    if load is not None and not os.path.isdir(load) and (save is None or os.path.realpath(load) != os.path.realpath(save)):
+        # --load DIR --save DIR (resume if there is something to resume) may start with no DIR yet
+        return f"--load {load} does not exist; give the directory a run saved into (or the --save directory)"
     if config.training.offload_dir is not None:
         try:
             check_offload_dir(config.training.offload_dir)

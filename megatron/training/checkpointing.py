@@ -178,6 +178,7 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "scheduler": trainer.scheduler.state_dict(),
         "iteration": trainer.state.iteration,
         "consumed_samples": trainer.state.consumed_samples,
+        "valid_consumed_samples": trainer.valid_data.consumed_samples,  # validation continues, not restarts
         "layout": _layout(trainer),
         "kind": "training",
         "model_args": model_args_dict(trainer.config),
@@ -333,6 +334,7 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
     if path is None:
         if reasons:
             raise CheckpointError(f"no usable checkpoint in {directory}:\n  " + "\n  ".join(reasons))
+        _print0(f" no checkpoint in {directory} yet: training starts at iteration 0")
         return None
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
     common = dist_checkpointing.load_common_state_dict(path)
@@ -358,6 +360,7 @@ def load_checkpoint(trainer, directory: str) -> Optional[int]:
     trainer.state.iteration = state["iteration"]
     trainer.state.consumed_samples = state["consumed_samples"]
     trainer.train_data.consumed_samples = state["consumed_samples"]
+    trainer.valid_data.consumed_samples = state.get("valid_consumed_samples", 0)
     rng_file = os.path.join(path, "train_state", f"rank_{dist.get_rank():05d}.pt")
     if state["layout"] == _layout(trainer) and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))

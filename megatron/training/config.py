@@ -149,6 +149,7 @@ class TrainingConfig:
     eval_iters: int = 100
     peak_tflops: Optional[float] = None
     loss_log_file: Optional[str] = None
+    check_for_nan_in_loss_and_grad: bool = True  # stop at a non-finite loss or gradient norm
 
     def __post_init__(self):
         _positive(seq_length=self.seq_length, train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,

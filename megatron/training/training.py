@@ -40,6 +40,10 @@ from megatron.training.optimizer import build_optimizer
 from megatron.training.tokenizer import build_tokenizer
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm (with --check-for-nan-in-loss-and-grad, the default)."""
+
+
 class _Signal:
     """SIGTERM sets a flag; the loop saves and exits after the current iteration."""
 
@@ -138,16 +142,22 @@ class Trainer:
         # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
         # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
         finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
+        totals = torch.stack([loss_sum, token_sum])
+        dist.all_reduce(totals, group=self.groups.dp_sp)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        check = config.training.check_for_nan_in_loss_and_grad
+        iteration = self.state.iteration + 1
+        if not math.isfinite(loss):
+            if check:  # before the optimizer step: the weights stay those of the last good step
+                raise TrainingDiverged(f"the loss at iteration {iteration} is {loss}")
+            self.state.nan_iterations += 1
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
         else:
             self.state.skipped_iterations += 1
-        totals = torch.stack([loss_sum, token_sum])
-        dist.all_reduce(totals, group=self.groups.dp_sp)
-        loss = (totals[0] / totals[1].clamp(min=1)).item()
-        if not math.isfinite(loss):
-            self.state.nan_iterations += 1
+        if check and grad_norm is not None and not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"the gradient norm at iteration {iteration} is {grad_norm}")
         self.state.iteration += 1
         self.state.consumed_samples += config.training.global_batch_size
         return loss, grad_norm
@@ -314,7 +324,13 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     except CheckpointError as e:
         print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
         return 1
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingDiverged as e:
+        print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}: stopping; nothing from this iteration is "
+                     f"saved. Resume from the last checkpoint (--load) with a lower --lr, more --lr-warmup-iters "
+                     f"or --clip-grad, or pass --no-check-for-nan-in-loss-and-grad to skip such steps")
+        return 1
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -37,15 +37,20 @@ def _run(tmp_path, name, args, nproc=2, expect_rc=0):
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    straight, _ = _run(tmp_path, "straight", [*FPDT, "--train-iters", "6"])
-    first, out = _run(tmp_path, "first", [*FPDT, "--train-iters", "6", "--save", str(tmp_path / "ckpt"),
+    """Losses, gradient norms and validation losses (validation continues where it was, it does
+    not restart at sample 0) are those of the uninterrupted run, bit for bit."""
+    evaluate = ["--eval-iters", "1", "--eval-interval", "2"]
+    straight, _ = _run(tmp_path, "straight", [*FPDT, *evaluate, "--train-iters", "6"])
+    first, out = _run(tmp_path, "first", [*FPDT, *evaluate, "--train-iters", "6", "--save", str(tmp_path / "ckpt"),
                                           "--exit-interval", "3"])
     assert [r["iteration"] for r in first] == [1, 2, 3] and "exiting at iteration 3" in out
-    second, out = _run(tmp_path, "second", [*FPDT, "--train-iters", "6", "--load", str(tmp_path / "ckpt")])
+    second, out = _run(tmp_path, "second", [*FPDT, *evaluate, "--train-iters", "6", "--load", str(tmp_path / "ckpt")])
     assert "loaded checkpoint" in out
     assert [r["iteration"] for r in second] == [4, 5, 6]
     for a, b in zip(straight, first + second):
         assert a["lm_loss"] == b["lm_loss"] and a["grad_norm"] == b["grad_norm"], (a, b)  # bit for bit
+        assert a.get("val_loss") == b.get("val_loss"), (a, b)
+    assert [r["iteration"] for r in straight if "val_loss" in r] == [2, 4, 6]
 
 
 def test_distributed_optimizer_checkpoint_resumes_exactly_with_or_without_sharding(tmp_path):

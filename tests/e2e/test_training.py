@@ -43,12 +43,20 @@ def _validate(extra, world_size=2):
     (["--offload-recompute-inputs"], 1, "needs --recompute-granularity full"),
     (["--bf16", "--fp16"], 1, "choose one"),
     (["--offload-dir", "."], 1, "--offload-dir has nothing to hold"),
+    (["--load", "/no/such/run"], 1, "--load /no/such/run does not exist"),
+    (["--global-batch-size", "0"], 1, "--global-batch-size must be positive"),
     (["--recompute-granularity", "full", "--offload-recompute-inputs", "--offload-dir", "/no/such/dir"], 1,
      "does not exist"),
 ])
 def test_bad_configurations_are_rejected_with_what_to_change(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace("*", r"\*")):
         _validate(extra, world_size)
+
+
+def test_load_may_name_the_save_directory_before_it_exists(tmp_path):
+    """--load DIR --save DIR: resume if there is something to resume (the first start has nothing)."""
+    run = str(tmp_path / "run")
+    assert _validate(["--load", run, "--save", run], world_size=1).checkpoint.load == run
 
 
 def test_deepspeed_fpdt_flags_are_aliases():
@@ -199,3 +207,22 @@ def test_distributed_optimizer_splits_adam_state_and_matches_the_unsharded_run(d
         for name, value in a["params"].items():
             assert torch.equal(value, b["params"][name]), name
     assert full[0]["history"][-1][0] < full[0]["history"][0][0]
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["stops", "skips"])
+def test_a_nan_stops_the_run_naming_the_iteration_and_saves_nothing_diverged(tmp_path, check):
+    """An LR of 1e30 makes iteration 2 non-finite. With the check (the default, as Megatron-LM) the
+    run stops there with one line naming it, exit 1, and no checkpoint of that step; without it,
+    the step is skipped and counted."""
+    save = tmp_path / "ckpt"
+    flags = [*ONE, "--train-iters", "4", "--lr", "1e30", "--save", str(save), "--save-interval", "1"]
+    rows, out = run_pretrain(tmp_path, "nan", 1, flags + ([] if check else ["--no-check-for-nan-in-loss-and-grad"]),
+                             expect_rc=1 if check else 0)
+    if check:
+        assert "at iteration 2 is nan: stopping" in out and "Traceback" not in out
+        assert [r["iteration"] for r in rows] == [1]
+        assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+        assert not (save / "iter_0000002").exists()
+    else:
+        assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+        assert "number of skipped iterations:   1" in out or "number of nan iterations:   1" in out
