@@ -53,7 +53,26 @@ class _Signal:
     def install(cls):
         def handler(signum, frame):
             cls.received = True
-        signal.signal(signal.SIGTERM, handler)
+        _checkpoint_writer_outlives_sigterm()
+        signal.signal(signal.SIGTERM, handler)  # forked children (the writer's workers) inherit it
+
+
+def _checkpoint_writer_outlives_sigterm() -> None:
+    """megatron-core's checkpoint writer collects its results through a multiprocessing Manager, a
+    process of its own started (spawned) on first use. SIGTERM sent to the whole process group, as
+    torchrun and SLURM send it, killed it, and the save that SIGTERM asks for then failed with
+    BrokenPipeError. Started here with SIGTERM ignored (an ignored signal stays ignored across the
+    exec of a spawned process), it outlives the signal; it ends with the run."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core 0.16
+    if start is None:
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        start()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _SIGNAL = _Signal

@@ -130,6 +130,29 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     assert [r["iteration"] for r in rows] == [saved + 1]
 
 
+def test_sigterm_to_the_whole_process_group_saves_and_exits_cleanly(tmp_path):
+    """SIGTERM as SLURM and torchrun deliver it: to every process of the job (the launcher, the
+    workers, megatron-core's checkpoint-writer process). The workers finish the iteration and
+    save; the checkpoint resumes. (torchrun itself still exits non-zero: it was signalled.)"""
+    ckpt = tmp_path / "ckpt"
+    log = tmp_path / "run.jsonl"
+    # a periodic save first: megatron-core's writer process exists when the signal comes
+    proc = subprocess.Popen(_cmd(2, [*FPDT, "--train-iters", "1000", "--save", str(ckpt), "--save-interval", "2",
+                                     "--exit-signal-handler", "--loss-log-file", str(log)]),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a job step
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert "SIGTERM received" in out and "BrokenPipeError" not in out, out[-3000:]
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 3 and f"saved checkpoint at iteration {saved}" in out
+    rows, _ = _run(tmp_path, "after", [*FPDT, "--train-iters", str(saved + 1), "--load", str(ckpt)])
+    assert [r["iteration"] for r in rows] == [saved + 1]
+
+
 def test_a_second_run_cannot_save_into_a_directory_in_use_and_a_killed_run_frees_it(tmp_path):
     """Two runs saving into one --save would replace each other's checkpoints: the second is refused
     before it builds anything; once the first is killed (no clean exit), the directory is free."""
