@@ -1,6 +1,6 @@
 # Set up a virtual environment and run the project's jobs.
 #   make test        create .venv if missing, install, run the test suite (test-unit, test-distributed and
-#                    test-e2e run one tier each)
+#                    test-e2e run one tier each; test-fault the fault-injection tests of all three)
 #   make quickstart  create .venv if missing, install, run the main job
 #   make bench       the attention benchmark (docs/BENCHMARKS.md)
 #   make bench-quick the attention benchmark at 2K and 4K tokens
@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-unit test-distributed test-e2e test-all test-slow test-gpu quickstart bench bench-quick clean
+.PHONY: setup test test-unit test-distributed test-e2e test-fault test-all test-slow test-gpu quickstart bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test-distributed: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests/e2e
+
+test-fault: $(STAMP)
+	$(PY) -m pytest -m "fault and not slow"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

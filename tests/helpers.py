@@ -49,3 +49,9 @@ def run_pretrain(tmp_path, name: str, nproc: int, flags: Sequence[str], *, scrip
                       torchrun=torchrun)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return rows, proc.stdout + proc.stderr
+
+
+def assert_no_worker_traceback(out: str) -> None:
+    """torchrun itself ends with a traceback (ChildFailedError) when a worker exits non-zero; no
+    worker may add one: a user error is one line."""
+    assert out.count("Traceback (most recent call last)") <= 1 and "megatron/training" not in out, out

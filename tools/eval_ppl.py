@@ -15,6 +15,12 @@ Output (JSON lines): one line per document ``{"doc", "tokens", "nll", "ppl"}``
 the perplexity per context-position bucket (the standard long-context curve:
 buckets [0, B), [B, 2B), ... with ``--bucket-size B``, or powers of two by
 default). Works on 1 or more processes (world = TP x FPDT).
+
+Mistakes in the flags and the input (a missing --load directory or no usable checkpoint in
+it, a missing or malformed input line, a token id outside the model's vocabulary, an FPDT
+chunk size its parallel size does not divide, a process count other than TP x FPDT) are
+one line on stderr, printed by rank 0 only, and exit code 2, before the model is built
+(and before the checkpoint is read, but for what needs its vocabulary or tokenizer).
 """
 
 from __future__ import annotations
@@ -31,9 +37,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron.training.tokenizer import TOKENIZER_TYPES, load_tokenizer  # noqa: E402
+
+
+class UsageError(Exception):
+    """A mistake in the flags or the input: one line saying what to change (exit code 2)."""
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # as argparse's, printed once however many processes torchrun starts
+        if _rank0():
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
 
 def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (newest usable checkpoint is used)")
     p.add_argument("--input", required=True, help="jsonl with 'text' or 'tokens' per line")
     p.add_argument("--output", required=True, help="where the JSON lines go")
@@ -44,29 +68,111 @@ def _parse(argv):
     p.add_argument("--fpdt-parallel-size", type=int, default=1)
     p.add_argument("--fpdt-chunk-size", type=int, default=None)
     p.add_argument("--fpdt-offload", action="store_true")
-    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
     return p.parse_args(argv)
 
 
-def _documents(path, key, tokenizer):
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_flags(opts):
+    """Mistakes in the flags and the paths they name, before anything is loaded."""
+    for name in ("bucket_size", "fpdt_chunk_size", "tensor_model_parallel_size", "fpdt_parallel_size"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be positive")
+    if not opts.fpdt and (opts.fpdt_parallel_size != 1 or opts.fpdt_chunk_size or opts.fpdt_offload):
+        raise UsageError("--fpdt-parallel-size, --fpdt-chunk-size and --fpdt-offload need --fpdt")
+    if opts.fpdt_chunk_size and opts.fpdt_chunk_size % opts.fpdt_parallel_size:
+        raise UsageError(f"--fpdt-chunk-size {opts.fpdt_chunk_size} is not a multiple of --fpdt-parallel-size "
+                         f"{opts.fpdt_parallel_size} (each chunk is split over the FPDT ranks)")
+    ranks = opts.tensor_model_parallel_size * opts.fpdt_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != ranks:
+        raise UsageError(f"eval_ppl runs one document at a time on TP x FPDT = {ranks} processes; launch {ranks}, "
+                         f"not {world}")
+    if not os.path.isdir(opts.load):
+        raise UsageError(f"--load {opts.load} " + ("is a file; give the checkpoint directory"
+                                                   if os.path.exists(opts.load) else "does not exist"))
+    if not os.path.isfile(opts.input):
+        raise UsageError(f"--input {opts.input} " + ("is a directory, not a file" if os.path.isdir(opts.input)
+                                                     else "does not exist"))
+    folder = os.path.dirname(os.path.abspath(opts.output))
+    if os.path.isdir(opts.output) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--output {opts.output} cannot be written" + ("" if os.path.isdir(folder) else
+                                                                        f" ({folder} does not exist)"))
+    for flag in ("tokenizer_model", "vocab_file", "merge_file"):
+        path = getattr(opts, flag)
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path} does not exist")
+
+
+def _read_records(path, key):
+    """[(line number, id, token ids or text)] of the input's documents; a UsageError names a bad line."""
+    records = []
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"--input {path} cannot be read ({e.strerror})") from None
+    for number, raw in enumerate(lines, start=1):
+        where = f"--input {path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if "tokens" in record:
-                ids = [int(t) for t in record["tokens"]]
-            elif key in record:
-                if tokenizer is None:
-                    raise SystemExit(f"{path}:{number}: text input needs a tokenizer (the checkpoint names none); "
-                                     f"pass --tokenizer-type and its files")
-                ids = tokenizer.tokenize(record[key])
-            else:
-                raise SystemExit(f"{path}:{number}: needs '{key}' or 'tokens'")
-            yield record.get("id"), ids
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "tokens" in record:
+            content = record["tokens"]
+            if not isinstance(content, list) or not all(type(t) is int for t in content):
+                raise UsageError(f"{where}: 'tokens' must be a list of integer ids")
+        elif key in record:
+            content = record[key]
+            if not isinstance(content, str):
+                raise UsageError(f"{where}: {key!r} is {type(content).__name__}, not a string")
+        else:
+            raise UsageError(f"{where}: needs {key!r} or 'tokens' (--json-key names the text's key)")
+        records.append((number, record.get("id"), content))
+    if not records:
+        raise UsageError(f"--input {path} holds no document")
+    return records
+
+
+def _documents(records, path, tokenizer, vocab):
+    """[(id, token ids)]: text tokenized, every id checked against the model's vocabulary."""
+    docs = []
+    for number, doc_id, content in records:
+        where = f"--input {path}:{number}"
+        ids = content
+        if isinstance(content, str):
+            if tokenizer is None:
+                raise UsageError(f"{where}: text input needs a tokenizer (the checkpoint names none); pass "
+                                 f"--tokenizer-type and its files")
+            try:
+                ids = tokenizer.tokenize(content)
+            except ValueError as e:  # NullTokenizer: not space-separated integers; a lone surrogate
+                raise UsageError(f"{where}: the {type(tokenizer).__name__} cannot tokenize it ({_first_line(e)})"
+                                 ) from None
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UsageError(f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab}); "
+                             f"tokenize with the model's own tokenizer")
+        docs.append((doc_id, ids))
+    if all(len(ids) < 2 for _, ids in docs):
+        raise UsageError(f"--input {path}: no document has the 2 tokens needed to score one")
+    return docs
 
 
 def _bucket(position, size):
@@ -80,6 +186,19 @@ def _bucket(position, size):
 
 def main(argv=None) -> int:
     opts = _parse(argv)
+    try:
+        _check_flags(opts)
+        records = _read_records(opts.input, opts.json_key)
+        return _evaluate(opts, records)
+    except UsageError as e:
+        if _rank0():
+            print(f"eval_ppl.py: error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+
+
+def _evaluate(opts, records) -> int:
     from megatron.training.notices import quiet_known_notices
 
     quiet_known_notices()
@@ -88,24 +207,32 @@ def main(argv=None) -> int:
     from fpdt_ext.core.config import FPDTConfig
     from fpdt_ext.core.layout import fpdt_shard_batch, fpdt_unshard
     from fpdt_ext.runtime import init_distributed
-    from megatron.training.checkpointing import model_config_from_args, newest_usable_checkpoint
+    from megatron.training.checkpointing import (CheckpointError, model_config_from_args, model_for_checkpoint,
+                                                 newest_usable_checkpoint)
     from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
     from megatron.training.initialize import initialize
     from megatron.training.models import build_model
-    from megatron.training.tokenizer import build_tokenizer
 
     init_distributed()
     path, reasons = newest_usable_checkpoint(opts.load)
     if path is None:
-        raise SystemExit(f"no usable checkpoint in {opts.load}" + "".join(f"\n  {r}" for r in reasons))
+        raise UsageError(f"--load {opts.load}: no usable checkpoint (" + ("; ".join(reasons) or "no iter_* "
+                         "directory") + "); point --load at a training run's --save directory")
     common = dist_checkpointing.load_common_state_dict(path)
+    if "model_args" not in common:
+        raise UsageError(f"--load {opts.load}: {path} holds no model arguments (not written by this project's "
+                         f"training); convert it with tools/checkpoint/convert.py")
     model_args = common["model_args"]
     vocab = common.get("true_vocab_size") or model_args["vocab_size"]
     names = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
     text_tokenizer = TokenizerConfig(**{k: getattr(opts, k) or model_args.get(k) for k in names}, vocab_size=vocab)
-    tokenizer = (build_tokenizer(text_tokenizer) if text_tokenizer.tokenizer_type not in (None, "NullTokenizer")
-                 else None)
-    docs = list(_documents(opts.input, opts.json_key, tokenizer))
+    tokenizer = None
+    if text_tokenizer.tokenizer_type is not None and any(isinstance(c, str) for _, _, c in records):
+        try:
+            tokenizer = load_tokenizer(text_tokenizer)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    docs = _documents(records, opts.input, tokenizer, vocab)
     sp = opts.fpdt_parallel_size if opts.fpdt else 1
     multiple = opts.fpdt_chunk_size or sp
     longest = max(len(ids) - 1 for _, ids in docs)
@@ -115,7 +242,8 @@ def main(argv=None) -> int:
     if model.position_embedding_type == "rope":
         positions = max(padded_longest, positions)
     elif padded_longest > positions:
-        raise SystemExit(f"a document of {longest + 1} tokens is longer than the model's {positions} learned positions")
+        raise UsageError(f"a document of {longest + 1} tokens is longer than the model's {positions} learned "
+                         f"positions; score shorter documents")
     model = dataclasses.replace(model, attention_dropout=0.0, hidden_dropout=0.0, max_position_embeddings=positions)
     try:
         fpdt = FPDTConfig(fpdt_parallel_size=sp, fpdt_chunk_size=opts.fpdt_chunk_size,
@@ -127,12 +255,13 @@ def main(argv=None) -> int:
                                                    fpdt_parallel_size=sp),
                            tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=vocab), fpdt=fpdt)
     except ValueError as e:
-        raise SystemExit(f"eval_ppl.py: {e}")
-    if config.parallel.data_parallel_size != 1:
-        raise SystemExit(f"eval_ppl runs one document at a time on TP x FPDT ranks; launch "
-                         f"{dist.get_world_size() // config.parallel.data_parallel_size} processes")
+        raise UsageError(str(e)) from None
+    try:  # the checkpoint's own padded vocabulary: exact at any TP size that divides it
+        padded = model_for_checkpoint(common, path, config.model, vocab, opts.tensor_model_parallel_size)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
     groups = initialize(config)
-    model = build_model(config, groups, vocab)
+    model = build_model(config, groups, vocab, padded_vocab=padded)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
     model.eval()
 

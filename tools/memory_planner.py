@@ -30,11 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fpdt_ext.core.config import loss_chunk_tokens  # noqa: E402
+from fpdt_ext.core.config import FPDTConfig, check_heads, loss_chunk_tokens  # noqa: E402
 from megatron.training.flops import parameter_count  # noqa: E402
 
 PRESETS = {
@@ -236,15 +237,46 @@ def recommend_chunk(plan: Plan, seq: int, device_limit: float, host_limit: float
     return best
 
 
+def _positive(kind):
+    """An argparse type: a number above zero."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+# The training configuration's names in the checks shared with it, as this tool's flags.
+_FLAGS = {"tensor_model_parallel_size*fpdt_parallel_size": "--tp x --fpdt", "tensor_model_parallel_size": "--tp",
+          "num_attention_heads": "--heads", "num_query_groups": "--kv-heads", "fpdt_parallel_size": "--fpdt",
+          "fpdt_chunk_size": "--chunk-size", "sequence length": "--seq-length"}
+
+
+def check_layout(model: Model, plan: Plan, seq_length=None) -> None:
+    """The training run's own checks of heads, chunks and sequence against the layout (ValueError)."""
+    if model.hidden % model.heads:
+        raise ValueError(f"--hidden {model.hidden} is not divisible by --heads {model.heads}")
+    if model.ffn % plan.tp:
+        raise ValueError(f"--ffn {model.ffn} is not divisible by --tp {plan.tp}")
+    check_heads(model.heads, model.kv_heads, sp_size=plan.fpdt, tp_size=plan.tp)
+    if not plan.baseline:
+        fpdt = FPDTConfig(fpdt_parallel_size=plan.fpdt, fpdt_chunk_size=plan.chunk_size)
+        if seq_length is not None:
+            fpdt.num_chunks(seq_length)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int, positive_float = _positive(int), _positive(float)
     p.add_argument("--preset", choices=sorted(PRESETS))
     for name in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--fpdt", type=int, default=1, help="FPDT parallel size")
-    p.add_argument("--chunk-size", type=int, default=65536)
+        p.add_argument(f"--{name}", type=positive_int)
+    p.add_argument("--gpus", type=positive_int, required=True)
+    p.add_argument("--tp", type=positive_int, default=1)
+    p.add_argument("--fpdt", type=positive_int, default=1, help="FPDT parallel size")
+    p.add_argument("--chunk-size", type=positive_int, default=65536)
     p.add_argument("--no-offload", action="store_true")
     p.add_argument("--no-offload-checkpoints", action="store_true")
     p.add_argument("--disk", action="store_true",
@@ -254,10 +286,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-distributed-optimizer", action="store_true",
                    help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    p.add_argument("--host-mem-gib", type=float, default=1000.0, help="host memory per node")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--gpu-mem-gib", type=positive_float, default=80.0)
+    p.add_argument("--host-mem-gib", type=positive_float, default=1000.0, help="host memory per node")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
+    p.add_argument("--seq-length", type=positive_int, default=None)
     a = p.parse_args(argv)
     if a.preset:
         model = Model(*PRESETS[a.preset])
@@ -271,9 +303,14 @@ def main(argv=None) -> int:
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
                 distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk)
+    try:
+        check_layout(model, plan, a.seq_length)
+    except ValueError as e:
+        p.error(re.sub("|".join(map(re.escape, _FLAGS)), lambda m: _FLAGS[m[0]], str(e)))
     device_limit = a.gpu_mem_gib * GiB
     host_limit = a.host_mem_gib * GiB / min(a.gpus_per_node, a.gpus)
-    seq = a.seq_length or plan.max_sequence(device_limit, host_limit)
+    # with nothing that fits, the plan at the shortest sequence shows why
+    seq = a.seq_length or plan.max_sequence(device_limit, host_limit) or (1024 if a.baseline else plan.chunk_size)
     dev, host, terms = plan.totals(seq)
     name = "baseline (megatron-core standard spec)" if a.baseline else f"FPDT {plan.fpdt}, chunk {plan.chunk_size}"
     print(f"{a.preset or 'model'}: {plan.params_per_rank() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
@@ -291,7 +328,7 @@ def main(argv=None) -> int:
     print(f"dominant device term: {top[0]} ({100 * top[1] / max(dev, 1):.0f}% of device memory)")
     longest = plan.max_sequence(device_limit, host_limit)
     print(f"longest trainable sequence: {longest} tokens"
-          + ("" if plan.fits(seq, device_limit, host_limit) else f"  (--seq-length {seq} does NOT fit)"))
+          + ("" if plan.fits(seq, device_limit, host_limit) else f"  ({seq} tokens do NOT fit)"))
     if not a.baseline:
         chunk = recommend_chunk(plan, seq, device_limit, host_limit)
         print(f"recommended chunk size at {seq} tokens: {chunk if chunk else 'none fits'}")

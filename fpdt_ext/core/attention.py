@@ -280,6 +280,7 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
         sink.complete(j)
 
     pairs = [(j, i) for j in range(num_chunks) for i in range(j, num_chunks)]
+    dq_kept = None  # dq of the query chunk the next step takes again, left on the device
     kv.prefetch(0)
     for store in (qo, do_store):
         store.prefetch(0)
@@ -288,7 +289,10 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
             k_j, v_j = kv.get(j)
         q_i, out_i, lse_i = qo.get(i)
         (do_i,) = do_store.get(i)
-        dq_i = dq_store.get(i)[0] if dq_store.has(i) else None
+        if dq_kept is not None:
+            dq_i, dq_kept = dq_kept, None
+        else:
+            dq_i = dq_store.get(i)[0] if dq_store.has(i) else None
         nxt = pairs[t + 1] if t + 1 < len(pairs) else None
         if nxt is not None:  # start fetching what the next step needs
             if nxt[0] != j:
@@ -304,7 +308,11 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
         if i == j:  # dq_i has seen KV chunks 0..i: complete
             dq_sent[i] = head_to_seq(dq_i.to(dout.dtype), group, out=sink.targets(i)[0], async_op=True)
             if dq_store.has(i):
-                dq_store.pop(i)
+                dq_store.pop(i)  # after head_to_seq copied dq_i out: a fetched copy is poisoned
+        elif nxt is not None and nxt[1] == i:
+            # (u-2, u-1) -> (u-1, u-1): the next step completes dq_i at once; stored, it would
+            # go to the host and straight back, a fetch no prefetch can hide
+            dq_kept = dq_i
         else:
             dq_store.put(i, (dq_i,))
             dq_store.release(i)

@@ -130,11 +130,16 @@ class MemoryTiers:
 
 
 class Residency:
-    """Counts chunks per kind on the compute device; keeps the peak of each."""
+    """Counts chunks per kind on the compute device; keeps the peak of each. Also counts, per
+    kind, the fetches back to the device and the misses among them: a ``get`` of a chunk that
+    was neither on the device nor prefetched, so it is fetched then and there (on CUDA the
+    compute stream waits for the whole copy). The chunk loops prefetch every chunk they fetch."""
 
     def __init__(self):
         self.current: Dict[str, int] = collections.Counter()
         self.peak: Dict[str, int] = collections.Counter()
+        self.fetches: Dict[str, int] = collections.Counter()
+        self.misses: Dict[str, int] = collections.Counter()
 
     def add(self, kind: str, n: int = 1) -> None:
         self.current[kind] += n
@@ -219,6 +224,7 @@ class ChunkStore:
         if entry.device is not None or entry.reading is not None:
             return
         self.residency.add(self.kind)
+        self.residency.fetches[self.kind] += 1
         if self._disk is not None:
             entry.reading = tuple(self._disk.read_async(slot, self.device) for slot in entry.host)
         elif self._stream is None:
@@ -233,8 +239,10 @@ class ChunkStore:
 
     def get(self, idx: int) -> Tuple[Tensor, ...]:
         """Chunk ``idx`` on the device (fetching now if it was not prefetched)."""
-        self.prefetch(idx)
         entry = self._entries[idx]
+        if entry.device is None and entry.reading is None:
+            self.residency.misses[self.kind] += 1
+        self.prefetch(idx)
         self._land(entry)
         if entry.ready is not None:
             current = torch.cuda.current_stream(self.device)

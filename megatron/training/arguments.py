@@ -26,7 +26,8 @@ from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.memory.disk import check_offload_dir
 from megatron.training.config import (CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig,
                                       TokenizerConfig, TrainingConfig)
-from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args
+from megatron.training.data import check_dataset_files
+from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args, load_tokenizer
 
 
 class ArgumentError(ValueError):
@@ -184,6 +185,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     """The run configuration the flags describe, every combination checked (the parts check
     themselves; here: what only flags can get wrong, and the files they name). ``args`` is not
     changed. Raises ArgumentError, with what to change."""
+    if args.dry_run_world_size is not None and args.dry_run_world_size < 1:
+        raise ArgumentError(f"--dry-run-world-size must be positive, got {args.dry_run_world_size}")
     if world_size is None:
         world_size = args.dry_run_world_size if args.dry_run and args.dry_run_world_size else _world_size()
     if args.context_parallel_size != 1:
@@ -226,6 +229,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     problem = check_files(config)
     if problem:
         raise ArgumentError(problem)
+    try:
+        load_tokenizer(config.tokenizer)  # readable as the tokenizer it is said to be
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     return config
 
 
@@ -238,6 +245,22 @@ def check_files(config: RunConfig) -> Optional[str]:
     if load is not None and not os.path.isdir(load) and (save is None or os.path.realpath(load) != os.path.realpath(save)):
         # --load DIR --save DIR (resume if there is something to resume) may start with no DIR yet
         return f"--load {load} does not exist; give the directory a run saved into (or the --save directory)"
+    log = config.training.loss_log_file
+    for flag, value, directory in (("--save", save, save),
+                                   ("--data-cache-path", config.data.data_cache_path, config.data.data_cache_path),
+                                   ("--loss-log-file", log, os.path.dirname(os.path.abspath(log)) if log else None)):
+        problem = _check_writable_dir(f"{flag} {value}", directory) if directory is not None else None
+        if problem:
+            return problem
+    if load is not None and os.path.isdir(load) and os.path.realpath(load) != os.path.realpath(save or ""):
+        from megatron.training.checkpointing import MANIFEST, list_checkpoints
+
+        if os.path.exists(os.path.join(load, MANIFEST)):
+            return (f"--load {load} is one checkpoint; give the directory that holds it ("
+                    f"{os.path.dirname(os.path.abspath(load))})")
+        if not list_checkpoints(load):
+            return (f"--load {load} holds no checkpoint (no iter_XXXXXXX directory): this run would train from "
+                    f"scratch; give the directory a run saved into, or drop --load")
     if config.training.offload_dir is not None:
         try:
             check_offload_dir(config.training.offload_dir)
@@ -249,4 +272,21 @@ def check_files(config: RunConfig) -> Optional[str]:
             if missing:
                 return (f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found "
                         f"(make it with tools/preprocess_data.py)")
+            problem = check_dataset_files(prefix)
+            if problem:
+                return problem
+    return None
+
+
+def _check_writable_dir(given: str, directory: str) -> Optional[str]:
+    """Why files could not be written under ``directory`` (that the flag and value ``given`` name),
+    found now rather than at the first save hours in: a file in its place or on its path, a parent
+    not writable; else None."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{given}: {path} is a file, not a directory; give another path"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{given}: {path} is not writable by this user; give a writable directory"
     return None

@@ -28,6 +28,7 @@ and iteration, with a note.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -61,7 +62,8 @@ class SaveLock:
     life (the file says which host and process holds it). Such a lock belongs to the process:
     children it forks (megatron-core's checkpoint writers) do not inherit it, and the kernel drops
     it when the process ends, however it ends, so a crashed or killed run never leaves the
-    directory taken. Collective: every rank raises :class:`CheckpointError` if the directory is
+    directory taken. Holding it, rank 0 removes what a killed save left (``iter_*.tmp-*``, the
+    pointer's temporary file): no other run can be writing them. Collective: every rank raises :class:`CheckpointError` if the directory is
     taken or cannot be written.
     """
 
@@ -91,9 +93,22 @@ class SaveLock:
                     os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
                     self._fd = fd
+                    _remove_partial_saves(save_dir)
         problem = _broadcast_object(problem)
         if problem:
             raise CheckpointError(problem)
+
+
+_STAGING = re.compile(r"^iter_\d{7}\.tmp-\d+$")
+
+
+def _remove_partial_saves(save_dir: str) -> None:
+    names = [n for n in os.listdir(save_dir) if _STAGING.match(n) or n == LATEST + ".tmp"]
+    for name in names:
+        path = os.path.join(save_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if names:
+        print(f" removed what an interrupted save left in {save_dir}: {', '.join(sorted(names))}", flush=True)
 
 
 def checkpoint_name(save_dir: str, iteration: int) -> str:
@@ -183,6 +198,7 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "kind": "training",
         "model_args": model_args_dict(trainer.config),
         "true_vocab_size": trainer.tokenizer.vocab_size,
+        "padded_vocab_size": trainer.padded_vocab_size,
         "optimizer_format": optimizer_format(trainer.optimizer),
     }
 
@@ -190,49 +206,110 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
 # -- save ------------------------------------------------------------------------------
 
 
+def _disk_full(error: Optional[BaseException]) -> bool:
+    """Whether ``error`` (or what caused it, or a writer failure it gathers) is ENOSPC."""
+    if error is None:
+        return False
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    gathered = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if isinstance(gathered, dict) and any(_disk_full(f[0] if isinstance(f, tuple) else f) for f in gathered.values()):
+        return True
+    return _disk_full(error.__cause__ or error.__context__)
+
+
+def _agree(error: Optional[BaseException], save_dir: str, iteration: int, staging: str) -> None:
+    """Collective: if any rank failed a step of the save, every rank raises CheckpointError (saying
+    so when the disk is full) after rank 0 removed the partial checkpoint; else nothing."""
+    mine = None
+    if error is not None:
+        gathered = getattr(error, "failures", None)
+        if isinstance(gathered, dict) and gathered:  # what a megatron-core writer raised, not the wrapper
+            first = next(iter(gathered.values()))
+            error = first[0] if isinstance(first, tuple) else first
+        lines = str(error).strip().splitlines()
+        mine = ("full" if _disk_full(error) else "other", f"{type(error).__name__}: {lines[0] if lines else ''}")
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, mine)
+    failures = [f for f in failures if f is not None]
+    if not failures:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    previous = _latest_pointer(save_dir)
+    kept = (f"the previous checkpoint (iteration {previous}) is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    if any(kind == "full" for kind, _ in failures):
+        free = shutil.disk_usage(save_dir).free / 2**30
+        raise CheckpointError(f"no space left on the device of --save {save_dir} ({free:.2f} GiB free): the "
+                              f"checkpoint of iteration {iteration} was not written and its partial files are "
+                              f"removed; {kept}. Free space there or give another --save, then resume with --load")
+    raise CheckpointError(f"saving iteration {iteration} into {save_dir} failed ({failures[0][1]}); {kept}")
+
+
 def write_checkpoint(save_dir: str, iteration: int, sharded_state: dict, rank_files: dict,
                      keep_last: Optional[int] = None) -> str:
     """Write one checkpoint atomically (collective): megatron-core dist_checkpointing of
     ``sharded_state``, then each rank's ``rank_files`` ({relative path: object} for torch.save),
-    then the manifest, the rename and the "latest" pointer."""
+    then the manifest, the rename and the "latest" pointer. A failure on any rank (a full disk)
+    raises CheckpointError on every rank and leaves the previous checkpoint and pointer as they were."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     rank = dist.get_rank()
     final = checkpoint_name(save_dir, iteration)
     staging = _broadcast_object(f"{final}.tmp-{int(time.time() * 1e6)}" if rank == 0 else None)
-    if rank == 0:
-        os.makedirs(staging)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state, staging)
-    for relative, obj in rank_files.items():
-        os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
-        torch.save(obj, os.path.join(staging, relative))
-    dist.barrier()  # every rank's files are on disk
+    error = None
+    try:
+        if rank == 0:
+            os.makedirs(staging)
+    except OSError as e:
+        error = e
+    _agree(error, save_dir, iteration, staging)
+    try:
+        dist_checkpointing.save(sharded_state, staging)
+        for relative, obj in rank_files.items():
+            os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
+            torch.save(obj, os.path.join(staging, relative))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        error = e
+    _agree(error, save_dir, iteration, staging)  # every rank's files are on disk
     names = _broadcast_object(_files(staging) if rank == 0 else None)
     manifest = {"iteration": iteration, "files": _hash_spread(staging, names)}
-    if rank == 0:
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # re-saving an iteration replaces it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        # the pointer never moves backwards: an older iteration written later (a conversion re-run
-        # into a run directory) must not make the next run resume before the newer checkpoints
-        current = _latest_pointer(save_dir)
-        if current is None or iteration >= current:
-            pointer = os.path.join(save_dir, LATEST)
-            with open(pointer + ".tmp", "w") as f:
-                f.write(str(iteration))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(pointer + ".tmp", pointer)
-        if keep_last:
-            for old in list_checkpoints(save_dir)[keep_last:]:
-                shutil.rmtree(checkpoint_name(save_dir, old), ignore_errors=True)
+    try:
+        if rank == 0:
+            _publish(save_dir, iteration, staging, manifest)
+    except OSError as e:
+        error = e
+    _agree(error, save_dir, iteration, staging)
+    if rank == 0 and keep_last:
+        for old in list_checkpoints(save_dir)[keep_last:]:
+            shutil.rmtree(checkpoint_name(save_dir, old), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(save_dir: str, iteration: int, staging: str, manifest: dict) -> None:
+    """Rank 0: the manifest, the rename to the final name, then the "latest" pointer."""
+    final = checkpoint_name(save_dir, iteration)
+    _write_synced(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1))
+    if os.path.exists(final):  # re-saving an iteration replaces it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    # the pointer never moves backwards: an older iteration written later (a conversion re-run
+    # into a run directory) must not make the next run resume before the newer checkpoints
+    current = _latest_pointer(save_dir)
+    if current is None or iteration >= current:
+        pointer = os.path.join(save_dir, LATEST)
+        _write_synced(pointer + ".tmp", str(iteration))
+        os.replace(pointer + ".tmp", pointer)
 
 
 def save_checkpoint(trainer, iteration: int) -> str:
@@ -288,8 +365,14 @@ def verify_checkpoint(path: str) -> Optional[str]:
                 manifest = json.load(f)
         except FileNotFoundError:
             problem = f"{MANIFEST} is missing (the save did not finish)"
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"{MANIFEST} is unreadable ({e})"
+        else:
+            files = manifest.get("files") if isinstance(manifest, dict) else None
+            if not isinstance(files, dict) or not all(
+                    isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+                    for v in files.values()):
+                problem = f"{MANIFEST} is malformed (no list of files with sizes and hashes)"
     problem, manifest = _broadcast_object((problem, manifest))
     if problem:
         return problem
@@ -323,21 +406,84 @@ def newest_usable_checkpoint(directory: str) -> Tuple[Optional[str], List[str]]:
     return None, reasons
 
 
-def load_checkpoint(trainer, directory: str) -> Optional[int]:
-    """Load the newest usable checkpoint in ``directory``; returns its iteration, or None if there
-    is none at all. Raises CheckpointError when checkpoints exist but none is usable."""
+def find_checkpoint(directory: str) -> Optional[Tuple[str, dict]]:
+    """(path, common state) of the newest usable checkpoint in ``directory``, or None if there is
+    none at all. Raises CheckpointError when checkpoints exist but none is usable (collective)."""
     from megatron.core import dist_checkpointing
-
-    from megatron.training.optimizer import prepare_for_loading
 
     path, reasons = newest_usable_checkpoint(directory)
     if path is None:
         if reasons:
             raise CheckpointError(f"no usable checkpoint in {directory}:\n  " + "\n  ".join(reasons))
-        _print0(f" no checkpoint in {directory} yet: training starts at iteration 0")
         return None
+    return path, dist_checkpointing.load_common_state_dict(path)
+
+
+def saved_padded_vocab(common: dict) -> int:
+    """The number of embedding / output rows a checkpoint holds (stored since it varies with TP;
+    derived from the saving run's layout for checkpoints written before it was stored)."""
+    from megatron.training.models import padded_vocab_size
+
+    if "padded_vocab_size" in common:
+        return common["padded_vocab_size"]
+    args = common["model_args"]
+    tp = common.get("layout", {}).get("tensor_model_parallel_size", 1)
+    return padded_vocab_size(common.get("true_vocab_size") or args["vocab_size"], args["make_vocab_size_divisible_by"],
+                             tp)
+
+
+# Model fields that give parameters their shapes: a checkpoint with other values cannot be loaded.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                 "ffn_hidden_size", "swiglu", "normalization", "add_bias_linear", "qk_layernorm",
+                 "untie_embeddings_and_output_weights", "position_embedding_type")
+# Fields that change what the loaded weights compute without changing a shape: allowed (a new
+# training stage may change them on purpose) and said.
+_MATH_FIELDS = ("rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "norm_epsilon",
+                "openai_gelu")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def model_for_checkpoint(common: dict, path: str, model, true_vocab: int, tp: int) -> int:
+    """Check that the checkpoint at ``path`` (its common state) fits the model ``model``
+    (:class:`~megatron.training.config.ModelConfig`) with a tokenizer of ``true_vocab`` tokens at
+    TP ``tp``; returns the padded vocabulary to build with: the checkpoint's own, so that loading is
+    exact whatever TP size saved it (megatron-core would load a differently padded embedding with
+    zero or dropped rows, which enter the softmax). Raises CheckpointError saying what differs."""
+    saved = model_config_from_args(common["model_args"])
+    differ = [f"{_flag(f)} {getattr(saved, f)} (this run: {getattr(model, f)})" for f in _SHAPE_FIELDS
+              if getattr(saved, f) != getattr(model, f)]
+    if saved.position_embedding_type == "learned_absolute" == model.position_embedding_type and \
+            saved.max_position_embeddings != model.max_position_embeddings:
+        differ.append(f"--max-position-embeddings {saved.max_position_embeddings} (this run: "
+                      f"{model.max_position_embeddings})")
+    saved_vocab = common.get("true_vocab_size") or common["model_args"].get("vocab_size")
+    if saved_vocab is not None and saved_vocab != true_vocab:
+        differ.append(f"a vocabulary of {saved_vocab} tokens (this run's tokenizer: {true_vocab})")
+    if differ:
+        raise CheckpointError(f"{path} holds another model: it was saved with " + ", ".join(differ)
+                              + "; give the flags it was trained with, or another --load")
+    padded = saved_padded_vocab(common)
+    if padded % tp:
+        raise CheckpointError(f"{path} has {padded} vocabulary rows (padded for its TP size), which TP {tp} does "
+                              f"not divide; use a --tensor-model-parallel-size that divides {padded}")
+    for f in _MATH_FIELDS:
+        if getattr(saved, f) != getattr(model, f):
+            _print0(f" note: {path} was trained with {_flag(f)} {getattr(saved, f)}; this run uses "
+                    f"{getattr(model, f)}")
+    return padded
+
+
+def load_checkpoint(trainer, path: str, common: dict) -> int:
+    """Load the checkpoint at ``path`` (:func:`find_checkpoint`) into the trainer, whose model was
+    built for it (:func:`model_for_checkpoint`); returns its iteration."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.training.optimizer import prepare_for_loading
+
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
-    common = dist_checkpointing.load_common_state_dict(path)
     kind = common.get("kind")
     if kind == "weights":  # a converted or exported model: weights only, training starts at 0
         state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)

@@ -35,6 +35,20 @@ def _positive(**values) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _in_range(name: str, value, low=None, high=None, *, low_open=False, high_open=False) -> None:
+    """``value`` of flag ``name`` within [low, high] (an end excluded when ``*_open``)."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f"in {lo}, {hi}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+        raise ValueError(f"--{name.replace('_', '-')} {value:g} is out of range: it must be {where}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The model's shape and arithmetic: what a checkpoint needs to be rebuilt."""
@@ -81,6 +95,13 @@ class ModelConfig:
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization {self.normalization}: use LayerNorm or RMSNorm")
         check_heads(self.num_attention_heads, self.num_query_groups, sp_size=1)
+        _positive(make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
+                  max_position_embeddings=self.max_position_embeddings)
+        for name in ("attention_dropout", "hidden_dropout"):
+            _in_range(name, getattr(self, name), 0, 1, high_open=True)
+        _in_range("rotary_percent", self.rotary_percent, 0, 1, low_open=True)
+        for name in ("rotary_base", "rope_scaling_factor", "norm_epsilon", "init_method_std"):
+            _in_range(name, getattr(self, name), 0, low_open=True)
 
     @property
     def group_query_attention(self) -> bool:
@@ -155,8 +176,15 @@ class TrainingConfig:
         _positive(seq_length=self.seq_length, train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, log_interval=self.log_interval,
                   eval_interval=self.eval_interval, recompute_num_layers=self.recompute_num_layers)
-        if self.eval_iters < 0:
-            raise ValueError("--eval-iters must be >= 0")
+        _positive(lr_decay_iters=self.lr_decay_iters)
+        for name in ("eval_iters", "lr_warmup_iters", "seed"):
+            _in_range(name, getattr(self, name), 0)
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):  # --clip-grad 0: no clipping, as Megatron
+            _in_range(name, getattr(self, name), 0)
+        for name in ("adam_beta1", "adam_beta2"):
+            _in_range(name, getattr(self, name), 0, 1, high_open=True)
+        _in_range("adam_eps", self.adam_eps, 0, low_open=True)
+        _in_range("peak_tflops", self.peak_tflops, 0, low_open=True)
         if self.bf16 and self.fp16:
             raise ValueError("choose one of --bf16 and --fp16")
         if self.lr_decay_iters is None:
@@ -201,6 +229,17 @@ class DataConfig:
             _set(self, data_path=tuple(self.data_path))
         if not self.mock_data and not self.data_path:
             raise ValueError("give --data-path PREFIX [PREFIX ...] or --mock-data")
+        parts = self.split.replace("/", ",").split(",")
+        if not all(_is_number(p) and float(p) >= 0 for p in parts) or len(parts) > 3 or \
+                not sum(float(p) for p in parts if _is_number(p)) > 0:
+            raise ValueError(f"--split {self.split}: give up to three non-negative weights for train, validation "
+                             f"and test, not all zero (e.g. 969,30,1)")
+        paths = self.data_path or ()
+        if len(paths) > 1 and len(paths) % 2 == 0 and _is_number(paths[0]):
+            weights = paths[::2]
+            if not all(_is_number(w) and float(w) >= 0 for w in weights) or not sum(map(float, weights)) > 0:
+                raise ValueError(f"--data-path {' '.join(paths)}: the blend weights must be non-negative numbers, "
+                                 f"not all zero")
 
     @property
     def prefixes(self) -> Tuple[str, ...]:
@@ -232,6 +271,7 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _positive(save_interval=self.save_interval, keep_last=self.keep_last, exit_interval=self.exit_interval)
+        _in_range("exit_duration_in_mins", self.exit_duration_in_mins, 0, low_open=True)
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save DIR")
 

@@ -10,8 +10,10 @@ and position ids (the tokens' true global positions) are permuted together.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+import os
+from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -63,6 +65,72 @@ def resolve_split(split: str, prefixes, needed) -> str:
                                  f"under --split {split}; use more documents or a split such as 90,10,0")
             weights[i] = 0.0
     return ",".join(f"{w:.12g}" for w in weights)
+
+
+def check_dataset_files(prefix: str) -> Optional[str]:
+    """What is wrong with the ``prefix`` .bin/.idx pair, or None: the index must be one that
+    megatron-core reads (header, version, token type), of exactly the size its counts give, with
+    documents that cover its sequences in order, and it must describe the .bin byte for byte
+    (a .bin from another dataset, or a truncated one, has another size). Reads only the index."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, _IndexReader
+
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    remake = "make the pair again with tools/preprocess_data.py"
+    try:
+        with open(idx, "rb") as f:
+            head = f.read(34)
+        if head[:9] != _INDEX_HEADER or len(head) < 34:
+            return f"--data-path {prefix}: {idx} is not a Megatron dataset index (bad header); {remake}"
+        index = _IndexReader(idx, multimodal=False)
+    except (AssertionError, ValueError, KeyError) as e:  # bad version or token type, counts beyond the file
+        return f"--data-path {prefix}: {idx} is not a readable Megatron dataset index ({e}); {remake}"
+    except OSError as e:
+        return f"--data-path {prefix}: cannot read {idx} ({e.strerror})"
+    lengths, pointers, docs = index.sequence_lengths, index.sequence_pointers, index.document_indices
+    expected = 34 + lengths.nbytes + pointers.nbytes + docs.nbytes
+    if os.path.getsize(idx) != expected:
+        return (f"--data-path {prefix}: {idx} has {os.path.getsize(idx)} bytes, its counts give {expected} "
+                f"(truncated or altered); {remake}")
+    if len(docs) < 2 or docs[0] != 0 or docs[-1] != len(lengths) or numpy.any(numpy.diff(docs) < 0):
+        return f"--data-path {prefix}: {idx} holds no documents or inconsistent document boundaries; {remake}"
+    if numpy.any(lengths < 0) or len(lengths) and (
+            pointers[0] != 0 or numpy.any(numpy.diff(pointers) != lengths[:-1].astype(numpy.int64) * index.dtype_size)):
+        return f"--data-path {prefix}: {idx} has inconsistent sequence offsets; {remake}"
+    size = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if len(lengths) else 0
+    if os.path.getsize(bin_) != size:
+        return (f"--data-path {prefix}: {bin_} has {os.path.getsize(bin_)} bytes and {idx} describes {size} "
+                f"({len(docs) - 1} documents of {numpy.dtype(index.dtype).name} tokens): the two files are not one dataset (or one is truncated); {remake}")
+    return None
+
+
+def largest_token_ids(prefixes: Sequence[str], part: int = 0, num_parts: int = 1) -> List[int]:
+    """The largest token id in each dataset's .bin, reading only part ``part`` of ``num_parts``
+    (ranks split the reading; the caller takes the maximum over parts). -1 for an empty part."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    out = []
+    for prefix in prefixes:
+        dtype = _IndexReader(prefix + ".idx", multimodal=False).dtype
+        tokens = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
+        share = -(-len(tokens) // num_parts)
+        largest = -1
+        block = 1 << 26
+        for start in range(part * share, min((part + 1) * share, len(tokens)), block):
+            stop = min(start + block, (part + 1) * share, len(tokens))
+            largest = max(largest, int(tokens[start:stop].max()))
+        out.append(largest)
+        del tokens
+    return out
+
+
+def tokens_beyond_vocabulary(prefixes: Sequence[str], largest: Sequence[int], vocab_size: int) -> Optional[str]:
+    """The refusal when a dataset holds token ids the tokenizer (and so the model) does not have."""
+    for prefix, top in zip(prefixes, largest):
+        if top >= vocab_size:
+            return (f"--data-path {prefix} holds token id {top}, and the tokenizer has {vocab_size} tokens: the "
+                    f"dataset was made with another tokenizer; preprocess it with this run's tokenizer (or give "
+                    f"the tokenizer it was made with)")
+    return None
 
 
 def build_datasets(config, tokenizer):

@@ -81,16 +81,20 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
     )
 
 
-def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tiers: Optional[MemoryTiers] = None):
+def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tiers: Optional[MemoryTiers] = None,
+                padded_vocab: Optional[int] = None):
     """The model on this rank: FPDTGPTModel with the FPDT spec (its offloaded chunks in ``tiers``,
     new ones by default), or GPTModel with the baseline spec (or with ``layer_spec``, e.g.
-    megatron-core's local spec for reference runs)."""
+    megatron-core's local spec for reference runs). Its vocabulary is padded as Megatron pads it
+    for the run's TP size, or to ``padded_vocab`` (that of a checkpoint to load)."""
     model = config.model
     tcfg = transformer_config(config)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by,
+                                         config.parallel.tensor_model_parallel_size)
     common = dict(
         config=tcfg,
-        vocab_size=padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by,
-                                     config.parallel.tensor_model_parallel_size),
+        vocab_size=padded_vocab,
         max_sequence_length=model.max_position_embeddings,
         pre_process=True,
         post_process=True,

@@ -151,6 +151,18 @@ def build_tokenizer(args):
     raise ValueError(f"unknown --tokenizer-type {kind}; choose one of {', '.join(TOKENIZER_TYPES)}")
 
 
+def load_tokenizer(args):
+    """:func:`build_tokenizer`, with files that cannot be read as this tokenizer (not JSON, not a
+    SentencePiece model, another tokenizer's files) reported as ValueError naming them."""
+    try:
+        return build_tokenizer(args)
+    except Exception as e:  # json, sentencepiece and tokenizers each raise their own kinds
+        files = ", ".join(tokenizer_files(args)) or "its flags"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the {args.tokenizer_type} tokenizer from {files} ({detail}); give the files "
+                         f"of a {args.tokenizer_type} tokenizer (or the --tokenizer-type they are)") from None
+
+
 def add_tokenizer_args(parser):
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
@@ -169,6 +181,8 @@ def check_tokenizer_args(args) -> Optional[str]:
     for name in needs:
         if getattr(args, name, None) is None:
             return f"--tokenizer-type {kind} needs --{name.replace('_', '-')}"
+    if kind == "NullTokenizer" and args.vocab_size < 2:
+        return f"--vocab-size {args.vocab_size}: a vocabulary needs at least 2 tokens"
     for path in tokenizer_files(args):
         if not os.path.isfile(path):
             return (f"tokenizer file {path} does not exist (run tools/fetch_assets.py for the project's "

@@ -30,12 +30,14 @@ from fpdt_ext.mcore.parallel_state import ParallelGroups
 from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.checkpointing import CheckpointError, SaveLock, load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import (CheckpointError, SaveLock, find_checkpoint, load_checkpoint,
+                                             model_for_checkpoint, save_checkpoint)
 from megatron.training.config import RunConfig
-from megatron.training.data import MicroBatches, build_datasets, to_model_layout
+from megatron.training.data import (MicroBatches, build_datasets, largest_token_ids, to_model_layout,
+                                    tokens_beyond_vocabulary)
 from megatron.training.flops import device_peak_tflops, flops_per_token
 from megatron.training.initialize import initialize
-from megatron.training.models import build_model, transformer_config
+from megatron.training.models import build_model, padded_vocab_size, transformer_config
 from megatron.training.optimizer import build_optimizer
 from megatron.training.tokenizer import build_tokenizer
 
@@ -107,7 +109,24 @@ class Trainer:
         # where this run's offloaded tensors go: the FPDT chunks and the checkpointed layer inputs
         self.memory = MemoryTiers(t.offload_dir)
         self.tokenizer = build_tokenizer(config.tokenizer)
-        model = build_model(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory)
+        if not config.data.mock_data:  # every rank reads a part of each .bin: a full check, quickly
+            largest = torch.tensor(largest_token_ids(config.data.prefixes, dist.get_rank(), dist.get_world_size()))
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+            problem = tokens_beyond_vocabulary(config.data.prefixes, largest.tolist(), self.tokenizer.vocab_size)
+            if problem:
+                raise ArgumentError(problem)
+        tp = config.parallel.tensor_model_parallel_size
+        resume = find_checkpoint(config.checkpoint.load) if config.checkpoint.load else None
+        if resume is None:
+            if config.checkpoint.load:
+                print_rank_0(f" no checkpoint in {config.checkpoint.load} yet: training starts at iteration 0")
+            self.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
+                                                       config.model.make_vocab_size_divisible_by, tp)
+        else:  # the checkpoint's shapes, checked before anything is built
+            self.padded_vocab_size = model_for_checkpoint(resume[1], resume[0], config.model,
+                                                          self.tokenizer.vocab_size, tp)
+        model = build_model(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory,
+                            padded_vocab=self.padded_vocab_size)
         # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed
         # optimizer needs DDP's buffers laid out for it.
         ddp_config = DistributedDataParallelConfig(
@@ -123,8 +142,8 @@ class Trainer:
         self.train_data = MicroBatches(train_ds, **batches)
         self.valid_data = MicroBatches(valid_ds, **batches)
         self.num_chunks = config.fpdt_num_chunks
-        if config.checkpoint.load:
-            load_checkpoint(self, config.checkpoint.load)
+        if resume is not None:
+            load_checkpoint(self, *resume)
         self.flops_per_token = flops_per_token(config, self.tokenizer.vocab_size)
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -331,20 +350,32 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     try:
         config = validate_args(args)
     except ArgumentError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of the launch
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        problem = None if config.data.mock_data else tokens_beyond_vocabulary(
+            config.data.prefixes, largest_token_ids(config.data.prefixes), build_tokenizer(config.tokenizer).vocab_size)
+        if problem:
+            print(f"{os.path.basename(sys.argv[0])}: error: {problem}", file=sys.stderr)
+            return 2
         print(describe_plan(config))
         return 0
     if config.checkpoint.exit_signal_handler:
         _SIGNAL.install()
     try:
         trainer = Trainer(config)
+    except ArgumentError as e:
+        print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        return 2
     except CheckpointError as e:
         print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
         return 1
     try:
         trainer.train()
+    except CheckpointError as e:  # a save failed (a full disk): every rank stops, saying what to do
+        print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        return 1
     except TrainingDiverged as e:
         print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}: stopping; nothing from this iteration is "
                      f"saved. Resume from the last checkpoint (--load) with a lower --lr, more --lr-warmup-iters "

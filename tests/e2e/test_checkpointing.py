@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, TINY, launcher, run_pretrain
+from tests.helpers import ROOT, TINY, assert_no_worker_traceback, launcher, run_pretrain
 
 MODEL = TINY + ["--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "3e-4",
                 "--hidden-dropout", "0.1", "--seed", "11"]
@@ -67,6 +67,7 @@ def test_distributed_optimizer_checkpoint_resumes_exactly_with_or_without_shardi
         assert a["lm_loss"] == b["lm_loss"] == c["lm_loss"] and a["grad_norm"] == b["grad_norm"] == c["grad_norm"]
 
 
+@pytest.mark.fault
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(_cmd(2, [*FPDT, "--train-iters", "200", "--save", str(ckpt), "--save-interval", "1"]),
@@ -88,11 +89,15 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     published = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert (ckpt / f"iter_{published:07d}" / "manifest.json").exists()
     resumed, out = _run(tmp_path, "resumed", [*FPDT, "--train-iters", str(published + 1), "--lr-decay-iters", "200",
-                                              "--load", str(ckpt)])
+                                              "--load", str(ckpt), "--save", str(ckpt)])
     assert f"(iteration {published}," in out
     assert [r["iteration"] for r in resumed] == [published + 1]
+    # the run that took the directory over removed the interrupted save's files
+    assert "removed what an interrupted save left" in out
+    assert not [n for n in os.listdir(ckpt) if ".tmp" in n], os.listdir(ckpt)
 
 
+@pytest.mark.fault
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
     ckpt = tmp_path / "ckpt"
     _run(tmp_path, "save", [*FPDT, "--train-iters", "4", "--save", str(ckpt), "--save-interval", "2"])
@@ -103,15 +108,19 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
     rows, out = _run(tmp_path, "resume", [*FPDT, "--train-iters", "5", "--load", str(ckpt)])
     assert f"{shard.name} does not match its sha256 (corrupted)" in out
     assert "iter_0000002 (iteration 2" in out and [r["iteration"] for r in rows] == [3, 4, 5]
-    # a truncated shard in every checkpoint: a clear error, no training
-    for it in ("iter_0000002", "iter_0000004"):
-        for p in (ckpt / it).iterdir():
-            if p.suffix == ".distcp":
-                p.write_bytes(p.read_bytes()[:10])
+    # a truncated shard in one checkpoint, a manifest of valid JSON but no file list in the other:
+    # a clear error naming both, no training
+    for p in (ckpt / "iter_0000002").iterdir():
+        if p.suffix == ".distcp":
+            p.write_bytes(p.read_bytes()[:10])
+    (ckpt / "iter_0000004" / "manifest.json").write_text('{"iteration": 4}')
     _, out = _run(tmp_path, "none", [*FPDT, "--train-iters", "6", "--load", str(ckpt)], expect_rc=1)
     assert "no usable checkpoint" in out and "truncated or altered" in out
+    assert "manifest.json is malformed" in out
+    assert_no_worker_traceback(out)
 
 
+@pytest.mark.fault
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     ckpt = tmp_path / "ckpt"
     log = tmp_path / "run.jsonl"
@@ -130,6 +139,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     assert [r["iteration"] for r in rows] == [saved + 1]
 
 
+@pytest.mark.fault
 def test_sigterm_to_the_whole_process_group_saves_and_exits_cleanly(tmp_path):
     """SIGTERM as SLURM and torchrun deliver it: to every process of the job (the launcher, the
     workers, megatron-core's checkpoint-writer process). The workers finish the iteration and
@@ -153,6 +163,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_cleanly(tmp_path):
     assert [r["iteration"] for r in rows] == [saved + 1]
 
 
+@pytest.mark.fault
 def test_a_second_run_cannot_save_into_a_directory_in_use_and_a_killed_run_frees_it(tmp_path):
     """Two runs saving into one --save would replace each other's checkpoints: the second is refused
     before it builds anything; once the first is killed (no clean exit), the directory is free."""
@@ -184,11 +195,14 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
 
 
+@pytest.mark.fault
 def test_checkpoint_from_fpdt2_continues_identically_under_tp2(tmp_path):
     """Saved with FPDT 2; resumed with FPDT 2 and with TP 2 x FPDT 1: the same losses afterwards,
-    so model and optimizer state both reshard (dropout off: RNG streams differ across layouts)."""
+    so model and optimizer state both reshard (dropout off: RNG streams differ across layouts).
+    The vocabulary (300) pads to 384 rows at TP 1 and to 512 at TP 2: the TP 2 run keeps the
+    checkpoint's 384 rows (megatron-core alone would add 128 zero rows to the softmax)."""
     ckpt = tmp_path / "ckpt"
-    no_dropout = ["--hidden-dropout", "0", "--eval-iters", "1", "--eval-interval", "4"]
+    no_dropout = ["--hidden-dropout", "0", "--eval-iters", "1", "--eval-interval", "4", "--vocab-size", "300"]
     _run(tmp_path, "save", [*FPDT, *no_dropout, "--train-iters", "4", "--exit-interval", "2", "--save", str(ckpt)])
     same, _ = _run(tmp_path, "fpdt2", [*FPDT, *no_dropout, "--train-iters", "4", "--load", str(ckpt)])
     tp2, out = _run(tmp_path, "tp2", [*no_dropout, "--tensor-model-parallel-size", "2", "--train-iters", "4",
@@ -198,6 +212,18 @@ def test_checkpoint_from_fpdt2_continues_identically_under_tp2(tmp_path):
     for a, b in zip(same, tp2):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5), (a, b)
     assert tp2[-1]["val_loss"] == pytest.approx(same[-1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.fault
+def test_a_checkpoint_of_another_model_or_vocabulary_is_refused_naming_what_differs(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path, "save", ["--train-iters", "3", "--exit-interval", "1", "--save", str(ckpt)], nproc=1)
+    for flags, says in ((["--vocab-size", "257"], "a vocabulary of 256 tokens (this run's tokenizer: 257)"),
+                        (["--hidden-size", "32"], "--hidden-size 64 (this run: 32)"),
+                        (["--num-query-groups", "4"], "--num-query-groups 2 (this run: 4)")):
+        _, out = _run(tmp_path, "other", ["--train-iters", "3", "--load", str(ckpt), *flags], nproc=1, expect_rc=1)
+        assert f"{ckpt}/iter_0000001 holds another model" in out and says in out, out
+        assert "Traceback" not in out
 
 
 def test_exit_duration_saves_and_stops(tmp_path):

@@ -2,14 +2,18 @@
 
 Tiny randomly initialised models built from a config (nothing is downloaded):
 Llama with GQA, RoPE base 500000 and untied embeddings; Llama with tied
-embeddings; GPT-2. HF -> ours: our model's logits equal the original's (float32,
-max abs difference below 1e-4). Ours -> HF: transformers loads the export and
-its logits equal the original's.
+embeddings; Llama with a head dimension other than hidden / heads; GPT-2 with
+the tanh GeLU and with the exact one. HF -> ours: our model's logits equal the
+original's (float32, max abs difference below 1e-4). Ours -> HF: transformers
+loads the export and its logits equal the original's. Checkpoints the converter
+cannot convert exactly (Qwen2, Mistral, Llama with biases, a GPT model exported
+as Llama, a truncated weight file) are refused in one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +27,7 @@ from tests.helpers import ROOT, run_script
 transformers = pytest.importorskip("transformers")
 TOOL = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
 VOCAB, SEQ = 200, 48
+KINDS = ["llama", "llama_tied", "llama_head_dim", "gpt2", "gpt2_gelu"]
 
 
 def _hf_model(kind):
@@ -31,11 +36,13 @@ def _hf_model(kind):
         config = transformers.LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=128,
-            tie_word_embeddings=kind == "llama_tied")
+            tie_word_embeddings=kind == "llama_tied", head_dim=32 if kind == "llama_head_dim" else None)
         model = transformers.LlamaForCausalLM(config)
     else:
+        # weights large enough that the two GeLUs differ in the logits (by 2e-3; by 2e-6 at the default 0.02)
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                         bos_token_id=0, eos_token_id=0)
+                                         bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+                                         activation_function="gelu" if kind == "gpt2_gelu" else "gelu_new")
         model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():  # random norms and biases too, so that every mapping is exercised
         for name, p in model.named_parameters():
@@ -78,7 +85,7 @@ def converted(kind, tmp_root):
     model = _hf_model(kind)
     hf_dir, mcore_dir, back_dir = (os.path.join(tmp_root, kind, d) for d in ("hf", "mcore", "back"))
     model.save_pretrained(hf_dir)
-    model_type = "gpt2" if kind == "gpt2" else "llama"
+    model_type = "gpt2" if kind.startswith("gpt2") else "llama"
     _convert(model_type, "hf", "mcore", hf_dir, mcore_dir)
     _convert(model_type, "mcore", "hf", mcore_dir, back_dir)
     return model, mcore_dir, back_dir
@@ -89,7 +96,7 @@ def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("convert"))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_hf_to_ours_gives_the_same_logits(kind, tmp_root):
     model, mcore_dir, _ = converted(kind, tmp_root)
     tokens = _tokens()
@@ -99,20 +106,25 @@ def test_hf_to_ours_gives_the_same_logits(kind, tmp_root):
     assert (ours - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
     model, _, back_dir = converted(kind, tmp_root)
-    cls = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
+    cls = transformers.GPT2LMHeadModel if kind.startswith("gpt2") else transformers.LlamaForCausalLM
     back = cls.from_pretrained(back_dir).eval()
     tokens = _tokens()
     with torch.no_grad():
         assert (back(tokens).logits - model(tokens).logits).abs().max().item() < 1e-4
     assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    field = "head_dim" if kind.startswith("llama") else "activation_function"
+    assert getattr(back.config, field) == getattr(model.config, field)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size",
-                                                       "16", "--fpdt-offload"])], ids=["1proc", "fpdt2"])
+                                                       "16", "--fpdt-offload"]),
+                                         (2, ["--tensor-model-parallel-size", "2"])], ids=["1proc", "fpdt2", "tp2"])
 def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
+    """At TP 2 Megatron would pad the vocabulary of 200 to 208 rows: the checkpoint's 200 are kept."""
     import json
 
     model, mcore_dir, _ = converted("llama", tmp_root)
@@ -140,6 +152,7 @@ def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     assert summary["buckets"][0]["nll"] == pytest.approx(first, abs=1e-4)
 
 
+@pytest.mark.fault
 def test_converting_again_into_a_run_directory_loses_no_training(tmp_root, tmp_path):
     """A requeued "convert, then train" job runs the conversion again into the run directory: it
     must not write there (the run resumes from its own checkpoints), and even when told to
@@ -162,3 +175,93 @@ def test_converting_again_into_a_run_directory_loses_no_training(tmp_root, tmp_p
     assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
     resumed = run_script(1, "pretrain_llama.py", flags + ["--train-iters", "3", "--load", str(run)], timeout=600)
     assert "loaded checkpoint" in resumed.stdout and "iteration 2" in resumed.stdout
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def _tiny(cls_name, **extra):
+    """A tiny randomly initialised transformers model ``cls_name`` (e.g. "Qwen2") with its own config class."""
+    config = getattr(transformers, f"{cls_name}Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **extra)
+    return getattr(transformers, f"{cls_name}ForCausalLM")(config)
+
+
+def _relabel_as_llama(hf_dir, drop=()):
+    """Edit config.json as if the checkpoint were a Llama (a hand-edited or mislabelled download)."""
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    for key in drop:
+        config.pop(key)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("cls_name,extra,relabel,refused", [
+    ("Qwen2", {}, None, "config.json says Qwen2ForCausalLM (model_type qwen2); the converter supports "
+                        "LlamaForCausalLM (--model-type llama) and GPT2LMHeadModel (--model-type gpt2)"),
+    ("Qwen2", {}, (), ": weights the LlamaForCausalLM mapping has no place for (they would be dropped): "
+                      "model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.q_proj.bias, "
+                      "model.layers.0.self_attn.v_proj.bias, model.layers.1.self_attn.k_proj.bias and 2 more"),
+    ("Mistral", {"sliding_window": 32}, None, "config.json says MistralForCausalLM (model_type mistral)"),
+    ("Mistral", {"sliding_window": 32}, (), "config.json: not supported by the converter: sliding_window 32"),
+    ("Llama", {"attention_bias": True}, None, "config.json: not supported by the converter: attention_bias true"),
+    ("Llama", {"attention_bias": True}, ("attention_bias",), "model.layers.0.self_attn.o_proj.bias"),
+], ids=["qwen2", "qwen2-labelled-llama", "mistral", "mistral-labelled-llama", "llama-bias",
+        "llama-bias-unlabelled"])
+@pytest.mark.fault
+def test_checkpoints_that_would_convert_wrongly_are_refused(cls_name, extra, relabel, refused, tmp_path, capsys):
+    from tools.checkpoint import convert
+
+    hf_dir = str(tmp_path / "hf")
+    _tiny(cls_name, **extra).save_pretrained(hf_dir)
+    if relabel is not None:
+        _relabel_as_llama(hf_dir, drop=relabel)
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc = convert.main(["--model-type", "llama", "--loader", "hf", "--saver", "mcore", "--load-dir", hf_dir,
+                       "--save-dir", str(tmp_path / "mcore")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"convert.py: error: {hf_dir}"), err
+    assert refused in err
+    assert not (tmp_path / "mcore").exists()
+
+
+def _one_line_error(argv):
+    proc = subprocess.run([sys.executable, TOOL, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("convert.py: error: "), proc.stderr
+    return proc.stderr.strip().removeprefix("convert.py: error: ")
+
+
+@pytest.mark.fault
+def test_a_gpt2_checkpoint_exported_as_llama_is_refused_naming_what_differs(tmp_root, tmp_path):
+    _, mcore_dir, _ = converted("gpt2", tmp_root)
+    err = _one_line_error(["--model-type", "llama", "--loader", "mcore", "--saver", "hf", "--load-dir", mcore_dir,
+                           "--save-dir", str(tmp_path / "hf")])
+    assert err == (f"{mcore_dir}/iter_0000000 holds a model LlamaForCausalLM cannot express: "
+                   f"position_embedding_type 'learned_absolute' (needs 'rope'); normalization 'LayerNorm' (needs "
+                   f"'RMSNorm'); swiglu False (needs True); add_bias_linear True (needs False); it is a --model-type "
+                   f"gpt2 model")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.fault
+def test_a_truncated_weight_file_exits_2_with_one_line(tmp_path):
+    hf_dir = tmp_path / "hf"
+    _hf_model("llama").save_pretrained(str(hf_dir))
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    err = _one_line_error(["--model-type", "llama", "--loader", "hf", "--saver", "mcore", "--load-dir", str(hf_dir),
+                           "--save-dir", str(tmp_path / "mcore")])
+    assert err == (f"{weights} is truncated or corrupt (Error while deserializing header: incomplete metadata, file "
+                   f"not fully covered): download it again")
+
+
+@pytest.mark.fault
+def test_exporting_from_a_directory_without_checkpoints_exits_2_with_one_line(tmp_path):
+    err = _one_line_error(["--model-type", "llama", "--loader", "mcore", "--saver", "hf", "--load-dir", str(tmp_path),
+                           "--save-dir", str(tmp_path / "hf")])
+    assert err == f"--load-dir {tmp_path} holds no usable checkpoint (no iter_* directory)"

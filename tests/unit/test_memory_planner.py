@@ -118,3 +118,49 @@ def test_predictions_within_15_percent_of_measured_cpu_runs():
 def test_loss_rows_are_one_chunk_of_at_most_2_22_logits_and_at_least_128_tokens():
     assert Plan(Model(*PRESETS["llama3-8b"]), gpus=8, tp=2).loss_rows() == 128  # 2^22 / 64128 = 65 < 128
     assert Plan(Model(*PRESETS["llama-tiny"]), gpus=2).loss_rows() == (1 << 22) // 32000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "0"], "argument --gpus: must be positive, got 0"),
+    (["--gpus", "4", "--seq-length", "-4096"], "argument --seq-length: must be positive, got -4096"),
+    (["--gpus", "4", "--chunk-size", "0"], "argument --chunk-size: must be positive, got 0"),
+    (["--gpus", "4", "--gpu-mem-gib", "-80"], "argument --gpu-mem-gib: must be positive, got -80"),
+    (["--gpus", "4", "--tp", "0"], "argument --tp: must be positive, got 0"),
+    (["--gpus", "3", "--fpdt", "2"], "--gpus 3 is not divisible by --tp x --fpdt = 2"),
+    (["--gpus", "3", "--fpdt", "3"], "--heads 32 is not divisible by --tp x --fpdt = 3"),
+    (["--gpus", "16", "--tp", "16"], "--kv-heads 8 is not divisible by --tp 16"),
+    (["--gpus", "4", "--fpdt", "4", "--chunk-size", "1026"], "--chunk-size 1026 is not divisible by --fpdt 4"),
+    (["--gpus", "4", "--fpdt", "4", "--chunk-size", "1024", "--seq-length", "3000"],
+     "--seq-length 3000 is not divisible by --chunk-size 1024"),
+], ids=["zero-gpus", "negative-seq", "zero-chunk", "negative-memory", "zero-tp", "gpus-layout", "heads-layout",
+        "kv-heads-tp", "chunk-fpdt", "seq-chunk"])
+@pytest.mark.fault
+def test_cli_refuses_non_positive_sizes_and_non_dividing_layouts(argv, message, capsys):
+    """A user error is argparse's: exit code 2, the message on stderr's last line, no plan printed."""
+    from tools.memory_planner import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "llama3-8b", *argv])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert message in err.strip().splitlines()[-1], err
+    assert out == ""
+
+
+@pytest.mark.fault
+def test_cli_refuses_a_hidden_size_the_heads_do_not_divide(capsys):
+    from tools.memory_planner import main
+
+    with pytest.raises(SystemExit, match="2"):
+        main(["--layers", "2", "--hidden", "100", "--ffn", "256", "--heads", "3", "--vocab", "1000", "--gpus", "1"])
+    assert "--hidden 100 is not divisible by --heads 3" in capsys.readouterr().err
+
+
+@pytest.mark.fault
+def test_cli_plans_the_shortest_sequence_when_nothing_fits(capsys):
+    """70B on one 80 GiB GPU: the model state alone does not fit; the plan is shown at one chunk, not at 0 tokens."""
+    from tools.memory_planner import main
+
+    assert main(["--preset", "llama3-70b", "--gpus", "1", "--chunk-size", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "at 4096 tokens, per GPU" in out and "longest trainable sequence: 0 tokens  (4096 tokens do NOT fit)" in out
