@@ -1,22 +1,31 @@
 """Chunked MLP: megatron-core's MLP run chunk by chunk, recomputed in backward.
 
 Each chunk goes through megatron-core's own ``MLP.forward`` (GeLU or SwiGLU,
-with or without bias, exactly as the baseline) under a non-reentrant
-checkpoint, so only the chunk's input is kept and the ``[s/u, b, ffn/tp]``
-intermediate exists for one chunk at a time, in forward and in backward. The
-parameters are megatron-core's (``linear_fc1``, ``linear_fc2``).
+with or without bias, exactly as the baseline). Forward keeps only the MLP's
+input: the ``[s/u, b, ffn/tp]`` intermediate exists for one chunk at a time, in
+forward and in backward. The parameters are megatron-core's (``linear_fc1``,
+``linear_fc2``).
+
+Backward runs each chunk's forward and backward as a backward call of its own
+(:class:`_ChunkedRun`), so each chunk's weight gradient reaches megatron-core
+DDP's float32 ``main_grad`` separately. (A checkpoint per chunk inside one
+backward call would let autograd sum the chunks' weight gradients in the
+parameters' dtype first: in bf16 that error grows as the square root of the
+chunk count, 2.1x the unchunked MLP's at 32 chunks.) As with a reentrant
+checkpoint, the parameters' gradients arrive in ``.grad`` (and DDP's
+``main_grad``), not through ``torch.autograd.grad``.
 
 Under full recompute a layer's forward runs twice before its backward: once
 without autograd, then again inside the backward (megatron-core's checkpoint),
 where the layer's output only roots the backward and its value is never read.
 When this layer is checkpointed on its own (``--recompute-method block``, or
 ``uniform`` with ``--recompute-num-layers 1``), that second pass does not run
-the MLP: it returns zeros in the output's place through :class:`_DeferredChunks`,
-whose backward runs each chunk's forward and backward, as the checkpoint would.
-So the MLP's forward runs twice per step (not three times) under full recompute.
+the MLP: it returns zeros in the output's place, and the backward runs each
+chunk's forward and backward as always. So the MLP's forward runs twice per
+step (not three times) under full recompute.
 
 The layer hands its pre-MLP norm to the forward (``input_norm``): each chunk is
-normalised inside its checkpoint, so neither the norm's whole-sequence output
+normalised inside the chunk's run, so neither the norm's whole-sequence output
 nor a separate whole-sequence norm gradient exists; the norm's parameters stay
 the layer's ``pre_mlp_layernorm.*``.
 """
@@ -25,7 +34,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.mlp import MLP
-from torch.utils.checkpoint import checkpoint
 
 from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.mcore.norm import ChunkedNorm
@@ -36,16 +44,19 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _DeferredChunks(torch.autograd.Function):
-    """The output of ``run`` on ``x``, for a forward whose output value nobody reads: zeros
-    forward; the backward runs ``run`` chunk by chunk under autograd and backpropagates each
-    chunk (parameter gradients accumulate as in a checkpoint's backward)."""
+class _ChunkedRun(torch.autograd.Function):
+    """``run`` on ``x`` chunk by chunk, keeping only ``x``: forward without autograd (or, with
+    ``compute`` False, for a forward whose output nobody reads, zeros without running it);
+    backward runs each chunk's forward and backward as its own backward call, so parameter
+    gradients accumulate chunk by chunk where the parameters' hooks put them."""
 
     @staticmethod
-    def forward(ctx, x, run, num_chunks):  # x [s/P, b, h]
+    def forward(ctx, x, run, num_chunks, compute):  # x [s/P, b, h]
         ctx.run, ctx.num_chunks = run, num_chunks
         ctx.save_for_backward(x)
-        return x.new_zeros(x.shape)
+        if not compute:
+            return x.new_zeros(x.shape)
+        return torch.cat([run(x_c)[0] for x_c in x.chunk(num_chunks)], dim=0)  # [s/P, b, h]
 
     @staticmethod
     def backward(ctx, dout):
@@ -57,7 +68,7 @@ class _DeferredChunks(torch.autograd.Function):
                 out_c, _ = ctx.run(leaf)
             torch.autograd.backward(out_c, d_c)
             g_c.copy_(leaf.grad)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 class FPDTMLP(MLP):
@@ -88,12 +99,6 @@ class FPDTMLP(MLP):
             return MLP.forward(self, chunk if norm is None else norm(chunk))
 
         num_chunks = self.fpdt_config.local_chunks(hidden_states.shape[0])
-        if self._output_unread():
-            fc2 = self.linear_fc2
-            bias = fc2.bias if getattr(fc2, "skip_bias_add", False) else None  # what MLP.forward returns
-            return _DeferredChunks.apply(hidden_states, run, num_chunks), bias
-        outputs, bias = [], None
-        for chunk in hidden_states.chunk(num_chunks, dim=0):
-            out, bias = checkpoint(run, chunk, use_reentrant=False)
-            outputs.append(out)
-        return torch.cat(outputs, dim=0), bias
+        fc2 = self.linear_fc2
+        bias = fc2.bias if getattr(fc2, "skip_bias_add", False) else None  # what MLP.forward returns
+        return _ChunkedRun.apply(hidden_states, run, num_chunks, not self._output_unread()), bias

@@ -123,8 +123,11 @@ class Trainer:
             self.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
                                                        config.model.make_vocab_size_divisible_by, tp)
         else:  # the checkpoint's shapes, checked before anything is built
-            self.padded_vocab_size = model_for_checkpoint(resume[1], resume[0], config.model,
-                                                          self.tokenizer.vocab_size, tp)
+            try:
+                self.padded_vocab_size = model_for_checkpoint(resume[1], resume[0], config.model,
+                                                              self.tokenizer.vocab_size, tp)
+            except CheckpointError as e:  # the flags do not describe the checkpoint's model: a usage error
+                raise ArgumentError(str(e)) from None
         model = build_model(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory,
                             padded_vocab=self.padded_vocab_size)
         # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed

@@ -221,7 +221,7 @@ def test_a_checkpoint_of_another_model_or_vocabulary_is_refused_naming_what_diff
     for flags, says in ((["--vocab-size", "257"], "a vocabulary of 256 tokens (this run's tokenizer: 257)"),
                         (["--hidden-size", "32"], "--hidden-size 64 (this run: 32)"),
                         (["--num-query-groups", "4"], "--num-query-groups 2 (this run: 4)")):
-        _, out = _run(tmp_path, "other", ["--train-iters", "3", "--load", str(ckpt), *flags], nproc=1, expect_rc=1)
+        _, out = _run(tmp_path, "other", ["--train-iters", "3", "--load", str(ckpt), *flags], nproc=1, expect_rc=2)
         assert f"{ckpt}/iter_0000001 holds another model" in out and says in out, out
         assert "Traceback" not in out
 

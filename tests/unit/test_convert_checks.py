@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from tools.checkpoint import convert
-from tools.checkpoint.convert import ConversionError
+from tools.checkpoint import checks, convert
+from tools.checkpoint.checks import ConversionError
 
 pytestmark = pytest.mark.fault  # the fault-injection tier (pytest -m fault)
 
@@ -134,14 +134,14 @@ def test_every_unsupported_field_is_named_at_once():
 def weights_for(model_type, **changes):
     m = convert.model_config_from_hf(model_type, CONFIGS[model_type](**changes))
     gen = torch.Generator().manual_seed(0)
-    shapes = convert.expected_hf_shapes(model_type, m, VOCAB)
+    shapes = checks.expected_hf_shapes(model_type, m, VOCAB)
     return m, {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_the_weights_of_the_configured_model_pass(model_type):
     m, weights = weights_for(model_type)
-    convert.check_hf_weights(model_type, m, VOCAB, weights, "hf")
+    checks.check_hf_weights(model_type, m, VOCAB, weights, "hf")
     assert len(weights) == (2 + 9 * 2 + 1 if model_type == "llama" else 4 + 12 * 2)
 
 
@@ -151,7 +151,7 @@ def test_weights_the_mapping_would_drop_are_refused():
     for i in range(2):
         for proj in "qkv":
             weights[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.zeros(32 if proj == "q" else 16)
-    message = refusal(convert.check_hf_weights, "llama", m, VOCAB, weights, "hf")
+    message = refusal(checks.check_hf_weights, "llama", m, VOCAB, weights, "hf")
     assert message.startswith("hf: weights the LlamaForCausalLM mapping has no place for (they would be dropped): "
                               "model.layers.0.self_attn.k_proj.bias, model.layers.0.self_attn.q_proj.bias, "
                               "model.layers.0.self_attn.v_proj.bias, model.layers.1.self_attn.k_proj.bias and 2 more")
@@ -160,30 +160,30 @@ def test_weights_the_mapping_would_drop_are_refused():
 def test_missing_wrong_shape_and_integer_weights_are_refused():
     m, weights = weights_for("llama")
     del weights["model.layers.1.mlp.down_proj.weight"]
-    assert refusal(convert.check_hf_weights, "llama", m, VOCAB, weights, "hf") == \
+    assert refusal(checks.check_hf_weights, "llama", m, VOCAB, weights, "hf") == \
         "hf: weights config.json implies are missing: model.layers.1.mlp.down_proj.weight"
     m, weights = weights_for("llama")
     weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 32)  # as if num_key_value_heads were 4
-    assert refusal(convert.check_hf_weights, "llama", m, VOCAB, weights, "hf") == (
+    assert refusal(checks.check_hf_weights, "llama", m, VOCAB, weights, "hf") == (
         "hf: weight shapes do not match config.json: model.layers.0.self_attn.k_proj.weight [32, 32] "
         "(config.json implies [16, 32])")
     m, weights = weights_for("gpt2")
     weights["h.0.mlp.c_fc.weight"] = torch.zeros(32, 128, dtype=torch.int8)
     assert "weights that are not floating point (quantized?): h.0.mlp.c_fc.weight" in \
-        refusal(convert.check_hf_weights, "gpt2", m, VOCAB, weights, "hf")
+        refusal(checks.check_hf_weights, "gpt2", m, VOCAB, weights, "hf")
 
 
 def test_buffers_and_a_tied_copy_of_the_embedding_pass_but_a_different_head_does_not():
     m, weights = weights_for("llama", tie_word_embeddings=True)
     weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
-    convert.check_hf_weights("llama", m, VOCAB, weights, "hf")
+    checks.check_hf_weights("llama", m, VOCAB, weights, "hf")
     weights["lm_head.weight"] = torch.zeros(VOCAB, 32)
-    assert "lm_head.weight" in refusal(convert.check_hf_weights, "llama", m, VOCAB, weights, "hf")
+    assert "lm_head.weight" in refusal(checks.check_hf_weights, "llama", m, VOCAB, weights, "hf")
     m, weights = weights_for("gpt2")
     prefixed = {"transformer." + k: v for k, v in weights.items()}
     prefixed["transformer.h.0.attn.bias"] = prefixed["transformer.h.0.attn.masked_bias"] = torch.ones(1, 1, 64, 64)
-    convert.check_hf_weights("gpt2", m, VOCAB, convert.canonical_names("gpt2", prefixed), "hf")
+    checks.check_hf_weights("gpt2", m, VOCAB, checks.canonical_names("gpt2", prefixed), "hf")
 
 
 # -- export ------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_buffers_and_a_tied_copy_of_the_embedding_pass_but_a_different_head_does
 
 def test_a_gpt_model_exported_as_llama_is_refused_naming_what_differs():
     gpt = convert.model_config_from_hf("gpt2", gpt2_config())
-    assert refusal(convert.check_exportable, "llama", gpt, "run/iter_0000010") == (
+    assert refusal(checks.check_exportable, "llama", gpt, "run/iter_0000010") == (
         "run/iter_0000010 holds a model LlamaForCausalLM cannot express: position_embedding_type 'learned_absolute' "
         "(needs 'rope'); normalization 'LayerNorm' (needs 'RMSNorm'); swiglu False (needs True); add_bias_linear True "
         "(needs False); it is a --model-type gpt2 model")
@@ -199,7 +199,7 @@ def test_a_gpt_model_exported_as_llama_is_refused_naming_what_differs():
 
 def test_a_llama_model_exported_as_gpt2_is_refused_naming_what_differs():
     llama = convert.model_config_from_hf("llama", llama_config())
-    message = refusal(convert.check_exportable, "gpt2", llama, "run/iter_0000010")
+    message = refusal(checks.check_exportable, "gpt2", llama, "run/iter_0000010")
     assert message.startswith("run/iter_0000010 holds a model GPT2LMHeadModel cannot express: "
                               "position_embedding_type 'rope' (needs 'learned_absolute')")
     for named in ("untie_embeddings_and_output_weights True (needs False)",
@@ -210,7 +210,7 @@ def test_a_llama_model_exported_as_gpt2_is_refused_naming_what_differs():
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_what_import_builds_export_expresses(model_type):
-    convert.check_exportable(model_type, convert.model_config_from_hf(model_type, CONFIGS[model_type]()), "run")
+    checks.check_exportable(model_type, convert.model_config_from_hf(model_type, CONFIGS[model_type]()), "run")
 
 
 @pytest.mark.parametrize("model_type,changes,named", [
@@ -221,7 +221,7 @@ def test_what_import_builds_export_expresses(model_type):
 ])
 def test_features_the_target_cannot_express_are_refused(model_type, changes, named):
     m = dataclasses.replace(convert.model_config_from_hf(model_type, CONFIGS[model_type]()), **changes)
-    message = refusal(convert.check_exportable, model_type, m, "run")
+    message = refusal(checks.check_exportable, model_type, m, "run")
     assert named in message and message.endswith("; no --model-type can express it")
 
 
@@ -238,35 +238,35 @@ def _hf_dir(tmp_path, config=None):
 
 
 def test_config_json_missing_malformed_or_not_an_object(tmp_path):
-    assert refusal(convert.read_hf_config, str(tmp_path)) == (
+    assert refusal(checks.read_hf_config, str(tmp_path)) == (
         f"{tmp_path}/config.json does not exist: --load-dir must be a Hugging Face model directory "
         f"(config.json and the weights)")
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
-    assert refusal(convert.read_hf_config, str(tmp_path)).startswith(
+    assert refusal(checks.read_hf_config, str(tmp_path)).startswith(
         f"{tmp_path}/config.json is not valid JSON (Expecting property name")
     (tmp_path / "config.json").write_text("[1, 2]")
-    assert "is not a JSON object" in refusal(convert.read_hf_config, str(tmp_path))
+    assert "is not a JSON object" in refusal(checks.read_hf_config, str(tmp_path))
 
 
 def test_truncated_missing_or_corrupt_weight_files(tmp_path):
     hf = _hf_dir(tmp_path)
     data = (hf / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert refusal(convert.read_hf_weights, str(hf)) == (
+    assert refusal(checks.read_hf_weights, str(hf)) == (
         f"{hf}/model.safetensors is truncated or corrupt (Error while deserializing header: incomplete metadata, "
         f"file not fully covered): download it again")
     (hf / "model.safetensors").unlink()
-    assert refusal(convert.read_hf_weights, str(hf)) == (
+    assert refusal(checks.read_hf_weights, str(hf)) == (
         f"{hf} has no weights: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
     (hf / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    assert refusal(convert.read_hf_weights, str(hf)) == (
+    assert refusal(checks.read_hf_weights, str(hf)) == (
         f"{hf}/model.safetensors.index.json names files that are not in {hf}: model-00001-of-00002.safetensors, "
         f"model-00002-of-00002.safetensors: download them")
     (hf / "model.safetensors.index.json").unlink()
     torch.save({"w": torch.ones(3)}, hf / "pytorch_model.bin")
     (hf / "pytorch_model.bin").write_bytes((hf / "pytorch_model.bin").read_bytes()[:100])
-    assert refusal(convert.read_hf_weights, str(hf)).startswith(f"{hf}/pytorch_model.bin cannot be read (")
+    assert refusal(checks.read_hf_weights, str(hf)).startswith(f"{hf}/pytorch_model.bin cannot be read (")
 
 
 def _main_error(capsys, load_dir, model_type="llama"):
