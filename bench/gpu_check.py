@@ -362,7 +362,9 @@ def phase_sweep(rec, tiny, budget_s):
     ceilings = [r for r in read_rows(rec.path, "ceilings") if r.get("what") == "matmul"]
     ceiling = ceilings[-1]["tflops"] if ceilings else None
     if tiny:
-        sweep("llama-tiny", [256, 512], 128, budget_s, 1024, rec.path, ceiling, bf16=False)
+        # long enough that the CPU's resident-set growth (~8 KB a token here) stands well above its
+        # noise of a few MB: shorter sweeps gave a flat or negative fit on a loaded machine
+        sweep("llama-tiny", [1024, 2048], 256, budget_s, 4096, rec.path, ceiling, bf16=False)
     else:
         sweep("llama3.2-1b", [32768, 65536, 131072], 16384, budget_s, 1 << 19, rec.path, ceiling)
 

@@ -11,7 +11,9 @@ Where we differ from Megatron-LM: ``--fpdt`` and its ``--fpdt-*`` flags (and
 DeepSpeed's ``--ds-sequence-parallel-*`` FPDT flags as aliases);
 ``--offload-recompute-inputs``; ``--offload-dir`` (a disk tier below host memory); ``--peak-tflops`` for MFU; no pipeline
 parallelism in the training loop yet; ``--context-parallel-size`` is taken by
-FPDT (the FPDT group occupies megatron-core's context-parallel axis).
+FPDT (the FPDT group occupies megatron-core's context-parallel axis); ``--finetune``
+resumes from ``--save`` once that holds the stage's own checkpoints, and
+``--no-load-rng`` re-seeds from ``--seed`` and the iteration (docs/STAGES.md).
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ def _add_model_args(p):
     g.add_argument("--num-query-groups", type=int, default=1)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
-    g.add_argument("--rotary-base", type=float, default=10000)
+    g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--use-rope-scaling", action="store_true")
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                   help="linear position interpolation: RoPE at position / factor (Hugging Face rope_type linear)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.1's RoPE frequency scaling (Hugging Face rope_type llama3), with the next four flags")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0)
+    g.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0)
+    g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0)
+    g.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=8192,
+                   help="the context the model was pretrained at, before --use-rope-scaling")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -134,6 +143,15 @@ def _add_data_and_logging_args(p):
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
     g.add_argument("--load", default=None, help="directory to resume from (newest usable checkpoint)")
+    g.add_argument("--finetune", action="store_true",
+                   help="start a new stage from --load's model weights only: iteration 0, a fresh optimizer, LR "
+                        "schedule, data position and RNG (once --save holds this stage's own checkpoints, a "
+                        "restart resumes from them instead)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state or the LR schedule (both start afresh); the iteration, "
+                        "data position and RNG continue")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="do not restore the RNG states: re-seed from --seed and the iteration")
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM (e.g. SLURM preemption): finish the iteration, save, exit")

@@ -23,6 +23,11 @@ Model and optimizer are sharded tensors, so a checkpoint saved with one
 TP / FPDT / DP layout loads into another. RNG states are restored when the
 layout is the same (exact resume); otherwise ranks are re-seeded from the seed
 and iteration, with a note.
+
+Stages (docs/STAGES.md): ``--finetune`` loads --load's model weights alone and starts
+at iteration 0; its checkpoints record the --load they started from, so the same
+command run again resumes from --save. ``--no-load-optim`` and ``--no-load-rng``
+leave out the optimizer state with the LR schedule, and the RNG states.
 """
 
 from __future__ import annotations
@@ -184,13 +189,15 @@ def optimizer_format(optimizer) -> str:
     return "HostAdamW" if isinstance(optimizer, HostAdamW) else MEGATRON_OPTIMIZER
 
 
-def _sharded_state(trainer, *, loading: bool) -> dict:
+def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
+    """The training state (``optimizer=False``: without the optimizer state and the LR schedule)."""
     model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
+    optimizer_state = {"optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                                         metadata=SHARDED_STATE_METADATA),
+                       "scheduler": trainer.scheduler.state_dict()} if optimizer else {}
     return {
         "model": model_state,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
-                                                          metadata=SHARDED_STATE_METADATA),
-        "scheduler": trainer.scheduler.state_dict(),
+        **optimizer_state,
         "iteration": trainer.state.iteration,
         "consumed_samples": trainer.state.consumed_samples,
         "valid_consumed_samples": trainer.valid_data.consumed_samples,  # validation continues, not restarts
@@ -200,6 +207,7 @@ def _sharded_state(trainer, *, loading: bool) -> dict:
         "true_vocab_size": trainer.tokenizer.vocab_size,
         "padded_vocab_size": trainer.padded_vocab_size,
         "optimizer_format": optimizer_format(trainer.optimizer),
+        "finetuned_from": trainer.state.finetuned_from,  # the stage's --load, which a restart must not redo
     }
 
 
@@ -419,6 +427,46 @@ def find_checkpoint(directory: str) -> Optional[Tuple[str, dict]]:
     return path, dist_checkpointing.load_common_state_dict(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """The checkpoint a run starts from: ``path`` and its common state, loaded whole (a resume) or,
+    with ``finetune``, for its model weights only."""
+
+    path: str
+    common: dict
+    finetune: bool = False
+
+
+def checkpoint_to_start_from(ckpt) -> Optional[Start]:
+    """Where a run with the checkpoint config ``ckpt`` starts (None: from scratch), said on rank 0
+    (collective). Without --finetune: the newest usable checkpoint in --load. With it: the stage's
+    own newest checkpoint in --save when there is one, so a restarted job (the same command again)
+    resumes the stage instead of starting it over from --load; else --load's, for its weights. A
+    --save holding checkpoints of another run is refused (CheckpointError): the stage's iterations
+    restart at 0, and a resume would pick the other run's newer ones."""
+    if not ckpt.load:
+        return None
+    if ckpt.finetune:
+        origin = os.path.realpath(ckpt.load)
+        own = find_checkpoint(ckpt.save) if ckpt.save else None
+        if own is not None:
+            path, common = own
+            if common.get("finetuned_from") != origin:
+                raise CheckpointError(
+                    f"--save {ckpt.save} already holds {path}, which is not from a run finetuned from --load "
+                    f"{ckpt.load}: give this stage an empty --save directory (or, to resume that run, drop "
+                    f"--finetune and --load {ckpt.save})")
+            _print0(f" --save {ckpt.save} holds this stage's checkpoints: resuming from them (--finetune from "
+                    f"--load {ckpt.load} applies to the stage's first start only)")
+            return Start(path, common)
+        found = find_checkpoint(ckpt.load)
+        if found is None:
+            raise CheckpointError(f"--finetune: no checkpoint in --load {ckpt.load} to start from")
+        return Start(*found, finetune=True)
+    found = find_checkpoint(ckpt.load)
+    return Start(*found) if found is not None else None
+
+
 def saved_padded_vocab(common: dict) -> int:
     """The number of embedding / output rows a checkpoint holds (stored since it varies with TP;
     derived from the saving run's layout for checkpoints written before it was stored)."""
@@ -438,8 +486,9 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_
                  "untie_embeddings_and_output_weights", "position_embedding_type")
 # Fields that change what the loaded weights compute without changing a shape: allowed (a new
 # training stage may change them on purpose) and said.
-_MATH_FIELDS = ("rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "norm_epsilon",
-                "openai_gelu")
+_MATH_FIELDS = ("rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor", "use_rope_scaling",
+                "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                "rope_scaling_original_max_position_embeddings", "norm_epsilon", "openai_gelu")
 
 
 def _flag(name: str) -> str:
@@ -476,45 +525,63 @@ def model_for_checkpoint(common: dict, path: str, model, true_vocab: int, tp: in
     return padded
 
 
-def load_checkpoint(trainer, path: str, common: dict) -> int:
-    """Load the checkpoint at ``path`` (:func:`find_checkpoint`) into the trainer, whose model was
-    built for it (:func:`model_for_checkpoint`); returns its iteration."""
+def load_checkpoint(trainer, start: Start) -> int:
+    """Load the checkpoint ``start`` (:func:`checkpoint_to_start_from`) into the trainer, whose model
+    was built for it (:func:`model_for_checkpoint`); returns the iteration training continues from.
+    A weights-only checkpoint (converted or exported) and --finetune load the model alone: the
+    run starts at iteration 0 with its own fresh optimizer, LR schedule, data position and RNG
+    streams (those --seed gave it). --no-load-optim leaves out the optimizer state and the LR
+    schedule (Megatron-LM's), --no-load-rng the RNG states (re-seeded from --seed and the iteration)."""
     from megatron.core import dist_checkpointing
 
     from megatron.training.optimizer import prepare_for_loading
 
+    path, common, ckpt = start.path, start.common, trainer.config.checkpoint
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
-    kind = common.get("kind")
-    if kind == "weights":  # a converted or exported model: weights only, training starts at 0
+    if common.get("kind") == "weights" or start.finetune:
         state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
         trainer.model.module.load_state_dict(state["model"])
         trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
-        _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
+        if start.finetune:
+            trainer.state.finetuned_from = os.path.realpath(ckpt.load)
+            _print0(f" finetuning from {path} (iteration {iteration}): its model weights only; starting at "
+                    f"iteration 0 with a fresh optimizer, LR schedule, data position and RNG streams")
+        else:
+            _print0(f" loaded model weights from {path} (no optimizer or training state: starting at iteration 0)")
         return 0
+    load_optim = not ckpt.no_load_optim
     saved_format, this_format = common.get("optimizer_format"), optimizer_format(trainer.optimizer)
-    if saved_format is not None and saved_format != this_format:
+    if load_optim and saved_format is not None and saved_format != this_format:
         raise CheckpointError(
             f"{path} holds optimizer state written by {saved_format}, and this run uses {this_format} "
             f"({'GPU' if this_format == MEGATRON_OPTIMIZER else 'CPU'} path): resume it on the kind of machine "
-            "that wrote it, or start from its weights alone (tools/checkpoint/convert.py --loader mcore "
-            "--saver hf, then --loader hf --saver mcore, and --load that)")
-    prepare_for_loading(trainer.optimizer)
-    state = dist_checkpointing.load(_sharded_state(trainer, loading=True), path)
+            "that wrote it, pass --no-load-optim (a fresh optimizer and LR schedule; the iteration and data "
+            "continue), or start from its weights alone with --finetune (a new stage)")
+    if load_optim:
+        prepare_for_loading(trainer.optimizer)
+    state = dist_checkpointing.load(_sharded_state(trainer, loading=True, optimizer=load_optim), path)
     trainer.model.module.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
+    if load_optim:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    else:
+        trainer.optimizer.reload_model_params()
+        _print0(" --no-load-optim: the optimizer state and the LR schedule start afresh (warmup and decay from "
+                "step 0)")
     trainer.state.iteration = state["iteration"]
     trainer.state.consumed_samples = state["consumed_samples"]
+    trainer.state.finetuned_from = common.get("finetuned_from")
     trainer.train_data.consumed_samples = state["consumed_samples"]
     trainer.valid_data.consumed_samples = state.get("valid_consumed_samples", 0)
     rng_file = os.path.join(path, "train_state", f"rank_{dist.get_rank():05d}.pt")
-    if state["layout"] == _layout(trainer) and os.path.exists(rng_file):
+    if not ckpt.no_load_rng and state["layout"] == _layout(trainer) and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     else:
         from megatron.training.initialize import set_seed
 
-        _print0(f" note: checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}; "
-                f"RNG streams re-seeded from --seed and the iteration")
+        why = ("--no-load-rng" if ckpt.no_load_rng else
+               f"checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}")
+        _print0(f" note: {why}; RNG streams re-seeded from --seed and the iteration")
         set_seed(trainer.config.training.seed + iteration, tp_rank=trainer.groups.tp_rank)
     _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
     return iteration

@@ -17,6 +17,7 @@ that means "work it out later".
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Tuple
 
 from fpdt_ext.core.config import FPDTConfig, check_heads
@@ -63,8 +64,13 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    rotary_seq_len_interpolation_factor: Optional[float] = None  # RoPE at position / factor
+    # Llama 3.1's frequency scaling; the defaults of the last three are megatron-core's fixed values
     use_rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
     normalization: str = "LayerNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = False
@@ -100,8 +106,20 @@ class ModelConfig:
         for name in ("attention_dropout", "hidden_dropout"):
             _in_range(name, getattr(self, name), 0, 1, high_open=True)
         _in_range("rotary_percent", self.rotary_percent, 0, 1, low_open=True)
-        for name in ("rotary_base", "rope_scaling_factor", "norm_epsilon", "init_method_std"):
+        for name in ("rotary_base", "rope_scaling_factor", "rope_scaling_low_freq_factor", "norm_epsilon",
+                     "init_method_std"):
             _in_range(name, getattr(self, name), 0, low_open=True)
+        _in_range("rotary_seq_len_interpolation_factor", self.rotary_seq_len_interpolation_factor, 1)
+        _positive(rope_scaling_original_max_position_embeddings=self.rope_scaling_original_max_position_embeddings)
+        if self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
+            raise ValueError(f"--rope-scaling-high-freq-factor {self.rope_scaling_high_freq_factor:g} must be larger "
+                             f"than --rope-scaling-low-freq-factor {self.rope_scaling_low_freq_factor:g}")
+        scaled = [flag for flag, on in (("--use-rope-scaling", self.use_rope_scaling),
+                                        ("--rotary-seq-len-interpolation-factor",
+                                         self.rotary_seq_len_interpolation_factor is not None)) if on]
+        if scaled and self.position_embedding_type != "rope":
+            raise ValueError(f"{scaled[0]} scales RoPE: it needs --position-embedding-type rope (this model has "
+                             f"{self.position_embedding_type})")
 
     @property
     def group_query_attention(self) -> bool:
@@ -259,11 +277,14 @@ def _is_number(text: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Saving, resuming, and the exits that save first."""
+    """Saving, where a run starts (a resume, or a new stage: docs/STAGES.md), and the exits that save first."""
 
     save: Optional[str] = None
     save_interval: Optional[int] = None
     load: Optional[str] = None
+    finetune: bool = False  # --load's weights only: iteration 0, fresh optimizer, schedule, data and RNG
+    no_load_optim: bool = False  # neither the optimizer state nor the LR schedule (Megatron-LM's)
+    no_load_rng: bool = False  # RNG streams re-seeded from --seed and the iteration
     keep_last: Optional[int] = None
     exit_signal_handler: bool = False
     exit_interval: Optional[int] = None
@@ -274,6 +295,13 @@ class CheckpointConfig:
         _in_range("exit_duration_in_mins", self.exit_duration_in_mins, 0, low_open=True)
         if self.save_interval is not None and not self.save:
             raise ValueError("--save-interval needs --save DIR")
+        for name in ("finetune", "no_load_optim", "no_load_rng"):
+            if getattr(self, name) and not self.load:
+                raise ValueError(f"--{name.replace('_', '-')} needs --load DIR (the checkpoint to start from)")
+        if self.finetune and self.save and os.path.realpath(self.save) == os.path.realpath(self.load):
+            raise ValueError(f"--finetune starts again at iteration 0: its checkpoints would sit among those of "
+                             f"--load {self.load}, whose newer iterations a resume would take; give the new stage "
+                             f"its own --save directory")
 
 
 @dataclasses.dataclass(frozen=True)

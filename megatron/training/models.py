@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -34,6 +35,24 @@ def activation(model: ModelConfig):
     if model.swiglu:
         return F.silu
     return openai_gelu if model.openai_gelu else F.gelu
+
+
+class ScaledRotaryEmbedding(RotaryEmbedding):
+    """megatron-core's RotaryEmbedding with Llama 3.1's frequency scaling at all its parameters
+    (megatron-core's own fixes low_freq_factor 1, high_freq_factor 4 and an original context of
+    8192 tokens; transformers' ``rope_type: llama3`` takes them from config.json)."""
+
+    def __init__(self, model: ModelConfig, tcfg: TransformerConfig, cp_group=None):
+        super().__init__(kv_channels=tcfg.kv_channels, rotary_percent=model.rotary_percent,
+                         rotary_interleaved=tcfg.rotary_interleaved,
+                         seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
+                         rotary_base=model.rotary_base, rope_scaling=False,
+                         use_cpu_initialization=tcfg.use_cpu_initialization, cp_group=cp_group)
+        if model.use_rope_scaling:
+            self.inv_freq = self._apply_scaling(
+                self.inv_freq, factor=model.rope_scaling_factor, low_freq_factor=model.rope_scaling_low_freq_factor,
+                high_freq_factor=model.rope_scaling_high_freq_factor,
+                original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
 
 
 def transformer_config(config: RunConfig) -> TransformerConfig:
@@ -104,6 +123,7 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
         rotary_base=model.rotary_base,
         rope_scaling=model.use_rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
         pg_collection=groups.pg_collection,
     )
     if config.fpdt is not None:
@@ -114,6 +134,10 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
     else:
         spec = layer_spec or baseline_layer_spec(normalization=model.normalization, qk_layernorm=model.qk_layernorm)
         built = GPTModel(transformer_layer_spec=spec, **common)
+    if model.position_embedding_type == "rope":
+        # GPTModel builds megatron-core's RotaryEmbedding, whose Llama 3.1 scaling has fixed
+        # parameters: the same frequencies with ours (it holds no parameters or state)
+        built.rotary_pos_emb = ScaledRotaryEmbedding(model, tcfg, cp_group=groups.pg_collection.cp)
     if tcfg.params_dtype != torch.float32:
         # as Megatron's Float16Module: every parameter in the training dtype, including the
         # torch norms megatron-core creates in float32 (the optimizer keeps fp32 master weights)

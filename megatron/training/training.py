@@ -30,7 +30,7 @@ from fpdt_ext.mcore.parallel_state import ParallelGroups
 from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.checkpointing import (CheckpointError, SaveLock, find_checkpoint, load_checkpoint,
+from megatron.training.checkpointing import (CheckpointError, SaveLock, checkpoint_to_start_from, load_checkpoint,
                                              model_for_checkpoint, save_checkpoint)
 from megatron.training.config import RunConfig
 from megatron.training.data import (MicroBatches, build_datasets, largest_token_ids, to_model_layout,
@@ -86,6 +86,7 @@ class RunState:
     consumed_samples: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
+    finetuned_from: Optional[str] = None  # the --load a --finetune stage started from (kept by its resumes)
 
 
 def print_rank_0(*args, **kwargs):
@@ -116,15 +117,15 @@ class Trainer:
             if problem:
                 raise ArgumentError(problem)
         tp = config.parallel.tensor_model_parallel_size
-        resume = find_checkpoint(config.checkpoint.load) if config.checkpoint.load else None
-        if resume is None:
+        start = checkpoint_to_start_from(config.checkpoint)
+        if start is None:
             if config.checkpoint.load:
                 print_rank_0(f" no checkpoint in {config.checkpoint.load} yet: training starts at iteration 0")
             self.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
                                                        config.model.make_vocab_size_divisible_by, tp)
         else:  # the checkpoint's shapes, checked before anything is built
             try:
-                self.padded_vocab_size = model_for_checkpoint(resume[1], resume[0], config.model,
+                self.padded_vocab_size = model_for_checkpoint(start.common, start.path, config.model,
                                                               self.tokenizer.vocab_size, tp)
             except CheckpointError as e:  # the flags do not describe the checkpoint's model: a usage error
                 raise ArgumentError(str(e)) from None
@@ -145,8 +146,8 @@ class Trainer:
         self.train_data = MicroBatches(train_ds, **batches)
         self.valid_data = MicroBatches(valid_ds, **batches)
         self.num_chunks = config.fpdt_num_chunks
-        if resume is not None:
-            load_checkpoint(self, *resume)
+        if start is not None:
+            load_checkpoint(self, start)
         self.flops_per_token = flops_per_token(config, self.tokenizer.vocab_size)
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -248,16 +249,17 @@ class Trainer:
                 self._log(last)
                 interval_start, interval_iters = time.perf_counter(), 0
             exit_reason = self._exit_reason(it, run_start)
-            due = (ckpt.save_interval and it % ckpt.save_interval == 0) or it == t.train_iters
-            if ckpt.save and (due or exit_reason):
-                last["checkpoint"] = save_checkpoint(self, it)
-                print_rank_0(f" saved checkpoint at iteration {it} to {last['checkpoint']}")
-                interval_start = time.perf_counter()
+            # evaluation first: a checkpoint of this iteration holds the validation position after it
             if t.eval_iters and (it % t.eval_interval == 0 or it == t.train_iters):
                 val = self.evaluate()
                 print_rank_0(f" validation loss at iteration {it} | lm loss value: {val:.6E} | "
                              f"lm loss PPL: {math.exp(min(val, 20)):.6E} |")
                 last["val_loss"] = val
+                interval_start = time.perf_counter()
+            due = (ckpt.save_interval and it % ckpt.save_interval == 0) or it == t.train_iters
+            if ckpt.save and (due or exit_reason):
+                last["checkpoint"] = save_checkpoint(self, it)
+                print_rank_0(f" saved checkpoint at iteration {it} to {last['checkpoint']}")
                 interval_start = time.perf_counter()
             if log_file and last.get("iteration") == it:
                 log_file.write(json.dumps(last) + "\n")

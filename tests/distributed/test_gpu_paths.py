@@ -202,9 +202,12 @@ def test_gpu_path_fuses_bias_dropout_add_only_where_there_is_something_to_fuse(e
 def test_a_checkpoint_from_the_cpu_path_is_refused_by_the_gpu_path_with_what_to_do(tmp_path):
     """HostAdamW (CPU) and megatron-core's optimizers (GPU) lay their state out differently: a
     resume across them is refused before loading, saying what to do (not with dist_checkpointing's
-    key-mismatch traceback)."""
+    key-mismatch traceback); with --no-load-optim the rest loads and the run continues."""
     save = str(tmp_path / "cpu")
     run_world(2, _train_worker, TINY_LLAMA, 1, False, save, None)
     with pytest.raises(RuntimeError, match="written by HostAdamW, and this run uses megatron-core's optimizer "
                                            r"\(GPU path\).*start from its weights alone"):
         run_world(2, _train_worker, TINY_LLAMA, 1, True, None, save, backend=MAPPED_BACKEND)
+    # --no-load-optim loads the rest: the run continues after iteration 1 with a fresh optimizer
+    moved = run_world(2, _train_worker, TINY_LLAMA + ["--no-load-optim"], 1, True, None, save, backend=MAPPED_BACKEND)
+    assert [r["iteration"] for r in moved] == [2, 2]

@@ -38,7 +38,13 @@ CONFIGS = {
 }
 # q/k layernorm: megatron-core's own SelfAttention forward (whole-sequence QKV) into FPDT core attention
 CONFIGS["llama_qk_layernorm"] = CONFIGS["llama"] + ["--qk-layernorm"]
-CHUNKED_QKV = {"gpt": True, "llama": True, "llama_qk_layernorm": False}
+CHUNKED_QKV = {"gpt": True, "llama": True, "llama_qk_layernorm": False, "llama_rope_scaled": True}
+# Scaled RoPE, at FPDT 2 only: Llama 3.1's scaling from an original context of 16 tokens (every
+# FPDT chunk but the first lies past it) and linear interpolation on top
+SCALED = {"llama_rope_scaled": CONFIGS["llama"] + ["--use-rope-scaling", "--rope-scaling-factor", "4",
+                                                   "--rope-scaling-original-max-position-embeddings", "16",
+                                                   "--rotary-seq-len-interpolation-factor", "2"]}
+FLAGS = {**CONFIGS, **SCALED}
 FPDT = ["--fpdt", "--fpdt-chunk-size", "16", "--fpdt-offload"]  # 3 chunks of 16 tokens
 
 
@@ -74,7 +80,7 @@ def reference_worker(rank, world_size, config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.training.models import build_model
 
-    args, groups = _setup(CONFIGS[config], world_size)
+    args, groups = _setup(FLAGS[config], world_size)
     model = build_model(args, groups, VOCAB, layer_spec=get_gpt_layer_local_spec(
         normalization=args.model.normalization, qk_layernorm=args.model.qk_layernorm))
     batch = _batch()
@@ -139,7 +145,7 @@ def _forbid_globals_in_fpdt_hot_paths():
 def fpdt_worker(rank, world_size, config, tp):
     from megatron.training.models import build_model
 
-    args, groups = _setup(CONFIGS[config] + FPDT + ["--fpdt-parallel-size", "2", "--tensor-model-parallel-size",
+    args, groups = _setup(FLAGS[config] + FPDT + ["--fpdt-parallel-size", "2", "--tensor-model-parallel-size",
                                                     str(tp)], world_size)
     model = build_model(args, groups, VOCAB)
     norm_calls = {"input": 0, "pre_mlp": 0}  # whole-sequence norm calls (the loops normalise chunks instead)
@@ -178,6 +184,18 @@ def fpdt_run(config, tp):
 @pytest.mark.parametrize("tp", [1, 2], ids=["fpdt2", "tp2xfpdt2"])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_fpdt_model_matches_local_spec_gptmodel(config, tp):
+    _check_parity(config, tp)
+
+
+def test_fpdt_model_matches_local_spec_gptmodel_with_scaled_rope():
+    """Rotary tables taken at the tokens' global positions (FPDTGPTModel._rotary_at) carry the
+    scaling: the same losses and gradients as the baseline, which the scaling changes (by more than
+    ten times the losses' tolerance, at these small initial weights)."""
+    _check_parity("llama_rope_scaled", 1)
+    assert (reference("llama_rope_scaled")["losses"] - reference("llama")["losses"]).abs().max() > 1e-4
+
+
+def _check_parity(config, tp):
     ref = reference(config)
     for result in fpdt_run(config, tp):
         assert result["weights"].keys() == ref["weights"].keys(), "parameter names differ from the local spec"

@@ -2,8 +2,10 @@
 
 Tiny randomly initialised models built from a config (nothing is downloaded):
 Llama with GQA, RoPE base 500000 and untied embeddings; Llama with tied
-embeddings; Llama with a head dimension other than hidden / heads; GPT-2 with
-the tanh GeLU and with the exact one. HF -> ours: our model's logits equal the
+embeddings; Llama with a head dimension other than hidden / heads; Llama with
+RoPE scaled as Llama 3.1's (``rope_type: llama3``) and linearly interpolated,
+compared past the original context; GPT-2 with the tanh GeLU and with the exact
+one. A training stage that changes the RoPE settings exports them. HF -> ours: our model's logits equal the
 original's (float32, max abs difference below 1e-4). Ours -> HF: transformers
 loads the export and its logits equal the original's. Checkpoints the converter
 cannot convert exactly (Qwen2, Mistral, Llama with biases, a GPT model exported
@@ -27,16 +29,24 @@ from tests.helpers import ROOT, run_script
 transformers = pytest.importorskip("transformers")
 TOOL = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
 VOCAB, SEQ = 200, 48
-KINDS = ["llama", "llama_tied", "llama_head_dim", "gpt2", "gpt2_gelu"]
+KINDS = ["llama", "llama_tied", "llama_head_dim", "llama_llama3", "llama_linear", "gpt2", "gpt2_gelu"]
+# Scaled RoPE from an original context of 32 tokens (SEQ is past it); with base 10000 and head
+# dimension 16 llama3's three bands (kept, smoothed, divided by the factor) all hold frequencies.
+ROPE_SCALING = {"llama_llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 32},
+                "llama_linear": {"rope_type": "linear", "factor": 4.0}}
 
 
 def _hf_model(kind):
     torch.manual_seed(0)
     if kind.startswith("llama"):
+        scaling = ROPE_SCALING.get(kind)
         config = transformers.LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=128,
-            tie_word_embeddings=kind == "llama_tied", head_dim=32 if kind == "llama_head_dim" else None)
+            num_key_value_heads=2, rope_theta=10000.0 if scaling else 500000.0, rms_norm_eps=1e-5,
+            max_position_embeddings=128, tie_word_embeddings=kind == "llama_tied",
+            head_dim=32 if kind == "llama_head_dim" else None, rope_scaling=dict(scaling) if scaling else None,
+            initializer_range=0.2 if scaling else 0.02)  # attention that depends on position: scaling shows
         model = transformers.LlamaForCausalLM(config)
     else:
         # weights large enough that the two GeLUs differ in the logits (by 2e-3; by 2e-6 at the default 0.02)
@@ -117,6 +127,62 @@ def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
     assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
     field = "head_dim" if kind.startswith("llama") else "activation_function"
     assert getattr(back.config, field) == getattr(model.config, field)
+    if kind.startswith("llama"):
+        assert back.config.rope_parameters == model.config.rope_parameters
+
+
+SCALED_ARGS = {"llama_llama3": {"use_rope_scaling": True, "rope_scaling_factor": 8.0,
+                                 "rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
+                                 "rope_scaling_original_max_position_embeddings": 32,
+                                 "rotary_seq_len_interpolation_factor": None},
+               "llama_linear": {"use_rope_scaling": False, "rotary_seq_len_interpolation_factor": 4.0}}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALING))
+def test_the_scaling_is_carried_and_changes_the_logits(kind, tmp_root):
+    """The converted checkpoint's model arguments hold the scaling, and the round trips above
+    are not blind to it: the same weights with plain RoPE give other logits at these positions."""
+    from megatron.core import dist_checkpointing
+
+    model, mcore_dir, _ = converted(kind, tmp_root)
+    args = dist_checkpointing.load_common_state_dict(os.path.join(mcore_dir, "iter_0000000"))["model_args"]
+    assert {k: args[k] for k in SCALED_ARGS[kind]} == SCALED_ARGS[kind]
+    config = transformers.LlamaConfig.from_dict({**model.config.to_dict(), "rope_parameters": None,
+                                                 "rope_scaling": None, "rope_theta": 10000.0})
+    plain = transformers.LlamaForCausalLM(config).eval()
+    plain.load_state_dict(model.state_dict())
+    tokens = _tokens()
+    with torch.no_grad():
+        assert (plain(tokens).logits - model(tokens).logits)[:, 32:].abs().max().item() > 0.1
+
+
+def test_a_stage_with_new_rope_settings_exports_with_them(tmp_path):
+    """A context-extension stage: trained at 32 tokens with RoPE base 10000, continued at 64 with
+    base 500000 and Llama 3.1's scaling from those 32 tokens. The new stage's checkpoint holds the
+    new settings, and its export gives transformers the logits our model computes."""
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+             "--group-query-attention", "--num-query-groups", "2", "--vocab-size", str(VOCAB), "--mock-data",
+             "--eval-iters", "0", "--save-interval", "1", "--lr", "1e-3"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_script(1, "pretrain_llama.py", flags + ["--seq-length", "32", "--train-iters", "1", "--save", str(first)],
+               timeout=600)
+    scaled = ["--rotary-base", "500000", "--use-rope-scaling", "--rope-scaling-factor", "8",
+              "--rope-scaling-original-max-position-embeddings", "32"]
+    out = run_script(1, "pretrain_llama.py", flags + ["--seq-length", "64", "--train-iters", "2", "--load",
+                                                      str(first), "--save", str(second), *scaled], timeout=600).stdout
+    assert "was trained with --rotary-base 10000.0; this run uses 500000.0" in out
+    assert "was trained with --use-rope-scaling False; this run uses True" in out
+    hf_dir = tmp_path / "hf"
+    _convert("llama", "mcore", "hf", second, hf_dir)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()
+    assert hf.config.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32}
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
+    os.rename(second / "iter_0000002", second / "iter_0000000")  # where our_logits_worker reads
+    ours = run_world(1, our_logits_worker, str(second), tokens)[0]
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours).abs().max().item() < 1e-4
 
 
 @pytest.mark.fault

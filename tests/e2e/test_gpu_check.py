@@ -34,8 +34,8 @@ def test_gpu_check_dry_run_runs_every_phase_and_records_results(tmp_path):
     assert [r["test"] for r in by("offload") if r["ok"]] == [
         "round trips under load", "sources freed while copies are in flight", "checkpointed-input offload gradients"]
     sweep = [r for r in by("sweep") if "seconds" in r]
-    assert {("baseline", 256), ("fpdt", 256), ("baseline", 512), ("fpdt", 512)} <= {(r["kind"], r["seq"]) for r in sweep}
+    assert {("baseline", 1024), ("fpdt", 1024), ("baseline", 2048), ("fpdt", 2048)} <= {(r["kind"], r["seq"]) for r in sweep}
     assert all(r["tflops"] > 0 and r["peak_bytes"] > 0 and r["peak_host_bytes"] > 0 for r in sweep)
     projection = by("projection")[-1]
-    assert projection["projected_longest_tokens"] > 512 and projection["binding"] == "device"
+    assert projection["projected_longest_tokens"] > 2048 and projection["binding"] == "device"
     assert projection["projected_step_s"] > 0 and projection["planner"]["measured_slope"] > 0

@@ -94,8 +94,21 @@ def test_another_architecture_is_refused_by_name(model_type, config, said, hint)
     ({"use_sliding_window": True}, "use_sliding_window true"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ({"hidden_act": "gelu"}, 'hidden_act "gelu" (supported: silu)'),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, 'rope scaling "linear"'),
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}, 'rope scaling "llama3"'),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": DROP},
+     'rope scaling "dynamic" (supported: none, default, llama3, linear)'),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, 'rope scaling "yarn"'),
+    ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}, "rope_parameters": DROP},
+     'rope scaling "longrope"'),
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+     "rope scaling llama3's low_freq_factor null (needs a positive number)"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}, "rope_parameters": DROP},
+     "rope scaling linear's factor 0 (needs a positive number)"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope_parameters and rope_scaling disagree (rope types default and linear)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}, "original_max_position_embeddings": 16,
+      "rope_parameters": DROP},
+     "original_max_position_embeddings 16 and rope scaling's 32 disagree"),
     ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
     ({"num_key_value_heads": 3}, "num_key_value_heads 3 (must divide num_attention_heads 4)"),
@@ -121,6 +134,33 @@ def test_llama_config_values_that_change_the_math_are_refused_by_name(changes, n
 def test_gpt2_config_values_that_change_the_math_are_refused_by_name(changes, named):
     message = refusal(convert.model_config_from_hf, "gpt2", gpt2_config(**changes), "hf/config.json")
     assert message.startswith("hf/config.json: not supported by the converter: ") and named in message
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("changes,fields", [
+    ({"rope_parameters": {"rope_theta": 5e5, **LLAMA3}},  # transformers 5
+     {"use_rope_scaling": True, "rope_scaling_factor": 8.0, "rope_scaling_low_freq_factor": 1.0,
+      "rope_scaling_high_freq_factor": 4.0, "rope_scaling_original_max_position_embeddings": 32, "rotary_base": 5e5}),
+    ({"rope_parameters": DROP, "rope_theta": 5e5, "rope_scaling": {**LLAMA3, "factor": 32.0, "high_freq_factor": 2.0}},
+     {"use_rope_scaling": True, "rope_scaling_factor": 32.0, "rope_scaling_high_freq_factor": 2.0}),  # older
+    ({"rope_parameters": {"rope_theta": 1e4, **{k: v for k, v in LLAMA3.items()
+                                                if k != "original_max_position_embeddings"}}},
+     {"rope_scaling_original_max_position_embeddings": 64}),  # transformers 5's fallback: max_position_embeddings
+    ({"rope_parameters": {"rope_theta": 1e4, **LLAMA3}, "rope_scaling": dict(LLAMA3)},
+     {"use_rope_scaling": True}),  # both, agreeing
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 4}},
+     {"use_rope_scaling": False, "rotary_seq_len_interpolation_factor": 4.0}),
+    ({"rope_parameters": DROP, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     {"rotary_seq_len_interpolation_factor": 2.0}),
+], ids=["llama3", "llama3-old-format", "llama3-fallback", "llama3-both", "linear", "linear-old-format"])
+def test_llama3_and_linear_rope_scaling_are_imported(changes, fields):
+    m = convert.model_config_from_hf("llama", llama_config(**changes))
+    assert {k: getattr(m, k) for k in fields} == fields
+    exported = convert.hf_config_from_args("llama", dataclasses.asdict(m), VOCAB)
+    assert convert.model_config_from_hf("llama", exported) == m
 
 
 def test_every_unsupported_field_is_named_at_once():
@@ -214,7 +254,8 @@ def test_what_import_builds_export_expresses(model_type):
 
 
 @pytest.mark.parametrize("model_type,changes,named", [
-    ("llama", {"use_rope_scaling": True}, "use_rope_scaling True (needs False)"),
+    ("llama", {"use_rope_scaling": True, "rotary_seq_len_interpolation_factor": 2.0},
+     "use_rope_scaling True with rotary_seq_len_interpolation_factor 2 (rope_scaling holds one of them: needs None)"),
     ("llama", {"rotary_percent": 0.5}, "rotary_percent 0.5 (needs 1.0)"),
     ("llama", {"qk_layernorm": True}, "qk_layernorm True (needs False)"),
     ("gpt2", {"kv_channels": 16}, "kv_channels 16 (GPT-2 needs hidden_size / num_attention_heads = 8)"),

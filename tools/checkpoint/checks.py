@@ -55,6 +55,51 @@ def _rope_settings(c: dict) -> list:
     return [v if isinstance(v, dict) else {"rope_type": v} for v in values if v is not None]
 
 
+# The RoPE scalings the converter carries (Hugging Face rope_type: the parameters it needs) and
+# where each lives in our model: llama3 -> --use-rope-scaling and --rope-scaling-*, linear ->
+# --rotary-seq-len-interpolation-factor. Others (dynamic, yarn, longrope, ...) are refused.
+ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                 "linear": ("factor",)}
+
+
+def _rope_type(r: dict):
+    return r.get("rope_type", r.get("type"))
+
+
+def rope_scaling(c: dict):
+    """(the RoPE scaling ``c`` asks for as {rope_type, its parameters} or None, the problems).
+
+    llama3's ``original_max_position_embeddings`` may also be a top-level field (transformers 5
+    prefers it there) or, missing in both places, ``max_position_embeddings`` (transformers 5's
+    fallback)."""
+    settings = _rope_settings(c)
+    types = sorted({str(_rope_type(r) or "default") for r in settings})
+    if len(types) > 1:
+        return None, [f"rope_parameters and rope_scaling disagree (rope types {' and '.join(types)})"]
+    if types in ([], ["default"]):
+        return None, []
+    r, rope_type = settings[0], _rope_type(settings[0])
+    if rope_type not in ROPE_SCALINGS:  # dynamic, yarn, longrope, ...
+        return None, [f"rope scaling {json.dumps(rope_type)} (supported: none, default, "
+                      f"{', '.join(ROPE_SCALINGS)})"]
+    keys = ROPE_SCALINGS[rope_type]
+    problems = []
+    if any(other.get(k) != r.get(k) for other in settings[1:] for k in keys):
+        problems.append(f"rope_parameters and rope_scaling disagree ({rope_type} with other parameters)")
+    values = {k: r.get(k) for k in keys}
+    if rope_type == "llama3":
+        top, nested = c.get("original_max_position_embeddings"), values["original_max_position_embeddings"]
+        if top is not None and nested is not None and top != nested:
+            problems.append(f"original_max_position_embeddings {json.dumps(top)} and rope scaling's "
+                            f"{json.dumps(nested)} disagree")
+        values["original_max_position_embeddings"] = next(
+            (v for v in (top, nested, c.get("max_position_embeddings")) if v is not None), None)
+    for key, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            problems.append(f"rope scaling {rope_type}'s {key} {json.dumps(v)} (needs a positive number)")
+    return {"rope_type": rope_type, **values}, problems
+
+
 def rope_theta(config: dict) -> float:
     if "rope_theta" in config:
         return float(config["rope_theta"])
@@ -126,9 +171,7 @@ def hf_config_problems(model_type: str, c: dict) -> list:
         for field in ("attention_bias", "mlp_bias"):
             if c.get(field):
                 refuse(field, "false: the converted layers have no biases")
-        for rope_type in sorted({r.get("rope_type", r.get("type")) for r in rope} - {"default", None}, key=str):
-            # llama3, linear, dynamic, yarn, ...
-            problems.append(f"rope scaling {json.dumps(rope_type)} (supported: none, rope_type default)")
+        problems += rope_scaling(c)[1]
         heads, groups = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         if heads % groups:
             problems.append(f"num_key_value_heads {groups} (must divide num_attention_heads {heads})")
@@ -153,7 +196,7 @@ def hf_config_problems(model_type: str, c: dict) -> list:
 # What our model must be for each Hugging Face class to express it (ModelConfig field: value).
 _EXPRESSIBLE = {
     "llama": {"position_embedding_type": "rope", "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
-              "qk_layernorm": False, "rotary_percent": 1.0, "use_rope_scaling": False},
+              "qk_layernorm": False, "rotary_percent": 1.0},
     "gpt2": {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm", "swiglu": False,
              "add_bias_linear": True, "qk_layernorm": False, "untie_embeddings_and_output_weights": False},
 }
@@ -164,6 +207,9 @@ def export_problems(model_type: str, m) -> list:
     empty when the export computes exactly what ``m`` does."""
     problems = [f"{field} {getattr(m, field)!r} (needs {value!r})" for field, value in _EXPRESSIBLE[model_type].items()
                 if getattr(m, field) != value]
+    if model_type == "llama" and m.use_rope_scaling and m.rotary_seq_len_interpolation_factor is not None:
+        problems.append(f"use_rope_scaling True with rotary_seq_len_interpolation_factor "
+                        f"{m.rotary_seq_len_interpolation_factor:g} (rope_scaling holds one of them: needs None)")
     if model_type == "gpt2":
         if m.num_query_groups != m.num_attention_heads:
             problems.append(f"num_query_groups {m.num_query_groups} (GPT-2 has no grouped-query attention: needs "

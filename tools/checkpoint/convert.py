@@ -8,17 +8,19 @@
     python tools/checkpoint/convert.py --model-type llama --loader mcore --saver hf \\
         --load-dir runs/llama3_8b --save-dir hf/llama3_8b_trained
 
-Model types: ``llama`` (LlamaForCausalLM: RMSNorm, SwiGLU, RoPE with its base, GQA, any head
-dimension, tied or untied embeddings) and ``gpt2`` (GPT2LMHeadModel: LayerNorm, tanh or exact
-GeLU, biases, learned positions, tied embeddings). Hugging Face weights are read from
+Model types: ``llama`` (LlamaForCausalLM: RMSNorm, SwiGLU, RoPE with its base, plain or scaled as
+Llama 3.1's (``rope_type: llama3``, our --use-rope-scaling and --rope-scaling-*) or linearly
+(``rope_type: linear``, our --rotary-seq-len-interpolation-factor), GQA, any head dimension, tied
+or untied embeddings) and ``gpt2`` (GPT2LMHeadModel: LayerNorm, tanh or exact GeLU, biases,
+learned positions, tied embeddings). Hugging Face weights are read from
 safetensors (single file or sharded with an index) or pytorch_model.bin and written as
 model.safetensors with a config.json. Runs in one process on the CPU; megatron-core's
 distributed checkpoints reshard on load, so one converted checkpoint serves every parallel layout.
 
 Nothing is converted approximately. A config.json of another architecture (Qwen2, Mistral, ...),
 a config field with a value that changes the computation in a way the mapping does not carry
-(biases, a sliding window, scaled RoPE, another activation, ...), a weight with no place in the
-mapping, a missing weight or one of the wrong shape is refused by name; so is a checkpoint of
+(biases, a sliding window, RoPE scaled other than llama3 or linear, another activation, ...), a
+weight with no place in the mapping, a missing weight or one of the wrong shape is refused by name; so is a checkpoint of
 ours whose model the requested Hugging Face class cannot express (a GPT model exported as
 Llama): ``tools/checkpoint/checks.py``. Input errors are one line and exit code 2.
 
@@ -48,7 +50,7 @@ import torch  # noqa: E402
 
 from tools.checkpoint.checks import (GPT2_ACTIVATIONS, MODEL_TYPES, ConversionError, canonical_names,  # noqa: E402
                                      check_architecture, check_exportable, check_hf_weights, hf_config_problems,
-                                     read_hf_config, read_hf_weights, rope_theta)
+                                     read_hf_config, read_hf_weights, rope_scaling, rope_theta)
 
 
 # -- configs -----------------------------------------------------------------------------
@@ -58,6 +60,32 @@ def _vocab_multiple(vocab: int) -> int:
     """The largest power of two up to 128 that divides the vocabulary: no padded rows at TP 1, so the
     softmax runs over exactly the model's tokens (padded logits would be 0, not -inf)."""
     return next(m for m in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % m == 0)
+
+
+def _rope_scaling_fields(c: dict) -> dict:
+    """Our ModelConfig fields for the RoPE scaling of a (checked) Llama config.json."""
+    scaling, _ = rope_scaling(c)
+    if scaling is None:
+        return {}
+    if scaling["rope_type"] == "linear":
+        return {"rotary_seq_len_interpolation_factor": float(scaling["factor"])}
+    return {"use_rope_scaling": True, "rope_scaling_factor": float(scaling["factor"]),
+            "rope_scaling_low_freq_factor": float(scaling["low_freq_factor"]),
+            "rope_scaling_high_freq_factor": float(scaling["high_freq_factor"]),
+            "rope_scaling_original_max_position_embeddings": scaling["original_max_position_embeddings"]}
+
+
+def _hf_rope_scaling(a: dict) -> dict:
+    """config.json's ``rope_scaling`` for our RoPE arguments (transformers 4.43+ and 5 read it): {} for plain RoPE."""
+    if a.get("use_rope_scaling"):
+        original = a["rope_scaling_original_max_position_embeddings"]
+        return {"rope_scaling": {"rope_type": "llama3", "factor": float(a["rope_scaling_factor"]),
+                                 "low_freq_factor": float(a["rope_scaling_low_freq_factor"]),
+                                 "high_freq_factor": float(a["rope_scaling_high_freq_factor"]),
+                                 "original_max_position_embeddings": original}}
+    if a.get("rotary_seq_len_interpolation_factor") is not None:
+        return {"rope_scaling": {"rope_type": "linear", "factor": float(a["rotary_seq_len_interpolation_factor"])}}
+    return {}
 
 
 def model_config_from_hf(model_type: str, c: dict, where: str = "config.json"):
@@ -80,7 +108,8 @@ def model_config_from_hf(model_type: str, c: dict, where: str = "config.json"):
                 norm_epsilon=c.get("rms_norm_eps", 1e-6), swiglu=True, add_bias_linear=False,
                 position_embedding_type="rope", rotary_base=rope_theta(c),
                 max_position_embeddings=c.get("max_position_embeddings") or 4096,
-                untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False), **common)
+                untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
+                **_rope_scaling_fields(c), **common)
         return ModelConfig(
             num_layers=c["n_layer"], hidden_size=c["n_embd"], ffn_hidden_size=c.get("n_inner") or 4 * c["n_embd"],
             num_attention_heads=c["n_head"], normalization="LayerNorm", norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
@@ -101,7 +130,7 @@ def hf_config_from_args(model_type: str, a: dict, vocab: int) -> dict:
                 "rms_norm_eps": a["norm_epsilon"], "rope_theta": float(a["rotary_base"]),
                 "max_position_embeddings": a["max_position_embeddings"], "hidden_act": "silu",
                 "tie_word_embeddings": not a["untie_embeddings_and_output_weights"],
-                "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+                "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **_hf_rope_scaling(a)}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
             "n_embd": a["hidden_size"], "n_layer": a["num_layers"], "n_head": a["num_attention_heads"],
             "n_inner": a["ffn_hidden_size"], "n_positions": a["max_position_embeddings"],
