@@ -131,6 +131,29 @@ def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
         assert back.config.rope_parameters == model.config.rope_parameters
 
 
+def test_export_writes_the_training_dtype_or_the_one_asked(tmp_root, tmp_path):
+    """The converted checkpoint's run dtype is float32 (auto keeps it); --dtype bfloat16 writes bf16
+    weights and says so in config.json; transformers loads it with logits within bf16 rounding."""
+    from safetensors import safe_open
+
+    model, mcore_dir, back_dir = converted("llama", tmp_root)
+    with safe_open(os.path.join(back_dir, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert json.load(open(os.path.join(back_dir, "config.json")))["torch_dtype"] == "float32"
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, TOOL, "--model-type", "llama", "--loader", "mcore", "--saver", "hf",
+                           "--load-dir", mcore_dir, "--save-dir", str(out), "--dtype", "bfloat16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    back = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        difference = (back(_tokens()).logits - model(_tokens()).logits).abs().max().item()
+    assert 0 < difference < 0.1  # bf16 weights: not bit-equal, close
+
+
 SCALED_ARGS = {"llama_llama3": {"use_rope_scaling": True, "rope_scaling_factor": 8.0,
                                  "rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
                                  "rope_scaling_original_max_position_embeddings": 32,

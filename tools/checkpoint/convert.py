@@ -283,20 +283,22 @@ def hf_to_mcore(model_type, load_dir, save_dir):
                                           "padded_vocab_size": padded}, {})
 
 
-def mcore_to_hf(model_type, load_dir, save_dir):
+def mcore_to_hf(model_type, load_dir, save_dir, dtype="auto"):
+    """Export the newest usable checkpoint in ``load_dir`` as a Hugging Face folder: weights in
+    ``dtype`` ("auto": the dtype the run trained in) and config.json."""
     import torch.distributed as dist
 
     from fpdt_ext.runtime import init_distributed
 
     init_distributed()
     try:
-        return _mcore_to_hf(model_type, load_dir, save_dir)
+        return _mcore_to_hf(model_type, load_dir, save_dir, dtype)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _mcore_to_hf(model_type, load_dir, save_dir):
+def _mcore_to_hf(model_type, load_dir, save_dir, dtype="auto"):
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
@@ -322,11 +324,14 @@ def _mcore_to_hf(model_type, load_dir, save_dir):
     fields = dataclasses.asdict(model_config)
     hf = megatron_to_hf(model_type, {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
                         fields, vocab)
+    dtype_name = (a.get("params_dtype") or "float32") if dtype == "auto" else dtype  # the training dtype by default
+    hf = {k: v.to(getattr(torch, dtype_name)).contiguous() for k, v in hf.items()}
+    config = {**hf_config_from_args(model_type, fields, vocab), "torch_dtype": dtype_name}
     try:
         os.makedirs(save_dir, exist_ok=True)
         save_file(hf, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(save_dir, "config.json"), "w") as f:
-            json.dump(hf_config_from_args(model_type, fields, vocab), f, indent=1)
+            json.dump(config, f, indent=1)
     except OSError as e:
         raise ConversionError(f"--save-dir {save_dir} cannot be written ({e.strerror or e})") from None
     return save_dir
@@ -343,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="--saver mcore: convert even into a directory that holds training checkpoints (they stay, "
                              "and the latest pointer keeps naming the newest)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="--saver hf: the weights' dtype (auto: the dtype the checkpoint's run trained in)")
     args = parser.parse_args(argv)
     from megatron.training.notices import quiet_known_notices
 
@@ -369,8 +376,11 @@ def _convert(args) -> int:
                   f"converted, so a run with --load {args.save_dir} resumes from them. Convert into another "
                   f"directory, or pass --overwrite to write the converted weights beside them.")
             return 0
-    convert = hf_to_mcore if args.loader == "hf" else mcore_to_hf
-    print(f"wrote {convert(args.model_type, args.load_dir, args.save_dir)}")
+    if args.loader == "hf":
+        written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir)
+    else:
+        written = mcore_to_hf(args.model_type, args.load_dir, args.save_dir, args.dtype)
+    print(f"wrote {written}")
     return 0
 
 
