@@ -101,7 +101,7 @@ class HostAdamW:
         total = torch.zeros((), dtype=torch.float64)
         for param in self.model_params:
             grad = _grad_of(param)
-            if grad is not None and param_is_not_tensor_parallel_duplicate(param):
+            if grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group):
                 # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
                 # float64: no float64 copy of a whole gradient
                 total += torch.linalg.vector_norm(grad.float()).double() ** 2
