@@ -26,7 +26,6 @@ one line on stderr, printed by rank 0 only, and exit code 2, before the model is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -37,79 +36,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron.training.tokenizer import TOKENIZER_TYPES, load_tokenizer  # noqa: E402
-
-
-class UsageError(Exception):
-    """A mistake in the flags or the input: one line saying what to change (exit code 2)."""
-
-
-def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # as argparse's, printed once however many processes torchrun starts
-        if _rank0():
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+from tools.eval_common import (Parser, UsageError, add_model_flags, build_eval_model, check_model_flags,  # noqa: E402
+                               check_output, finish, first_line, local_batch, local_chunks, open_checkpoint, run_tool,
+                               sequence_multiple, text_tokenizer)
 
 
 def _parse(argv):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (newest usable checkpoint is used)")
+    p = Parser(prog="eval_ppl.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
     p.add_argument("--input", required=True, help="jsonl with 'text' or 'tokens' per line")
     p.add_argument("--output", required=True, help="where the JSON lines go")
     p.add_argument("--json-key", default="text")
     p.add_argument("--bucket-size", type=int, default=None, help="position bucket width (default: powers of 2)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--fpdt", action="store_true")
-    p.add_argument("--fpdt-parallel-size", type=int, default=1)
-    p.add_argument("--fpdt-chunk-size", type=int, default=None)
-    p.add_argument("--fpdt-offload", action="store_true")
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
-    p.add_argument("--tokenizer-model", default=None)
-    p.add_argument("--vocab-file", default=None)
-    p.add_argument("--merge-file", default=None)
     return p.parse_args(argv)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _check_flags(opts):
     """Mistakes in the flags and the paths they name, before anything is loaded."""
-    for name in ("bucket_size", "fpdt_chunk_size", "tensor_model_parallel_size", "fpdt_parallel_size"):
-        value = getattr(opts, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be positive")
-    if not opts.fpdt and (opts.fpdt_parallel_size != 1 or opts.fpdt_chunk_size or opts.fpdt_offload):
-        raise UsageError("--fpdt-parallel-size, --fpdt-chunk-size and --fpdt-offload need --fpdt")
-    if opts.fpdt_chunk_size and opts.fpdt_chunk_size % opts.fpdt_parallel_size:
-        raise UsageError(f"--fpdt-chunk-size {opts.fpdt_chunk_size} is not a multiple of --fpdt-parallel-size "
-                         f"{opts.fpdt_parallel_size} (each chunk is split over the FPDT ranks)")
-    ranks = opts.tensor_model_parallel_size * opts.fpdt_parallel_size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != ranks:
-        raise UsageError(f"eval_ppl runs one document at a time on TP x FPDT = {ranks} processes; launch {ranks}, "
-                         f"not {world}")
-    if not os.path.isdir(opts.load):
-        raise UsageError(f"--load {opts.load} " + ("is a file; give the checkpoint directory"
-                                                   if os.path.exists(opts.load) else "does not exist"))
+    if opts.bucket_size is not None and opts.bucket_size < 1:
+        raise UsageError(f"--bucket-size {opts.bucket_size} must be positive")
+    check_model_flags(opts, "eval_ppl.py")
     if not os.path.isfile(opts.input):
         raise UsageError(f"--input {opts.input} " + ("is a directory, not a file" if os.path.isdir(opts.input)
                                                      else "does not exist"))
-    folder = os.path.dirname(os.path.abspath(opts.output))
-    if os.path.isdir(opts.output) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--output {opts.output} cannot be written" + ("" if os.path.isdir(folder) else
-                                                                        f" ({folder} does not exist)"))
-    for flag in ("tokenizer_model", "vocab_file", "merge_file"):
-        path = getattr(opts, flag)
-        if path is not None and not os.path.exists(path):
-            raise UsageError(f"--{flag.replace('_', '-')} {path} does not exist")
+    check_output("--output", opts.output)
 
 
 def _read_records(path, key):
@@ -163,7 +113,7 @@ def _documents(records, path, tokenizer, vocab):
             try:
                 ids = tokenizer.tokenize(content)
             except ValueError as e:  # NullTokenizer: not space-separated integers; a lone surrogate
-                raise UsageError(f"{where}: the {type(tokenizer).__name__} cannot tokenize it ({_first_line(e)})"
+                raise UsageError(f"{where}: the {type(tokenizer).__name__} cannot tokenize it ({first_line(e)})"
                                  ) from None
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -186,100 +136,36 @@ def _bucket(position, size):
 
 def main(argv=None) -> int:
     opts = _parse(argv)
-    try:
+
+    def work():
         _check_flags(opts)
-        records = _read_records(opts.input, opts.json_key)
-        return _evaluate(opts, records)
-    except UsageError as e:
-        if _rank0():
-            print(f"eval_ppl.py: error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
+        return _evaluate(opts, _read_records(opts.input, opts.json_key))
+    return run_tool("eval_ppl.py", work)
 
 
 def _evaluate(opts, records) -> int:
     from megatron.training.notices import quiet_known_notices
 
     quiet_known_notices()
-    from megatron.core import dist_checkpointing
+    from fpdt_ext.core.layout import fpdt_unshard
 
-    from fpdt_ext.core.config import FPDTConfig
-    from fpdt_ext.core.layout import fpdt_shard_batch, fpdt_unshard
-    from fpdt_ext.runtime import init_distributed
-    from megatron.training.checkpointing import (CheckpointError, model_config_from_args, model_for_checkpoint,
-                                                 newest_usable_checkpoint)
-    from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
-    from megatron.training.initialize import initialize
-    from megatron.training.models import build_model
-
-    init_distributed()
-    path, reasons = newest_usable_checkpoint(opts.load)
-    if path is None:
-        raise UsageError(f"--load {opts.load}: no usable checkpoint (" + ("; ".join(reasons) or "no iter_* "
-                         "directory") + "); point --load at a training run's --save directory")
-    common = dist_checkpointing.load_common_state_dict(path)
-    if "model_args" not in common:
-        raise UsageError(f"--load {opts.load}: {path} holds no model arguments (not written by this project's "
-                         f"training); convert it with tools/checkpoint/convert.py")
-    model_args = common["model_args"]
-    vocab = common.get("true_vocab_size") or model_args["vocab_size"]
-    names = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
-    text_tokenizer = TokenizerConfig(**{k: getattr(opts, k) or model_args.get(k) for k in names}, vocab_size=vocab)
-    tokenizer = None
-    if text_tokenizer.tokenizer_type is not None and any(isinstance(c, str) for _, _, c in records):
-        try:
-            tokenizer = load_tokenizer(text_tokenizer)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    docs = _documents(records, opts.input, tokenizer, vocab)
-    sp = opts.fpdt_parallel_size if opts.fpdt else 1
-    multiple = opts.fpdt_chunk_size or sp
+    ckpt = open_checkpoint(opts)
+    tokenizer = text_tokenizer(opts, ckpt) if any(isinstance(c, str) for _, _, c in records) else None
+    docs = _documents(records, opts.input, tokenizer, ckpt.vocab)
+    multiple = sequence_multiple(opts)
     longest = max(len(ids) - 1 for _, ids in docs)
-    padded_longest = -(-longest // multiple) * multiple
-    model = model_config_from_args(model_args)
-    positions = model.max_position_embeddings
-    if model.position_embedding_type == "rope":
-        positions = max(padded_longest, positions)
-    elif padded_longest > positions:
-        raise UsageError(f"a document of {longest + 1} tokens is longer than the model's {positions} learned "
-                         f"positions; score shorter documents")
-    model = dataclasses.replace(model, attention_dropout=0.0, hidden_dropout=0.0, max_position_embeddings=positions)
-    try:
-        fpdt = FPDTConfig(fpdt_parallel_size=sp, fpdt_chunk_size=opts.fpdt_chunk_size,
-                          fpdt_offload=opts.fpdt_offload) if opts.fpdt else None
-        config = RunConfig(model=model, training=TrainingConfig(seq_length=padded_longest, train_iters=1),
-                           data=DataConfig(mock_data=True),
-                           parallel=ParallelConfig(world_size=dist.get_world_size(),
-                                                   tensor_model_parallel_size=opts.tensor_model_parallel_size,
-                                                   fpdt_parallel_size=sp),
-                           tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=vocab), fpdt=fpdt)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    try:  # the checkpoint's own padded vocabulary: exact at any TP size that divides it
-        padded = model_for_checkpoint(common, path, config.model, vocab, opts.tensor_model_parallel_size)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
-    groups = initialize(config)
-    model = build_model(config, groups, vocab, padded_vocab=padded)
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
-    model.eval()
+    model, groups = build_eval_model(opts, ckpt, -(-longest // multiple) * multiple)
+    sp = opts.fpdt_parallel_size if opts.fpdt else 1
 
-    rank0 = dist.get_rank() == 0
-    out = open(opts.output, "w") if rank0 else None
+    first = dist.get_rank() == 0
+    out = open(opts.output, "w") if first else None
     buckets, total_nll, total_tokens = {}, 0.0, 0
     for index, (doc_id, ids) in enumerate(docs):
         n = len(ids) - 1
         if n < 1:
             continue
         length = -(-n // multiple) * multiple
-        pad = length - n
-        tokens = torch.tensor(ids[:-1] + [0] * pad).view(1, length)
-        batch = {"tokens": tokens, "labels": torch.tensor(ids[1:] + [0] * pad).view(1, length),
-                 "position_ids": torch.arange(length).view(1, length)}
-        if opts.fpdt:
-            u = length // opts.fpdt_chunk_size if opts.fpdt_chunk_size else 1
-            batch = fpdt_shard_batch(batch, sp_rank=groups.sp_rank, sp_size=sp, num_chunks=u)
+        batch = local_batch(opts, groups, ids[:-1], ids[1:], length)
         device = next(model.parameters()).device
         with torch.no_grad():
             losses = model(*(batch[k].to(device) for k in ("tokens", "position_ids")), None,
@@ -287,9 +173,9 @@ def _evaluate(opts, records) -> int:
         if opts.fpdt and sp > 1:
             pieces = [torch.empty_like(losses) for _ in range(sp)]
             dist.all_gather(pieces, losses, group=groups.sp)
-            losses = fpdt_unshard(pieces, dim=1, num_chunks=u)
+            losses = fpdt_unshard(pieces, dim=1, num_chunks=local_chunks(opts, length))
         nll = losses[0, :n].double()
-        if rank0:
+        if first:
             for position, value in enumerate(nll.tolist()):
                 key = _bucket(position, opts.bucket_size)
                 acc = buckets.setdefault(key, [0.0, 0])
@@ -302,7 +188,7 @@ def _evaluate(opts, records) -> int:
             if doc_id is not None:
                 row["id"] = doc_id
             out.write(json.dumps(row) + "\n")
-    if rank0:
+    if first:
         summary = {"summary": True, "documents": len(docs), "tokens": total_tokens,
                    "nll": total_nll / max(total_tokens, 1),
                    "ppl": math.exp(min(total_nll / max(total_tokens, 1), 50)),
@@ -314,8 +200,7 @@ def _evaluate(opts, records) -> int:
               f"PPL {summary['ppl']:.3f}")
         for b in summary["buckets"]:
             print(f"  positions [{b['start']:>8}, {b['end']:>8}): {b['tokens']:>9} tokens  PPL {b['ppl']:.3f}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
     return 0
 
 

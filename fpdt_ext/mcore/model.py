@@ -35,12 +35,27 @@ class FPDTGPTModel(GPTModel):
         """Rotary frequencies at global positions: [s/P, b, 1, dim]."""
         span = self.max_sequence_length
         if span not in self._rotary_cache:
-            self._rotary_cache = {span: self.rotary_pos_emb.get_emb(span)}  # [S, 1, 1, dim]
+            table = self.rotary_pos_emb.get_emb(span)  # [S, 1, 1, dim]
+            if self.position_embedding_type == "yarn":  # megatron-core's YaRN: (table, attention factor), the
+                table = table[0]  # factor applied by attention from the config
+            self._rotary_cache = {span: table}
         table = self._rotary_cache[span]
         if table.device != position_ids.device:
             table = self._rotary_cache[span] = table.to(position_ids.device)
         s, b = position_ids.shape[1], position_ids.shape[0]
         return table[position_ids.t()].view(s, b, 1, table.shape[-1])
+
+    def final_hidden(self, input_ids, position_ids, decoder_input=None) -> torch.Tensor:
+        """The decoder's output (after the final norm) at this rank's tokens: [s/P, b, h]."""
+        if decoder_input is None:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s/P, b, h]
+        rotary = self._rotary_at(position_ids) if self.position_embedding_type in ("rope", "yarn") else None
+        return self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight (the embedding's when they are tied): [V/tp, h]."""
+        return (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                else self.output_layer.weight)
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, loss_mask=None,
                 decoder_input=None, **kwargs):
@@ -49,12 +64,8 @@ class FPDTGPTModel(GPTModel):
         unsupported = {k: v for k, v in kwargs.items() if v is not None}
         if unsupported:
             raise ValueError(f"FPDTGPTModel.forward does not support {sorted(unsupported)}")
-        if decoder_input is None:
-            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s/P, b, h]
-        rotary = self._rotary_at(position_ids) if self.position_embedding_type == "rope" else None
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
-        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
-                  else self.output_layer.weight)
+        hidden = self.final_hidden(input_ids, position_ids, decoder_input)
+        weight = self.output_weight()
         if labels is None:  # full logits: for short inputs only
             logits, _ = self.output_layer(hidden, weight=weight)
             return logits.transpose(0, 1).contiguous()  # [b, s/P, V/tp]

@@ -28,7 +28,7 @@ from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.memory.disk import check_offload_dir
 from megatron.training.config import (CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig,
                                       TokenizerConfig, TrainingConfig)
-from megatron.training.data import check_dataset_files
+from megatron.training.data import check_dataset_files, resolve_split
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args, load_tokenizer
 
 
@@ -46,7 +46,8 @@ def _add_model_args(p):
     g.add_argument("--group-query-attention", action="store_true")
     g.add_argument("--num-query-groups", type=int, default=1)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "yarn"],
+                   default="learned_absolute")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
@@ -58,6 +59,23 @@ def _add_model_args(p):
     g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0)
     g.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=8192,
                    help="the context the model was pretrained at, before --use-rope-scaling")
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0,
+                   help="YaRN's context-extension factor (--position-embedding-type yarn; Hugging Face rope_type yarn)")
+    g.add_argument("--yarn-original-max-position-embeddings", type=int, default=4096,
+                   help="the context the model was pretrained at, before YaRN")
+    g.add_argument("--yarn-beta-fast", type=float, default=32.0,
+                   help="YaRN: frequencies with more rotations than this over the original context are kept")
+    g.add_argument("--yarn-beta-slow", type=float, default=1.0,
+                   help="YaRN: frequencies with fewer rotations than this are divided by the factor")
+    g.add_argument("--mscale", type=float, default=1.0,
+                   help="YaRN's attention factor (cos and sin scaled): (0.1 mscale ln(factor) + 1) / "
+                        "(0.1 mscale-all-dim ln(factor) + 1)")
+    g.add_argument("--mscale-all-dim", type=float, default=0.0)
+    g.add_argument("--yarn-correction-range-round-to-int", action="store_true", default=True,
+                   help="YaRN: round the ends of the blended frequency range to integers (Hugging Face truncate; "
+                        "the default)")
+    g.add_argument("--no-yarn-correction-range-round-to-int", dest="yarn_correction_range_round_to_int",
+                   action="store_false")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -293,6 +311,11 @@ def check_files(config: RunConfig) -> Optional[str]:
             problem = check_dataset_files(prefix)
             if problem:
                 return problem
+        try:  # every split the run reads must get documents of every dataset
+            resolve_split(config.data.split, config.data.prefixes,
+                          ("train", "validation") if config.training.eval_iters else ("train",))
+        except ValueError as e:
+            return str(e)
     return None
 
 

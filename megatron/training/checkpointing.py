@@ -483,12 +483,15 @@ def saved_padded_vocab(common: dict) -> int:
 # Model fields that give parameters their shapes: a checkpoint with other values cannot be loaded.
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                  "ffn_hidden_size", "swiglu", "normalization", "add_bias_linear", "qk_layernorm",
-                 "untie_embeddings_and_output_weights", "position_embedding_type")
+                 "untie_embeddings_and_output_weights")
 # Fields that change what the loaded weights compute without changing a shape: allowed (a new
-# training stage may change them on purpose) and said.
-_MATH_FIELDS = ("rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor", "use_rope_scaling",
-                "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
-                "rope_scaling_original_max_position_embeddings", "norm_epsilon", "openai_gelu")
+# training stage may change them on purpose) and said. The position embedding type is one between
+# rope and yarn; learned positions have a weight of their own.
+_MATH_FIELDS = ("position_embedding_type", "rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor",
+                "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings",
+                "rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                "mscale", "mscale_all_dim", "yarn_correction_range_round_to_int", "norm_epsilon", "openai_gelu")
 
 
 def _flag(name: str) -> str:
@@ -504,6 +507,9 @@ def model_for_checkpoint(common: dict, path: str, model, true_vocab: int, tp: in
     saved = model_config_from_args(common["model_args"])
     differ = [f"{_flag(f)} {getattr(saved, f)} (this run: {getattr(model, f)})" for f in _SHAPE_FIELDS
               if getattr(saved, f) != getattr(model, f)]
+    if saved.rotary != model.rotary:  # learned positions against RoPE or YaRN
+        differ.append(f"--position-embedding-type {saved.position_embedding_type} (this run: "
+                      f"{model.position_embedding_type})")
     if saved.position_embedding_type == "learned_absolute" == model.position_embedding_type and \
             saved.max_position_embeddings != model.max_position_embeddings:
         differ.append(f"--max-position-embeddings {saved.max_position_embeddings} (this run: "

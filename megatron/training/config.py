@@ -50,6 +50,19 @@ def _in_range(name: str, value, low=None, high=None, *, low_open=False, high_ope
         raise ValueError(f"--{name.replace('_', '-')} {value:g} is out of range: it must be {where}")
 
 
+# ModelConfig's YaRN fields (used only with --position-embedding-type yarn)
+_YARN_FIELDS = ("rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                "mscale", "mscale_all_dim", "yarn_correction_range_round_to_int")
+
+
+def _flag_with(name: str, value) -> str:
+    """The flag that sets field ``name`` to ``value`` (a boolean field: its --no- form when false)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The model's shape and arithmetic: what a checkpoint needs to be rebuilt."""
@@ -71,6 +84,17 @@ class ModelConfig:
     rope_scaling_low_freq_factor: float = 1.0
     rope_scaling_high_freq_factor: float = 4.0
     rope_scaling_original_max_position_embeddings: int = 8192
+    # YaRN (--position-embedding-type yarn), with Megatron-LM's flag names; the defaults are
+    # megatron-core's. Frequencies blend the interpolated (/ factor) and the original ones by their
+    # rotations over the original context; cos and sin are scaled by an attention factor that
+    # megatron-core derives from the factor, mscale and mscale_all_dim
+    rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    yarn_correction_range_round_to_int: bool = True
     normalization: str = "LayerNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = False
@@ -96,8 +120,9 @@ class ModelConfig:
             _set(self, ffn_hidden_size=4 * self.hidden_size)
         if self.num_query_groups is None:
             _set(self, num_query_groups=self.num_attention_heads)
-        if self.position_embedding_type not in ("learned_absolute", "rope"):
-            raise ValueError(f"--position-embedding-type {self.position_embedding_type}: use learned_absolute or rope")
+        if self.position_embedding_type not in ("learned_absolute", "rope", "yarn"):
+            raise ValueError(f"--position-embedding-type {self.position_embedding_type}: use learned_absolute, rope "
+                             f"or yarn")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization {self.normalization}: use LayerNorm or RMSNorm")
         check_heads(self.num_attention_heads, self.num_query_groups, sp_size=1)
@@ -107,10 +132,13 @@ class ModelConfig:
             _in_range(name, getattr(self, name), 0, 1, high_open=True)
         _in_range("rotary_percent", self.rotary_percent, 0, 1, low_open=True)
         for name in ("rotary_base", "rope_scaling_factor", "rope_scaling_low_freq_factor", "norm_epsilon",
-                     "init_method_std"):
+                     "init_method_std", "rotary_scaling_factor", "yarn_beta_fast", "yarn_beta_slow"):
             _in_range(name, getattr(self, name), 0, low_open=True)
+        for name in ("mscale", "mscale_all_dim"):
+            _in_range(name, getattr(self, name), 0)
         _in_range("rotary_seq_len_interpolation_factor", self.rotary_seq_len_interpolation_factor, 1)
-        _positive(rope_scaling_original_max_position_embeddings=self.rope_scaling_original_max_position_embeddings)
+        _positive(rope_scaling_original_max_position_embeddings=self.rope_scaling_original_max_position_embeddings,
+                  yarn_original_max_position_embeddings=self.yarn_original_max_position_embeddings)
         if self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
             raise ValueError(f"--rope-scaling-high-freq-factor {self.rope_scaling_high_freq_factor:g} must be larger "
                              f"than --rope-scaling-low-freq-factor {self.rope_scaling_low_freq_factor:g}")
@@ -120,6 +148,19 @@ class ModelConfig:
         if scaled and self.position_embedding_type != "rope":
             raise ValueError(f"{scaled[0]} scales RoPE: it needs --position-embedding-type rope (this model has "
                              f"{self.position_embedding_type})")
+        if self.yarn_beta_fast < self.yarn_beta_slow:
+            raise ValueError(f"--yarn-beta-fast {self.yarn_beta_fast:g} must be at least --yarn-beta-slow "
+                             f"{self.yarn_beta_slow:g}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        yarn = [_flag_with(name, getattr(self, name)) for name in _YARN_FIELDS if getattr(self, name) != defaults[name]]
+        if yarn and self.position_embedding_type != "yarn":
+            raise ValueError(f"{yarn[0]} is YaRN's: it needs --position-embedding-type yarn (this model has "
+                             f"{self.position_embedding_type})")
+
+    @property
+    def rotary(self) -> bool:
+        """Rotary position embeddings: RoPE (plain or scaled) or YaRN."""
+        return self.position_embedding_type in ("rope", "yarn")
 
     @property
     def group_query_attention(self) -> bool:
@@ -352,10 +393,10 @@ class RunConfig:
                                                      (self.fpdt is not None and self.fpdt.fpdt_offload)):
             raise ValueError("--offload-dir has nothing to hold: add --fpdt-offload (attention chunks) and/or "
                              "--offload-recompute-inputs (checkpointed layer inputs)")
-        if self.data.reset_position_ids and model.position_embedding_type == "rope":
-            raise ValueError("--reset-position-ids with --position-embedding-type rope is not supported: "
-                             "megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 whatever the position "
-                             "ids; use it with learned_absolute positions")
+        if self.data.reset_position_ids and model.rotary:
+            raise ValueError(f"--reset-position-ids with --position-embedding-type {model.position_embedding_type} "
+                             f"is not supported: megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 "
+                             f"whatever the position ids; use it with learned_absolute positions")
 
     @property
     def num_microbatches(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -37,10 +39,42 @@ def activation(model: ModelConfig):
     return openai_gelu if model.openai_gelu else F.gelu
 
 
+def yarn_inv_freq(dim: int, base: float, factor: float, original_max_position_embeddings: int, beta_fast: float,
+                  beta_slow: float, round_to_int: bool) -> torch.Tensor:
+    """YaRN's RoPE frequencies [dim/2] (float32, on the CPU whatever the default device), as
+    transformers' ``rope_type: yarn`` computes them (its ``truncate`` is ``round_to_int``): each
+    blends the original frequency with the interpolated one (divided by ``factor``) along a ramp
+    over the dimensions whose rotations over the original context fall from ``beta_fast`` to
+    ``beta_slow``; faster ones keep the original, slower ones take the interpolated."""
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    original, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+
+    def dimension(rotations):  # the dimension that turns ``rotations`` times over the original context
+        return dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(beta_fast), dimension(beta_slow)
+    if round_to_int:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of (almost) zero width, not a division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency, 0: the interpolated one
+    return interpolated * (1 - keep) + original * keep
+
+
 class ScaledRotaryEmbedding(RotaryEmbedding):
-    """megatron-core's RotaryEmbedding with Llama 3.1's frequency scaling at all its parameters
-    (megatron-core's own fixes low_freq_factor 1, high_freq_factor 4 and an original context of
-    8192 tokens; transformers' ``rope_type: llama3`` takes them from config.json)."""
+    """megatron-core's RotaryEmbedding with the frequencies of transformers' RoPE types: Llama 3.1's
+    scaling at all its parameters (megatron-core's own fixes low_freq_factor 1, high_freq_factor 4
+    and an original context of 8192 tokens; transformers' ``rope_type: llama3`` takes them from
+    config.json), or YaRN's (:func:`yarn_inv_freq`, over the rotary part of the head as transformers'
+    ``partial_rotary_factor``). YaRN's attention factor is not here: attention scales cos and sin by
+    it, from the TransformerConfig (:class:`YarnTransformerConfig`).
+
+    megatron-core's YarnRotaryEmbedding computes the same frequencies over the whole head, but
+    rotates the whole head whatever --rotary-percent, returns (table, factor) where FPDT's model
+    takes a table, and precomputes cos and sin over the original context, which nothing reads: a
+    YaRN model is built as RoPE with these frequencies (:func:`build_model`)."""
 
     def __init__(self, model: ModelConfig, tcfg: TransformerConfig, cp_group=None):
         super().__init__(kv_channels=tcfg.kv_channels, rotary_percent=model.rotary_percent,
@@ -53,6 +87,29 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
                 self.inv_freq, factor=model.rope_scaling_factor, low_freq_factor=model.rope_scaling_low_freq_factor,
                 high_freq_factor=model.rope_scaling_high_freq_factor,
                 original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
+        if model.position_embedding_type == "yarn":
+            dim = int(tcfg.kv_channels * model.rotary_percent) if model.rotary_percent < 1 else tcfg.kv_channels
+            self.inv_freq = yarn_inv_freq(
+                dim, model.rotary_base, model.rotary_scaling_factor, model.yarn_original_max_position_embeddings,
+                model.yarn_beta_fast, model.yarn_beta_slow, model.yarn_correction_range_round_to_int,
+            ).to(self.inv_freq.device)
+
+
+@dataclasses.dataclass
+class YarnTransformerConfig(TransformerConfig):
+    """TransformerConfig with the YaRN fields megatron-core reads by name (``getattr(config,
+    "yarn_...")``; Megatron-LM sets them on its config the same way). Attention, the baseline's and
+    FPDT's alike, scales cos and sin by megatron-core's attention factor of yarn_rotary_scaling_factor,
+    yarn_mscale and yarn_mscale_all_dim: (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim
+    ln(factor) + 1), 1 for a factor <= 1. The frequencies come from :class:`ScaledRotaryEmbedding`."""
+
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    yarn_correction_range_round_to_int: bool = True
 
 
 def transformer_config(config: RunConfig) -> TransformerConfig:
@@ -62,7 +119,15 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
     # megatron-core's fused bias-dropout-add is torch.compile'd in every process on first use: it
     # pays only when there is a bias or dropout to fuse (not for Llama's bias-free, dropout-free layers)
     fuse_bias_dropout = cuda and (model.add_bias_linear or model.hidden_dropout > 0)
-    return TransformerConfig(
+    yarn = {}
+    if model.position_embedding_type == "yarn":
+        yarn = dict(yarn_rotary_scaling_factor=model.rotary_scaling_factor,
+                    yarn_original_max_position_embeddings=model.yarn_original_max_position_embeddings,
+                    yarn_beta_fast=model.yarn_beta_fast, yarn_beta_slow=model.yarn_beta_slow,
+                    yarn_mscale=model.mscale, yarn_mscale_all_dim=model.mscale_all_dim,
+                    yarn_correction_range_round_to_int=model.yarn_correction_range_round_to_int)
+    return (YarnTransformerConfig if yarn else TransformerConfig)(
+        **yarn,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -118,7 +183,8 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
         pre_process=True,
         post_process=True,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
+        # YaRN: RoPE with ScaledRotaryEmbedding's frequencies; attention applies its factor (YarnTransformerConfig)
+        position_embedding_type="rope" if model.rotary else model.position_embedding_type,
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
         rope_scaling=model.use_rope_scaling,
@@ -134,9 +200,9 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
     else:
         spec = layer_spec or baseline_layer_spec(normalization=model.normalization, qk_layernorm=model.qk_layernorm)
         built = GPTModel(transformer_layer_spec=spec, **common)
-    if model.position_embedding_type == "rope":
+    if model.rotary:
         # GPTModel builds megatron-core's RotaryEmbedding, whose Llama 3.1 scaling has fixed
-        # parameters: the same frequencies with ours (it holds no parameters or state)
+        # parameters and which has no YaRN: ours instead (it holds no parameters or state)
         built.rotary_pos_emb = ScaledRotaryEmbedding(model, tcfg, cp_group=groups.pg_collection.cp)
     if tcfg.params_dtype != torch.float32:
         # as Megatron's Float16Module: every parameter in the training dtype, including the

@@ -45,6 +45,11 @@ class GPT2BPETokenizer(_Tokenizer):
         self.eod = encoder["<|endoftext|>"]
         self._tok.add_special_tokens(["<|endoftext|>"])
 
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` that encodes and decodes (what a Hugging Face export saves)."""
+        return self._tok._tokenizer
+
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text).ids
 
@@ -92,6 +97,11 @@ class HuggingFaceTokenizer(_Tokenizer):
         if self.eod is None:
             raise ValueError(f"cannot find the end-of-document token of {folder}: set eos_token in "
                              f"tokenizer_config.json")
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` that encodes and decodes (what a Hugging Face export saves)."""
+        return self._tok
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

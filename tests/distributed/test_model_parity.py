@@ -38,12 +38,18 @@ CONFIGS = {
 }
 # q/k layernorm: megatron-core's own SelfAttention forward (whole-sequence QKV) into FPDT core attention
 CONFIGS["llama_qk_layernorm"] = CONFIGS["llama"] + ["--qk-layernorm"]
-CHUNKED_QKV = {"gpt": True, "llama": True, "llama_qk_layernorm": False, "llama_rope_scaled": True}
+CHUNKED_QKV = {"gpt": True, "llama": True, "llama_qk_layernorm": False, "llama_rope_scaled": True, "llama_yarn": True}
 # Scaled RoPE, at FPDT 2 only: Llama 3.1's scaling from an original context of 16 tokens (every
-# FPDT chunk but the first lies past it) and linear interpolation on top
+# FPDT chunk but the first lies past it) and linear interpolation on top; YaRN from 16 tokens
+# (one frequency kept, one blended, two interpolated) with an attention factor of 1.039 (from
+# mscale and mscale_all_dim), and the same YaRN with an attention factor of 1 (reference only)
+YARN = ["--position-embedding-type", "yarn", "--rotary-scaling-factor", "4", "--yarn-original-max-position-embeddings",
+        "16", "--yarn-beta-fast", "8", "--yarn-beta-slow", "0.05", "--no-yarn-correction-range-round-to-int"]
 SCALED = {"llama_rope_scaled": CONFIGS["llama"] + ["--use-rope-scaling", "--rope-scaling-factor", "4",
                                                    "--rope-scaling-original-max-position-embeddings", "16",
-                                                   "--rotary-seq-len-interpolation-factor", "2"]}
+                                                   "--rotary-seq-len-interpolation-factor", "2"],
+          "llama_yarn": CONFIGS["llama"] + YARN + ["--mscale", "0.8", "--mscale-all-dim", "0.5"],
+          "llama_yarn_unscaled": CONFIGS["llama"] + YARN + ["--mscale", "0", "--mscale-all-dim", "0"]}
 FLAGS = {**CONFIGS, **SCALED}
 FPDT = ["--fpdt", "--fpdt-chunk-size", "16", "--fpdt-offload"]  # 3 chunks of 16 tokens
 
@@ -193,6 +199,18 @@ def test_fpdt_model_matches_local_spec_gptmodel_with_scaled_rope():
     ten times the losses' tolerance, at these small initial weights)."""
     _check_parity("llama_rope_scaled", 1)
     assert (reference("llama_rope_scaled")["losses"] - reference("llama")["losses"]).abs().max() > 1e-4
+
+
+def test_fpdt_model_matches_local_spec_gptmodel_with_yarn():
+    """YaRN: rotary tables at the tokens' global positions, cos and sin scaled by its attention
+    factor inside FPDT's chunk loop; the same losses and gradients as the baseline, which YaRN
+    changes, and in which the attention factor alone changes the gradients by more than the
+    tolerance (a missing factor would fail)."""
+    _check_parity("llama_yarn", 1)
+    yarn, llama, unscaled = reference("llama_yarn"), reference("llama"), reference("llama_yarn_unscaled")
+    assert (yarn["losses"] - llama["losses"]).abs().max() > 1e-4
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert not torch.allclose(yarn["grads"][qkv], unscaled["grads"][qkv], rtol=1e-4, atol=1e-6)
 
 
 def _check_parity(config, tp):

@@ -117,6 +117,18 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_training(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
 
 
+def test_a_split_that_leaves_validation_without_documents_is_one_line(tmp_path):
+    prefix = _write(str(tmp_path / "few"), _documents(5, 6, 250))
+    flags = [*_flags(prefix, 256), "--split", "98,2,0", "--eval-iters", "1", "--eval-interval", "2"]
+    proc = run_script(1, "pretrain_gpt.py", [*flags, "--dry-run"], expect_rc=2)
+    message = f"{prefix} has 6 documents, which leaves the validation split empty under --split 98,2,0"
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = run_script(2, "pretrain_gpt.py", flags, expect_rc=1)
+    out = proc.stdout + proc.stderr
+    assert out.count(message) == 1, out
+    assert_no_worker_traceback(out)
+
+
 @pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer", "swapped"])
 def test_unreadable_tokenizer_files_are_named(assets, tmp_path, kind):
     from megatron.training.arguments import ArgumentError, parse_args, validate_args

@@ -3,9 +3,10 @@
 Tiny randomly initialised models built from a config (nothing is downloaded):
 Llama with GQA, RoPE base 500000 and untied embeddings; Llama with tied
 embeddings; Llama with a head dimension other than hidden / heads; Llama with
-RoPE scaled as Llama 3.1's (``rope_type: llama3``) and linearly interpolated,
-compared past the original context; GPT-2 with the tanh GeLU and with the exact
-one. A training stage that changes the RoPE settings exports them. HF -> ours: our model's logits equal the
+RoPE scaled as Llama 3.1's (``rope_type: llama3``), linearly interpolated, and
+by YaRN (``rope_type: yarn``, with its attention factor), compared past the
+original context; GPT-2 with the tanh GeLU and with the exact one. A training
+stage that changes the RoPE settings exports them. HF -> ours: our model's logits equal the
 original's (float32, max abs difference below 1e-4). Ours -> HF: transformers
 loads the export and its logits equal the original's. Checkpoints the converter
 cannot convert exactly (Qwen2, Mistral, Llama with biases, a GPT model exported
@@ -29,12 +30,17 @@ from tests.helpers import ROOT, run_script
 transformers = pytest.importorskip("transformers")
 TOOL = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
 VOCAB, SEQ = 200, 48
-KINDS = ["llama", "llama_tied", "llama_head_dim", "llama_llama3", "llama_linear", "gpt2", "gpt2_gelu"]
+KINDS = ["llama", "llama_tied", "llama_head_dim", "llama_llama3", "llama_linear", "llama_yarn", "gpt2", "gpt2_gelu"]
 # Scaled RoPE from an original context of 32 tokens (SEQ is past it); with base 10000 and head
-# dimension 16 llama3's three bands (kept, smoothed, divided by the factor) all hold frequencies.
+# dimension 16 llama3's three bands (kept, smoothed, divided by the factor) all hold frequencies,
+# and so do YaRN's (kept, blended, interpolated: its ramp runs from dimension 0.2 to 2.0 of 8, untruncated).
+# YaRN's attention factor from mscale and mscale_all_dim (1.039; 1.139 from the factor alone).
 ROPE_SCALING = {"llama_llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 32},
-                "llama_linear": {"rope_type": "linear", "factor": 4.0}}
+                "llama_linear": {"rope_type": "linear", "factor": 4.0},
+                "llama_yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                               "beta_fast": 4.0, "beta_slow": 0.5, "truncate": False, "mscale": 0.8,
+                               "mscale_all_dim": 0.5}}
 
 
 def _hf_model(kind):
@@ -158,7 +164,10 @@ SCALED_ARGS = {"llama_llama3": {"use_rope_scaling": True, "rope_scaling_factor":
                                  "rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
                                  "rope_scaling_original_max_position_embeddings": 32,
                                  "rotary_seq_len_interpolation_factor": None},
-               "llama_linear": {"use_rope_scaling": False, "rotary_seq_len_interpolation_factor": 4.0}}
+               "llama_linear": {"use_rope_scaling": False, "rotary_seq_len_interpolation_factor": 4.0},
+               "llama_yarn": {"position_embedding_type": "yarn", "rotary_scaling_factor": 4.0,
+                              "yarn_original_max_position_embeddings": 32, "yarn_beta_fast": 4.0, "yarn_beta_slow": 0.5,
+                              "mscale": 0.8, "mscale_all_dim": 0.5, "yarn_correction_range_round_to_int": False}}
 
 
 @pytest.mark.parametrize("kind", sorted(ROPE_SCALING))
@@ -331,7 +340,7 @@ def test_a_gpt2_checkpoint_exported_as_llama_is_refused_naming_what_differs(tmp_
     err = _one_line_error(["--model-type", "llama", "--loader", "mcore", "--saver", "hf", "--load-dir", mcore_dir,
                            "--save-dir", str(tmp_path / "hf")])
     assert err == (f"{mcore_dir}/iter_0000000 holds a model LlamaForCausalLM cannot express: "
-                   f"position_embedding_type 'learned_absolute' (needs 'rope'); normalization 'LayerNorm' (needs "
+                   f"position_embedding_type 'learned_absolute' (needs 'rope' or 'yarn'); normalization 'LayerNorm' (needs "
                    f"'RMSNorm'); swiglu False (needs True); add_bias_linear True (needs False); it is a --model-type "
                    f"gpt2 model")
     assert not (tmp_path / "hf").exists()

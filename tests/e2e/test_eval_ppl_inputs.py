@@ -71,7 +71,7 @@ def _cases(tmp_path):
         "FPDT flags without --fpdt": ([doc], {"--fpdt-chunk-size": 32}, {},
                                       "--fpdt-parallel-size, --fpdt-chunk-size and --fpdt-offload need --fpdt"),
         "processes not TP x FPDT": ([doc], {"--fpdt": None, "--fpdt-parallel-size": 2}, {},
-                                    "eval_ppl runs one document at a time on TP x FPDT = 2 processes; launch 2, not 1"),
+                                    "eval_ppl.py runs one sequence at a time on TP x FPDT = 2 processes; launch 2, not 1"),
         "zero bucket": ([doc], {"--bucket-size": 0}, {}, "--bucket-size 0 must be positive"),
         "output folder missing": ([doc], {"--output": tmp_path / "no" / "ppl.jsonl"}, {},
                                   f"--output {tmp_path / 'no' / 'ppl.jsonl'} cannot be written ({tmp_path / 'no'} "
@@ -174,3 +174,54 @@ def test_a_checkpoint_of_another_trainer_is_one_line(tmp_path, capsys, stand_in_
     assert err.splitlines() == [f"eval_ppl.py: error: --load {load}: {load / 'iter_0000001'} holds no model arguments "
                                 f"(not written by this project's training); convert it with "
                                 f"tools/checkpoint/convert.py"]
+
+
+# -- tools/eval_passkey.py: the same flags, and its own ---------------------------------------
+
+
+def _passkey(capsys, *argv):
+    from tools.eval_passkey import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--depths", "0.5", "1.5"], "--depths 1.5 is outside [0, 1] (0: the key first, 1: last)"),
+    (["--fpdt-chunk-size", "64", "--lengths", "100"], "--lengths 100 is not a positive multiple of 64 (the FPDT chunk "
+                                                      "size, or the FPDT size, that every sequence is split by)"),
+    (["--samples", "0"], "--samples 0 must be positive"),
+    (["--plot", "heat.pdf"], "--plot heat.pdf: name a .svg or .png file"),
+    (["--fpdt-parallel-size", "2"], "eval_passkey.py runs one sequence at a time on TP x FPDT = 2 processes; launch 2, "
+                                    "not 1"),
+], ids=["depth", "length", "samples", "plot", "processes"])
+def test_passkey_flag_errors_stop_before_the_checkpoint_is_read(tmp_path, capsys, env, flags, message):
+    import fpdt_ext.runtime
+
+    (tmp_path / "ckpt").mkdir()
+    argv = ["--load", tmp_path / "ckpt", "--lengths", "128", "--output", tmp_path / "pk.jsonl", *flags]
+    with mock.patch.object(fpdt_ext.runtime, "init_distributed", side_effect=AssertionError("started")):
+        rc, out, err = _passkey(capsys, *argv)
+    assert (rc, out) == (2, "")
+    assert err.splitlines() == [f"eval_passkey.py: error: {message}"]
+
+
+def test_passkey_needs_a_text_tokenizer(tmp_path, capsys, stand_in_checkpoint):
+    load, _ = stand_in_checkpoint
+    rc, _, err = _passkey(capsys, "--load", load, "--lengths", "128", "--output", tmp_path / "pk.jsonl")
+    assert rc == 2
+    assert err.splitlines() == [f"eval_passkey.py: error: --load {load}: the checkpoint names no text tokenizer; pass "
+                                f"--tokenizer-type and its files (the model's own)"]
+
+
+def test_a_length_too_short_for_the_prompt_is_refused(assets):
+    from megatron.training.tokenizer import SentencePieceTokenizer
+    from tools.eval_common import UsageError
+    from tools.eval_passkey import build_sample
+
+    tokenizer = SentencePieceTokenizer(os.path.join(assets, "llama2", "tokenizer.model"), bos=True)
+    with pytest.raises(UsageError, match="--lengths 32 is too short for the prompt alone"):
+        build_sample(tokenizer, 32, 0.5, "12345")
+    ids, answer = build_sample(tokenizer, 200, 0.5, "12345")
+    assert 190 <= len(ids) - 1 <= 200 and tokenizer.detokenize(ids[-answer:]).strip() == "12345"

@@ -26,6 +26,8 @@ def _llama2(assets):
     ("gpt_2.7b_fpdt_2m_4gpu.sh", {}, ["world 4 = TP 1 x FPDT 4", "model: 2.", "GPT2BPETokenizer"]),
     ("llama3_70b_fpdt_4m_32gpu.sbatch", "llama2", ["world 32 = TP 8 x FPDT 4", "model: 6",
                                                    "1048576 tokens per rank in 64 chunks"]),
+    ("llama3.1_8b_context_extension.sh", "llama2", ["== stage 1", "32768 tokens per rank in 4 chunks", "== stage 2",
+                                                    "131072 tokens per rank in 8 chunks", "world 8 = TP 1 x FPDT 8"]),
 ])
 def test_dry_run(assets, script, env, expect):
     env = _llama2(assets) if env == "llama2" else env

@@ -95,8 +95,23 @@ def test_another_architecture_is_refused_by_name(model_type, config, said, hint)
     ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ({"hidden_act": "gelu"}, 'hidden_act "gelu" (supported: silu)'),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": DROP},
-     'rope scaling "dynamic" (supported: none, default, llama3, linear)'),
-    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, 'rope scaling "yarn"'),
+     'rope scaling "dynamic" (supported: none, default, llama3, linear, yarn)'),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 1.0, "attention_factor": 1.5}},
+     "rope scaling yarn's attention_factor 1.5 with factor 1.0 (megatron-core's attention factor is 1 for a factor "
+     "<= 1: supported: null or 1)"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 2}},
+     "rope scaling yarn's beta_fast 1 below its beta_slow 2 (needs beta_fast >= beta_slow)"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "truncate": "yes"}},
+     'rope scaling yarn\'s truncate "yes" (needs true, false or null)'),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "mscale": -1}},
+     "rope scaling yarn's mscale -1 (needs a number >= 0 or null)"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}},
+     "rope scaling yarn's factor null (needs a positive"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "beta_fast": 16},
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_parameters and rope_scaling disagree (yarn with other parameters)"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor 0.5"),
     ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}, "rope_parameters": DROP},
      'rope scaling "longrope"'),
     ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
@@ -155,8 +170,27 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
      {"use_rope_scaling": False, "rotary_seq_len_interpolation_factor": 4.0}),
     ({"rope_parameters": DROP, "rope_scaling": {"type": "linear", "factor": 2.0}},
      {"rotary_seq_len_interpolation_factor": 2.0}),
-], ids=["llama3", "llama3-old-format", "llama3-fallback", "llama3-both", "linear", "linear-old-format"])
-def test_llama3_and_linear_rope_scaling_are_imported(changes, fields):
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 32}},
+     {"position_embedding_type": "yarn", "rotary_scaling_factor": 4.0, "yarn_original_max_position_embeddings": 32,
+      "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0,
+      "yarn_correction_range_round_to_int": True, "use_rope_scaling": False}),
+    ({"rope_parameters": DROP, "rope_theta": 1e4, "rope_scaling": {
+        "type": "yarn", "factor": 8, "beta_fast": 16, "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 0.5,
+        "truncate": False}},  # older format; original context: transformers 5's fallback, max_position_embeddings
+     {"position_embedding_type": "yarn", "rotary_scaling_factor": 8.0, "yarn_original_max_position_embeddings": 64,
+      "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "mscale": 0.707, "mscale_all_dim": 0.5,
+      "yarn_correction_range_round_to_int": False}),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 2.0, "mscale": 0.9}},
+     {"mscale": 1.0, "mscale_all_dim": 0.0}),  # transformers ignores mscale without mscale_all_dim
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "attention_factor": 1.0}},
+     {"mscale": 0.0, "mscale_all_dim": 0.0}),  # megatron-core's factor: 1 / 1
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                          "attention_factor": 1.0}},
+     {"mscale": 1.0, "mscale_all_dim": 1.0}),  # the factor they give, stated
+], ids=["llama3", "llama3-old-format", "llama3-fallback", "llama3-both", "linear", "linear-old-format", "yarn",
+        "yarn-old-format", "yarn-mscale-alone", "yarn-attention-factor", "yarn-attention-factor-stated"])
+def test_llama3_linear_and_yarn_rope_scaling_are_imported(changes, fields):
     m = convert.model_config_from_hf("llama", llama_config(**changes))
     assert {k: getattr(m, k) for k in fields} == fields
     exported = convert.hf_config_from_args("llama", dataclasses.asdict(m), VOCAB)
@@ -233,8 +267,8 @@ def test_a_gpt_model_exported_as_llama_is_refused_naming_what_differs():
     gpt = convert.model_config_from_hf("gpt2", gpt2_config())
     assert refusal(checks.check_exportable, "llama", gpt, "run/iter_0000010") == (
         "run/iter_0000010 holds a model LlamaForCausalLM cannot express: position_embedding_type 'learned_absolute' "
-        "(needs 'rope'); normalization 'LayerNorm' (needs 'RMSNorm'); swiglu False (needs True); add_bias_linear True "
-        "(needs False); it is a --model-type gpt2 model")
+        "(needs 'rope' or 'yarn'); normalization 'LayerNorm' (needs 'RMSNorm'); swiglu False (needs True); "
+        "add_bias_linear True (needs False); it is a --model-type gpt2 model")
 
 
 def test_a_llama_model_exported_as_gpt2_is_refused_naming_what_differs():

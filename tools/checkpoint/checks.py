@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -57,21 +58,99 @@ def _rope_settings(c: dict) -> list:
 
 # The RoPE scalings the converter carries (Hugging Face rope_type: the parameters it needs) and
 # where each lives in our model: llama3 -> --use-rope-scaling and --rope-scaling-*, linear ->
-# --rotary-seq-len-interpolation-factor. Others (dynamic, yarn, longrope, ...) are refused.
+# --rotary-seq-len-interpolation-factor, yarn -> --position-embedding-type yarn with
+# --rotary-scaling-factor, --yarn-*, --mscale and --mscale-all-dim. Others (dynamic, longrope, ...)
+# are refused.
 ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                 "linear": ("factor",)}
+                 "linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings")}
+# Their optional parameters (transformers' defaults apply when absent)
+_OPTIONAL = {"yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")}
 
 
 def _rope_type(r: dict):
     return r.get("rope_type", r.get("type"))
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """The factor megatron-core's attention scales YaRN's cos and sin by, computed as its
+    ``_yarn_get_concentration_factor`` computes it: (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim
+    ln(factor) + 1), 1 for a factor <= 1. transformers computes the same from non-zero mscale and
+    mscale_all_dim when config.json gives no attention_factor."""
+    def scaled(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    return float(scaled(mscale) / scaled(mscale_all_dim))
+
+
+def _mscales_for(attention_factor: float, factor: float):
+    """(mscale, mscale_all_dim), one of them 0, for which megatron-core's attention factor is
+    ``attention_factor`` to 12 digits (the closest; of equals, the one rounded to 12 digits), or None
+    (a factor <= 1 gives 1)."""
+    if factor <= 1:
+        return None
+    if attention_factor >= 1:
+        m = (attention_factor - 1) / (0.1 * math.log(factor))
+        candidates = [(float(f"{m:.12g}"), 0.0), (m, 0.0)]
+    else:
+        m = (1 / attention_factor - 1) / (0.1 * math.log(factor))
+        candidates = [(0.0, float(f"{m:.12g}")), (0.0, m)]
+    best = min(candidates, key=lambda c: abs(yarn_attention_factor(factor, *c) - attention_factor))
+    return best if math.isclose(yarn_attention_factor(factor, *best), attention_factor, rel_tol=1e-12) else None
+
+
+def _yarn(values: dict, problems: list) -> dict:
+    """transformers' YaRN parameters as our model takes them (problems added to ``problems``):
+    transformers' defaults filled in (beta_fast 32, beta_slow 1, truncate true), and its attention
+    factor as the (mscale, mscale_all_dim) from which megatron-core computes it. transformers takes
+    an attention_factor as given; else it uses mscale and mscale_all_dim when both are non-zero
+    (ours: the same), else 0.1 ln(factor) + 1 (ours: 1 and 0, the defaults). A given
+    attention_factor other than those becomes mscale (above 1) or mscale_all_dim (below 1), the
+    other 0, reproducing it to 12 digits."""
+    out = {k: values[k] for k in ROPE_SCALINGS["yarn"]}
+    for key, default in (("beta_fast", 32), ("beta_slow", 1)):
+        v = values.get(key)
+        if v is not None and not (_number(v) and v >= 0):
+            problems.append(f"rope scaling yarn's {key} {json.dumps(v)} (needs a positive number)")
+        out[key] = float(v or default) if _number(v) or v is None else None
+    if out["beta_fast"] is not None and out["beta_slow"] is not None and out["beta_fast"] < out["beta_slow"]:
+        problems.append(f"rope scaling yarn's beta_fast {out['beta_fast']:g} below its beta_slow "
+                        f"{out['beta_slow']:g} (needs beta_fast >= beta_slow)")
+    for key in ("mscale", "mscale_all_dim"):
+        v = values.get(key)
+        if v is not None and not (_number(v) and v >= 0):
+            problems.append(f"rope scaling yarn's {key} {json.dumps(v)} (needs a number >= 0 or null)")
+    given = values.get("attention_factor")
+    if given is not None and not (_number(given) and given > 0):
+        problems.append(f"rope scaling yarn's attention_factor {json.dumps(given)} (needs a positive number or null)")
+    truncate = values.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        problems.append(f"rope scaling yarn's truncate {json.dumps(truncate)} (needs true, false or null)")
+    out["truncate"] = truncate is not False
+    mscale, mscale_all_dim = values.get("mscale"), values.get("mscale_all_dim")
+    both = _number(mscale) and _number(mscale_all_dim) and mscale and mscale_all_dim
+    out["mscale"], out["mscale_all_dim"] = (float(mscale), float(mscale_all_dim)) if both else (1.0, 0.0)
+    factor = out["factor"]
+    if _number(given) and given > 0 and _number(factor) and factor > 0 and not math.isclose(
+            given, yarn_attention_factor(float(factor), out["mscale"], out["mscale_all_dim"]), rel_tol=1e-12):
+        mscales = _mscales_for(float(given), float(factor))
+        if mscales is None:
+            problems.append(f"rope scaling yarn's attention_factor {json.dumps(given)} with factor "
+                            f"{json.dumps(factor)} (megatron-core's attention factor is 1 for a factor <= 1: "
+                            f"supported: null or 1)")
+        else:
+            out["mscale"], out["mscale_all_dim"] = mscales
+    return out
+
+
 def rope_scaling(c: dict):
     """(the RoPE scaling ``c`` asks for as {rope_type, its parameters} or None, the problems).
 
-    llama3's ``original_max_position_embeddings`` may also be a top-level field (transformers 5
-    prefers it there) or, missing in both places, ``max_position_embeddings`` (transformers 5's
-    fallback)."""
+    llama3's and yarn's ``original_max_position_embeddings`` may also be a top-level field
+    (transformers 5 prefers it there) or, missing in both places, ``max_position_embeddings``
+    (transformers 5's fallback). yarn's parameters are those our model takes (:func:`_yarn`)."""
     settings = _rope_settings(c)
     types = sorted({str(_rope_type(r) or "default") for r in settings})
     if len(types) > 1:
@@ -79,15 +158,15 @@ def rope_scaling(c: dict):
     if types in ([], ["default"]):
         return None, []
     r, rope_type = settings[0], _rope_type(settings[0])
-    if rope_type not in ROPE_SCALINGS:  # dynamic, yarn, longrope, ...
+    if rope_type not in ROPE_SCALINGS:  # dynamic, longrope, ...
         return None, [f"rope scaling {json.dumps(rope_type)} (supported: none, default, "
                       f"{', '.join(ROPE_SCALINGS)})"]
     keys = ROPE_SCALINGS[rope_type]
     problems = []
-    if any(other.get(k) != r.get(k) for other in settings[1:] for k in keys):
+    if any(other.get(k) != r.get(k) for other in settings[1:] for k in keys + _OPTIONAL.get(rope_type, ())):
         problems.append(f"rope_parameters and rope_scaling disagree ({rope_type} with other parameters)")
     values = {k: r.get(k) for k in keys}
-    if rope_type == "llama3":
+    if "original_max_position_embeddings" in keys:
         top, nested = c.get("original_max_position_embeddings"), values["original_max_position_embeddings"]
         if top is not None and nested is not None and top != nested:
             problems.append(f"original_max_position_embeddings {json.dumps(top)} and rope scaling's "
@@ -95,8 +174,10 @@ def rope_scaling(c: dict):
         values["original_max_position_embeddings"] = next(
             (v for v in (top, nested, c.get("max_position_embeddings")) if v is not None), None)
     for key, v in values.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        if not _number(v) or v <= 0:
             problems.append(f"rope scaling {rope_type}'s {key} {json.dumps(v)} (needs a positive number)")
+    if rope_type == "yarn":
+        values = _yarn({**values, **{k: r.get(k) for k in _OPTIONAL["yarn"]}}, problems)
     return {"rope_type": rope_type, **values}, problems
 
 
@@ -193,10 +274,11 @@ def hf_config_problems(model_type: str, c: dict) -> list:
     return problems
 
 
-# What our model must be for each Hugging Face class to express it (ModelConfig field: value).
+# What our model must be for each Hugging Face class to express it (ModelConfig field: value, or a
+# tuple of the values it may have).
 _EXPRESSIBLE = {
-    "llama": {"position_embedding_type": "rope", "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
-              "qk_layernorm": False, "rotary_percent": 1.0},
+    "llama": {"position_embedding_type": ("rope", "yarn"), "normalization": "RMSNorm", "swiglu": True,
+              "add_bias_linear": False, "qk_layernorm": False, "rotary_percent": 1.0},
     "gpt2": {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm", "swiglu": False,
              "add_bias_linear": True, "qk_layernorm": False, "untie_embeddings_and_output_weights": False},
 }
@@ -205,8 +287,9 @@ _EXPRESSIBLE = {
 def export_problems(model_type: str, m) -> list:
     """What of our model ``m`` (a ModelConfig) the Hugging Face class of ``model_type`` cannot express;
     empty when the export computes exactly what ``m`` does."""
-    problems = [f"{field} {getattr(m, field)!r} (needs {value!r})" for field, value in _EXPRESSIBLE[model_type].items()
-                if getattr(m, field) != value]
+    problems = [f"{field} {getattr(m, field)!r} (needs {' or '.join(map(repr, allowed))})"
+                for field, value in _EXPRESSIBLE[model_type].items()
+                for allowed in [value if isinstance(value, tuple) else (value,)] if getattr(m, field) not in allowed]
     if model_type == "llama" and m.use_rope_scaling and m.rotary_seq_len_interpolation_factor is not None:
         problems.append(f"use_rope_scaling True with rotary_seq_len_interpolation_factor "
                         f"{m.rotary_seq_len_interpolation_factor:g} (rope_scaling holds one of them: needs None)")

@@ -9,17 +9,26 @@
         --load-dir runs/llama3_8b --save-dir hf/llama3_8b_trained
 
 Model types: ``llama`` (LlamaForCausalLM: RMSNorm, SwiGLU, RoPE with its base, plain or scaled as
-Llama 3.1's (``rope_type: llama3``, our --use-rope-scaling and --rope-scaling-*) or linearly
-(``rope_type: linear``, our --rotary-seq-len-interpolation-factor), GQA, any head dimension, tied
-or untied embeddings) and ``gpt2`` (GPT2LMHeadModel: LayerNorm, tanh or exact GeLU, biases,
+Llama 3.1's (``rope_type: llama3``, our --use-rope-scaling and --rope-scaling-*), linearly
+(``rope_type: linear``, our --rotary-seq-len-interpolation-factor) or by YaRN (``rope_type: yarn``
+with its attention factor, our --position-embedding-type yarn with --rotary-scaling-factor, --yarn-*
+and --mscale/--mscale-all-dim), GQA, any head dimension, tied or untied embeddings) and ``gpt2`` (GPT2LMHeadModel: LayerNorm, tanh or exact GeLU, biases,
 learned positions, tied embeddings). Hugging Face weights are read from
-safetensors (single file or sharded with an index) or pytorch_model.bin and written as
-model.safetensors with a config.json. Runs in one process on the CPU; megatron-core's
-distributed checkpoints reshard on load, so one converted checkpoint serves every parallel layout.
+safetensors (single file or sharded with an index) or pytorch_model.bin. Runs in one process on
+the CPU; megatron-core's distributed checkpoints reshard on load, so one converted checkpoint
+serves every parallel layout.
+
+Export streams (``tools/checkpoint/stream.py``): the model is built on the meta device, each
+tensor is read from its stored region of the checkpoint when the mapping needs it, and written
+into safetensors shards of at most ``--max-shard-size`` (``model-0000i-of-0000N.safetensors`` and
+``model.safetensors.index.json``, or one ``model.safetensors``), so memory is about one shard; the
+run's tokenizer is written for ``AutoTokenizer`` (``tools/checkpoint/hf_tokenizer.py``), and
+config.json last. Import holds the whole model in memory.
 
 Nothing is converted approximately. A config.json of another architecture (Qwen2, Mistral, ...),
 a config field with a value that changes the computation in a way the mapping does not carry
-(biases, a sliding window, RoPE scaled other than llama3 or linear, another activation, ...), a
+(biases, a sliding window, RoPE scaled other than llama3, linear or yarn, a YaRN attention factor
+other than 1 with a factor <= 1, another activation, ...), a
 weight with no place in the mapping, a missing weight or one of the wrong shape is refused by name; so is a checkpoint of
 ours whose model the requested Hugging Face class cannot express (a GPT model exported as
 Llama): ``tools/checkpoint/checks.py``. Input errors are one line and exit code 2.
@@ -69,6 +78,12 @@ def _rope_scaling_fields(c: dict) -> dict:
         return {}
     if scaling["rope_type"] == "linear":
         return {"rotary_seq_len_interpolation_factor": float(scaling["factor"])}
+    if scaling["rope_type"] == "yarn":  # its parameters as checks._yarn gives them
+        return {"position_embedding_type": "yarn", "rotary_scaling_factor": float(scaling["factor"]),
+                "yarn_original_max_position_embeddings": scaling["original_max_position_embeddings"],
+                "yarn_beta_fast": scaling["beta_fast"], "yarn_beta_slow": scaling["beta_slow"],
+                "mscale": scaling["mscale"], "mscale_all_dim": scaling["mscale_all_dim"],
+                "yarn_correction_range_round_to_int": scaling["truncate"]}
     return {"use_rope_scaling": True, "rope_scaling_factor": float(scaling["factor"]),
             "rope_scaling_low_freq_factor": float(scaling["low_freq_factor"]),
             "rope_scaling_high_freq_factor": float(scaling["high_freq_factor"]),
@@ -76,7 +91,23 @@ def _rope_scaling_fields(c: dict) -> dict:
 
 
 def _hf_rope_scaling(a: dict) -> dict:
-    """config.json's ``rope_scaling`` for our RoPE arguments (transformers 4.43+ and 5 read it): {} for plain RoPE."""
+    """config.json's ``rope_scaling`` for our RoPE arguments (transformers 4.43+ and 5 read it): {} for plain RoPE.
+    YaRN's attention factor: megatron-core's mscale and mscale_all_dim when both are non-zero (transformers
+    then derives the same), else nothing when it is transformers' default, else the value itself."""
+    if a.get("position_embedding_type") == "yarn":
+        from tools.checkpoint.checks import yarn_attention_factor
+
+        factor, mscale, mscale_all_dim = float(a["rotary_scaling_factor"]), a["mscale"], a["mscale_all_dim"]
+        scaling = {"rope_type": "yarn", "factor": factor,
+                   "original_max_position_embeddings": a["yarn_original_max_position_embeddings"],
+                   "beta_fast": float(a["yarn_beta_fast"]), "beta_slow": float(a["yarn_beta_slow"]),
+                   "truncate": bool(a["yarn_correction_range_round_to_int"])}
+        attention_factor = yarn_attention_factor(factor, mscale, mscale_all_dim)
+        if mscale and mscale_all_dim:
+            scaling.update(mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
+        elif attention_factor != yarn_attention_factor(factor, 1.0, 0.0):
+            scaling["attention_factor"] = attention_factor
+        return {"rope_scaling": scaling}
     if a.get("use_rope_scaling"):
         original = a["rope_scaling_original_max_position_embeddings"]
         return {"rope_scaling": {"rope_type": "llama3", "factor": float(a["rope_scaling_factor"]),
@@ -106,10 +137,10 @@ def model_config_from_hf(model_type: str, c: dict, where: str = "config.json"):
                 num_attention_heads=heads, kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
                 num_query_groups=c.get("num_key_value_heads") or heads, normalization="RMSNorm",
                 norm_epsilon=c.get("rms_norm_eps", 1e-6), swiglu=True, add_bias_linear=False,
-                position_embedding_type="rope", rotary_base=rope_theta(c),
+                rotary_base=rope_theta(c),
                 max_position_embeddings=c.get("max_position_embeddings") or 4096,
                 untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
-                **_rope_scaling_fields(c), **common)
+                **{"position_embedding_type": "rope", **_rope_scaling_fields(c)}, **common)
         return ModelConfig(
             num_layers=c["n_layer"], hidden_size=c["n_embd"], ffn_hidden_size=c.get("n_inner") or 4 * c["n_embd"],
             num_attention_heads=c["n_head"], normalization="LayerNorm", norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
@@ -205,44 +236,51 @@ def hf_to_megatron(model_type, hf, a, padded_vocab):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def megatron_to_hf(model_type, sd, a, vocab):
+def iter_megatron_to_hf(model_type, sd, a, vocab):
+    """(Hugging Face name, tensor) for our state dict ``sd`` (any mapping: a dict, or
+    :class:`~tools.checkpoint.stream.CheckpointTensors` reading each tensor from disk when asked),
+    one at a time in the file order: embeddings, each layer's, the final norm, the output layer."""
     heads, groups = a["num_attention_heads"], a["num_query_groups"]
-    out = {}
     if model_type == "llama":
-        out["model.embed_tokens.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
+        yield "model.embed_tokens.weight", sd["embedding.word_embeddings.weight"][:vocab]
         for i in range(a["num_layers"]):
             p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-            out[p + "input_layernorm.weight"] = sd[m + "input_layernorm.weight"]
+            yield p + "input_layernorm.weight", sd[m + "input_layernorm.weight"]
             q, k, v = _qkv_from_megatron(sd[m + "self_attention.linear_qkv.weight"], heads, groups)
-            out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"] = q, k
-            out[p + "self_attn.v_proj.weight"] = v
-            out[p + "self_attn.o_proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
-            out[p + "post_attention_layernorm.weight"] = sd[m + "pre_mlp_layernorm.weight"]
+            yield from ((p + "self_attn.q_proj.weight", q), (p + "self_attn.k_proj.weight", k),
+                        (p + "self_attn.v_proj.weight", v))
+            yield p + "self_attn.o_proj.weight", sd[m + "self_attention.linear_proj.weight"]
+            yield p + "post_attention_layernorm.weight", sd[m + "pre_mlp_layernorm.weight"]
             gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-            out[p + "mlp.down_proj.weight"] = sd[m + "mlp.linear_fc2.weight"]
-        out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
+            yield from ((p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up))
+            yield p + "mlp.down_proj.weight", sd[m + "mlp.linear_fc2.weight"]
+        yield "model.norm.weight", sd["decoder.final_layernorm.weight"]
         if a["untie_embeddings_and_output_weights"]:
-            out["lm_head.weight"] = sd["output_layer.weight"][:vocab]
-    else:
-        out["transformer.wte.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
-        out["transformer.wpe.weight"] = sd["embedding.position_embeddings.weight"]
-        for i in range(a["num_layers"]):
-            p, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-                out[p + theirs + ".weight"], out[p + theirs + ".bias"] = sd[m + ours + ".weight"], sd[m + ours + ".bias"]
-            w = torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.weight"], heads, heads))
-            b = torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.bias"], heads, heads))
-            out[p + "attn.c_attn.weight"], out[p + "attn.c_attn.bias"] = w.t(), b
-            out[p + "attn.c_proj.weight"] = sd[m + "self_attention.linear_proj.weight"].t()
-            out[p + "attn.c_proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
-            out[p + "mlp.c_fc.weight"] = sd[m + "mlp.linear_fc1.weight"].t()
-            out[p + "mlp.c_fc.bias"] = sd[m + "mlp.linear_fc1.bias"]
-            out[p + "mlp.c_proj.weight"] = sd[m + "mlp.linear_fc2.weight"].t()
-            out[p + "mlp.c_proj.bias"] = sd[m + "mlp.linear_fc2.bias"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["decoder.final_layernorm.weight"], \
-            sd["decoder.final_layernorm.bias"]
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+            yield "lm_head.weight", sd["output_layer.weight"][:vocab]
+        return
+    yield "transformer.wte.weight", sd["embedding.word_embeddings.weight"][:vocab]
+    yield "transformer.wpe.weight", sd["embedding.position_embeddings.weight"]
+    for i in range(a["num_layers"]):
+        p, m = f"transformer.h.{i}.", f"decoder.layers.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            yield p + theirs + ".weight", sd[m + ours + ".weight"]
+            yield p + theirs + ".bias", sd[m + ours + ".bias"]
+        yield p + "attn.c_attn.weight", torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.weight"],
+                                                                     heads, heads)).t()
+        yield p + "attn.c_attn.bias", torch.cat(_qkv_from_megatron(sd[m + "self_attention.linear_qkv.bias"],
+                                                                   heads, heads))
+        yield p + "attn.c_proj.weight", sd[m + "self_attention.linear_proj.weight"].t()
+        yield p + "attn.c_proj.bias", sd[m + "self_attention.linear_proj.bias"]
+        yield p + "mlp.c_fc.weight", sd[m + "mlp.linear_fc1.weight"].t()
+        yield p + "mlp.c_fc.bias", sd[m + "mlp.linear_fc1.bias"]
+        yield p + "mlp.c_proj.weight", sd[m + "mlp.linear_fc2.weight"].t()
+        yield p + "mlp.c_proj.bias", sd[m + "mlp.linear_fc2.bias"]
+    yield "transformer.ln_f.weight", sd["decoder.final_layernorm.weight"]
+    yield "transformer.ln_f.bias", sd["decoder.final_layernorm.bias"]
+
+
+def megatron_to_hf(model_type, sd, a, vocab):
+    return {k: v.detach().clone().contiguous() for k, v in iter_megatron_to_hf(model_type, sd, a, vocab)}
 
 
 # -- the two directions ------------------------------------------------------------------
@@ -283,27 +321,35 @@ def hf_to_mcore(model_type, load_dir, save_dir):
                                           "padded_vocab_size": padded}, {})
 
 
-def mcore_to_hf(model_type, load_dir, save_dir, dtype="auto"):
+def mcore_to_hf(model_type, load_dir, save_dir, dtype="auto", max_shard_size="5GB", tokenizer_files=None):
     """Export the newest usable checkpoint in ``load_dir`` as a Hugging Face folder: weights in
-    ``dtype`` ("auto": the dtype the run trained in) and config.json."""
+    ``dtype`` ("auto": the dtype the run trained in), streamed into safetensors shards of at most
+    ``max_shard_size``, the run's tokenizer (its files as the checkpoint names them, or as
+    ``tokenizer_files`` overrides: {"tokenizer_model"|"vocab_file"|"merge_file": path}) and
+    config.json. Returns (the folder, the weight files written)."""
     import torch.distributed as dist
 
     from fpdt_ext.runtime import init_distributed
 
     init_distributed()
     try:
-        return _mcore_to_hf(model_type, load_dir, save_dir, dtype)
+        return _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files or {})
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _mcore_to_hf(model_type, load_dir, save_dir, dtype="auto"):
+def _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files):
     from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
 
     from megatron.training.checkpointing import model_config_from_args, newest_usable_checkpoint, saved_padded_vocab
+    from tools.checkpoint.hf_tokenizer import export_tokenizer
+    from tools.checkpoint.stream import CheckpointTensors, MetaTensors, parse_size, write_streamed
 
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
     path, reasons = newest_usable_checkpoint(load_dir)
     if path is None:
         raise ConversionError(f"--load-dir {load_dir} holds no usable checkpoint ("
@@ -318,23 +364,32 @@ def _mcore_to_hf(model_type, load_dir, save_dir, dtype="auto"):
         raise ConversionError(f"{path}: its model arguments do not describe a model ({e})") from None
     check_exportable(model_type, model_config, path)
     vocab = common.get("true_vocab_size") or a["vocab_size"]
-    _, model, _ = _single_process_model(model_config, vocab, saved_padded_vocab(common))  # every saved row
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
-    model.load_state_dict(loaded)
+    with torch.device("meta"):  # names, shapes and stored regions only: no weight is held in memory
+        _, meta_model, _ = _single_process_model(model_config, vocab, saved_padded_vocab(common))
     fields = dataclasses.asdict(model_config)
-    hf = megatron_to_hf(model_type, {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")},
-                        fields, vocab)
     dtype_name = (a.get("params_dtype") or "float32") if dtype == "auto" else dtype  # the training dtype by default
-    hf = {k: v.to(getattr(torch, dtype_name)).contiguous() for k, v in hf.items()}
-    config = {**hf_config_from_args(model_type, fields, vocab), "torch_dtype": dtype_name}
+    target = getattr(torch, dtype_name)
+    nbytes = torch.empty((), dtype=target).element_size()
+    planned = [(name, t.numel() * nbytes) for name, t in iter_megatron_to_hf(model_type, MetaTensors(meta_model),
+                                                                              fields, vocab)]
+    stored = CheckpointTensors(path, meta_model)
+    converted = ((name, t.to(target)) for name, t in iter_megatron_to_hf(model_type, stored, fields, vocab))
     try:
         os.makedirs(save_dir, exist_ok=True)
-        save_file(hf, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(save_dir, "config.json"), "w") as f:
+        config_path = os.path.join(save_dir, "config.json")
+        if os.path.exists(config_path):  # a folder with a config.json is a complete export: it is written last
+            os.remove(config_path)
+        # the tokenizer first: cheap, and its files (moved since training?) are the likeliest mistake
+        tokenizer = export_tokenizer({**a, **tokenizer_files}, save_dir, vocab_size=vocab)
+        config = {**hf_config_from_args(model_type, fields, vocab), **tokenizer.config_fields(),
+                  "torch_dtype": dtype_name}
+        files = write_streamed(save_dir, converted, planned, max_shard_bytes).files
+        with open(config_path + ".tmp", "w") as f:
             json.dump(config, f, indent=1)
+        os.replace(config_path + ".tmp", config_path)
     except OSError as e:
         raise ConversionError(f"--save-dir {save_dir} cannot be written ({e.strerror or e})") from None
-    return save_dir
+    return save_dir, files
 
 
 def main(argv=None) -> int:
@@ -350,6 +405,14 @@ def main(argv=None) -> int:
                              "and the latest pointer keeps naming the newest)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="--saver hf: the weights' dtype (auto: the dtype the checkpoint's run trained in)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="--saver hf: the largest safetensors file (Hugging Face's spelling: 5GB, 500MB, 2GiB); "
+                             "a model larger than one is written as model-0000i-of-0000N.safetensors with "
+                             "model.safetensors.index.json. Export streams: its memory is about one shard")
+    for flag, what in (("--tokenizer-model", "tokenizer.model or Hugging Face tokenizer folder"),
+                       ("--vocab-file", "GPT-2 vocab.json"), ("--merge-file", "GPT-2 merges.txt")):
+        parser.add_argument(flag, default=None, help=f"--saver hf: the run's {what}, where it is now (default: the "
+                                                     f"path the checkpoint recorded at training)")
     args = parser.parse_args(argv)
     from megatron.training.notices import quiet_known_notices
 
@@ -379,7 +442,10 @@ def _convert(args) -> int:
     if args.loader == "hf":
         written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir)
     else:
-        written = mcore_to_hf(args.model_type, args.load_dir, args.save_dir, args.dtype)
+        overrides = {k: getattr(args, k) for k in ("tokenizer_model", "vocab_file", "merge_file") if getattr(args, k)}
+        written, files = mcore_to_hf(args.model_type, args.load_dir, args.save_dir, args.dtype, args.max_shard_size,
+                                     overrides)
+        print(f"wrote {len(files)} weight file{'s' * (len(files) > 1)} ({files[0]}{' ...' * (len(files) > 1)})")
     print(f"wrote {written}")
     return 0
 
