@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from bench.memory import PeakMemory, malloc_env  # noqa: E402
 from fpdt_ext import fpdt_attention  # noqa: E402
 from fpdt_ext.testing.spawn import run_world  # noqa: E402
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,10 +51,12 @@ def _fpdt_step(group, num_chunks, offload):
     return step
 
 
-def worker(rank, world_size, setups, seq_lens, heads, head_dim, dtype_name, repeats):
+def worker(rank, world_size, setups, seq_lens, heads, head_dim, dtype_name, repeats, progress=False):
     group = dist.group.WORLD if world_size > 1 else None
     dtype = DTYPES[dtype_name]
     results = []
+    bar = Progress(len(seq_lens) * len(setups), f"attention, {world_size} rank{'s' * (world_size > 1)}",
+                   unit="setup", enabled=progress, rank=rank)
     for seq in seq_lens:
         for setup in setups:
             kind, num_chunks, offload = setup
@@ -81,6 +84,8 @@ def worker(rank, world_size, setups, seq_lens, heads, head_dim, dtype_name, repe
                 run()
             results.append(dict(seq=seq, kind=kind, ranks=world_size, num_chunks=num_chunks, offload=offload,
                                 seconds=statistics.median(times), peak_bytes=mem.peak_bytes))
+            bar.update(seq=seq, setup=label(results[-1]))
+    bar.close()
     return results
 
 
@@ -102,6 +107,7 @@ def main(argv=None):
     parser.add_argument("--no-two-ranks", action="store_true", help="skip the 2-process runs")
     parser.add_argument("--quick", action="store_true", help="2K and 4K, chunks 1 and 4, one repeat")
     parser.add_argument("--out", help="write the raw results as JSON here")
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_lens, args.chunks, args.repeats = [2048, 4096], [1, 4], 1
@@ -111,7 +117,7 @@ def main(argv=None):
                 parser.error(f"--seq-lens {seq} is not divisible by 2*chunks {2 * u}")
     malloc_env()
 
-    common = (args.seq_lens, args.heads, args.head_dim, args.dtype, args.repeats)
+    common = (args.seq_lens, args.heads, args.head_dim, args.dtype, args.repeats, not args.no_progress)
     one_rank = [("sdpa", 1, False)] + [("fpdt", u, False) for u in args.chunks]
     one_rank.append(("fpdt", max(args.chunks), True))
     print(f"# attention fwd+bwd, b=1, heads={args.heads}, head_dim={args.head_dim}, {args.dtype}, "

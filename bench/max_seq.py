@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import measure  # noqa: E402
 from fpdt_ext.runtime import Runtime  # noqa: E402
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 
 SETUPS = ("baseline", "fpdt", "fpdt-disk")
@@ -109,6 +110,7 @@ def main(argv=None):
                         "ratio is the median of the rounds' ratios")
     p.add_argument("--confirm-steps", type=int, default=1, help="timed steps of each direct run (their median)")
     p.add_argument("--out", default=None)
+    add_progress_flag(p)
     a = p.parse_args(argv)
     kinds = ["baseline"] + [k for k in SETUPS if k in a.setups and k != "baseline"]
     lens = {"baseline": a.baseline_lens, "fpdt": a.fpdt_lens, "fpdt-disk": a.disk_lens}
@@ -117,10 +119,14 @@ def main(argv=None):
     offload_dir = a.offload_dir or (default_offload_dir() if "fpdt-disk" in kinds else None)
     cap = a.cap_gib * 2**30
     report = {"cap_bytes": cap, "model": a.model, "nproc": a.nproc, "chunk_size": a.chunk_size, "setups": {}}
+    bar = Progress(sum(len(lens[k]) for k in kinds) + a.confirm_rounds * len(kinds), "max_seq", unit="run",
+                   enabled=not a.no_progress)
     for kind in kinds:
-        rows = [measure(kind, a.model, s, a.nproc, a.chunk_size, offload_dir=offload_dir) for s in lens[kind]]
-        for r in rows:
-            print(json.dumps(r), flush=True)
+        rows = []
+        for s in lens[kind]:
+            rows.append(measure(kind, a.model, s, a.nproc, a.chunk_size, offload_dir=offload_dir))
+            bar.print(json.dumps(rows[-1]))
+            bar.update(setup=kind, seq=s)
         points = [(r["seq"], r["peak_bytes"]) for r in rows]
         intercept, slope, deviation = fit_line(points)
         report["setups"][kind] = dict(points=rows, intercept_bytes=intercept, bytes_per_token=slope,
@@ -131,10 +137,15 @@ def main(argv=None):
             disk = fit_line([(r["seq"], r["peak_disk_bytes"]) for r in rows])
             report["setups"][kind]["disk_bytes_at_max"] = disk[0] + disk[1] * report["setups"][kind]["max_seq"]
     base_max = report["setups"]["baseline"]["max_seq"]
-    rounds = [{k: measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps,
-                          offload_dir=offload_dir) for k in kinds} for _ in range(a.confirm_rounds)]
-    for r in rounds:
-        print(json.dumps(r), flush=True)
+    rounds = []
+    for number in range(1, a.confirm_rounds + 1):
+        rounds.append({})
+        for k in kinds:
+            rounds[-1][k] = measure(k, a.model, base_max, a.nproc, a.chunk_size, steps=a.confirm_steps,
+                                    offload_dir=offload_dir)
+            bar.update(setup=k, seq=base_max, round=f"{number}/{a.confirm_rounds}")
+        bar.print(json.dumps(rounds[-1]))
+    bar.close()
     confirm = {k: dict(rounds[0][k], seconds=statistics.median(r[k]["seconds"] for r in rounds),
                        peak_bytes=max(r[k]["peak_bytes"] for r in rounds)) for k in kinds}
     report["confirm"], report["confirm_rounds"] = confirm, rounds

@@ -30,6 +30,8 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools.progress import Progress, add_progress_flag  # noqa: E402
+
 # The benchmarks' models: Llama's architecture (RMSNorm, SwiGLU, no biases, RoPE, no dropout), with
 # the vocabulary each is measured with. Fields are ModelConfig's (megatron/training/config.py).
 LLAMA = dict(normalization="RMSNorm", swiglu=True, add_bias_linear=False, position_embedding_type="rope",
@@ -196,12 +198,15 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--plot", default=None, help="write a PNG of memory and time against length")
     p.add_argument("--out", default=None, help="write the raw results as JSON")
+    add_progress_flag(p)
     a = p.parse_args(argv)
     results = []
-    for seq in a.seq_lens:
-        for kind in ("baseline", "fpdt"):
-            results.append(measure(kind, a.model, seq, a.nproc, a.chunk_size, a.steps, a.bf16))
-            print(json.dumps(results[-1]), flush=True)
+    with Progress(2 * len(a.seq_lens), "train_step", unit="run", enabled=not a.no_progress) as bar:
+        for seq in a.seq_lens:
+            for kind in ("baseline", "fpdt"):
+                results.append(measure(kind, a.model, seq, a.nproc, a.chunk_size, a.steps, a.bf16))
+                bar.print(json.dumps(results[-1]))
+                bar.update(seq=seq, setup=kind)
     print(f"# one training step, {a.model}, {a.nproc} processes, FPDT chunk {a.chunk_size}; baseline: TP "
           f"{a.nproc} + full recompute")
     print_table(results)

@@ -47,6 +47,7 @@ import torch.distributed as dist  # noqa: E402
 from tools.eval_common import (Parser, UsageError, add_model_flags, build_eval_model, check_model_flags,  # noqa: E402
                                check_output, finish, local_batch, open_checkpoint, run_tool, sequence_multiple,
                                text_tokenizer)
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it; you will be asked about it.")
@@ -67,6 +68,7 @@ def _parse(argv):
     p.add_argument("--output", required=True, help="where the JSON lines go")
     p.add_argument("--plot", default=None, help="heatmap of accuracy by length and depth (.svg, or .png with "
                                                 "matplotlib)")
+    add_progress_flag(p)
     opts = p.parse_args(argv)
     opts.fpdt = True  # the FPDT model scores every sample, at FPDT size 1 by default
     return opts
@@ -246,7 +248,8 @@ def _evaluate(opts) -> int:
     model, groups = build_eval_model(opts, ckpt, max(opts.lengths))
     first = dist.get_rank() == 0
     cells = {(length, depth): [0, 0] for length in opts.lengths for depth in opts.depths}
-    with open(opts.output, "w") if first else open(os.devnull, "w") as out:
+    bar = Progress(len(samples), "eval_passkey", unit="sample", enabled=not opts.no_progress, rank=dist.get_rank())
+    with open(opts.output, "w") if first else open(os.devnull, "w") as out, bar:
         for length, depth, index, key, ids, answer in samples:
             hits, logprob = score(model, groups, opts, ids, answer, ckpt.vocab)
             cells[(length, depth)][0] += hits == answer
@@ -254,6 +257,7 @@ def _evaluate(opts) -> int:
             out.write(json.dumps({"length": length, "depth": depth, "sample": index, "key": key,
                                   "tokens": len(ids) - 1, "retrieved": hits == answer,
                                   "token_accuracy": hits / answer, "key_logprob": logprob}) + "\n")
+            bar.update(length=length, depth=f"{depth:g}", retrieved=sum(c[0] for c in cells.values()))
         summary = {"summary": True, "samples": len(samples),
                    "accuracy": sum(c[0] for c in cells.values()) / len(samples),
                    "cells": [{"length": n, "depth": d, "retrieved": c[0], "samples": c[1], "accuracy": c[0] / c[1]}

@@ -39,6 +39,7 @@ import torch.distributed as dist  # noqa: E402
 from tools.eval_common import (Parser, UsageError, add_model_flags, build_eval_model, check_model_flags,  # noqa: E402
                                check_output, finish, first_line, local_batch, local_chunks, open_checkpoint, run_tool,
                                sequence_multiple, text_tokenizer)
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 
 def _parse(argv):
@@ -48,6 +49,7 @@ def _parse(argv):
     p.add_argument("--output", required=True, help="where the JSON lines go")
     p.add_argument("--json-key", default="text")
     p.add_argument("--bucket-size", type=int, default=None, help="position bucket width (default: powers of 2)")
+    add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -160,34 +162,37 @@ def _evaluate(opts, records) -> int:
     first = dist.get_rank() == 0
     out = open(opts.output, "w") if first else None
     buckets, total_nll, total_tokens = {}, 0.0, 0
-    for index, (doc_id, ids) in enumerate(docs):
-        n = len(ids) - 1
-        if n < 1:
-            continue
-        length = -(-n // multiple) * multiple
-        batch = local_batch(opts, groups, ids[:-1], ids[1:], length)
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            losses = model(*(batch[k].to(device) for k in ("tokens", "position_ids")), None,
-                           labels=batch["labels"].to(device)).float().cpu()  # [1, length/P]
-        if opts.fpdt and sp > 1:
-            pieces = [torch.empty_like(losses) for _ in range(sp)]
-            dist.all_gather(pieces, losses, group=groups.sp)
-            losses = fpdt_unshard(pieces, dim=1, num_chunks=local_chunks(opts, length))
-        nll = losses[0, :n].double()
-        if first:
-            for position, value in enumerate(nll.tolist()):
-                key = _bucket(position, opts.bucket_size)
-                acc = buckets.setdefault(key, [0.0, 0])
-                acc[0] += value
-                acc[1] += 1
-            mean = nll.mean().item()
-            total_nll += nll.sum().item()
-            total_tokens += n
-            row = {"doc": index, "tokens": n, "nll": mean, "ppl": math.exp(min(mean, 50))}
-            if doc_id is not None:
-                row["id"] = doc_id
-            out.write(json.dumps(row) + "\n")
+    with Progress(sum(max(len(ids) - 1, 0) for _, ids in docs), "eval_ppl", unit="token",
+                  enabled=not opts.no_progress, rank=dist.get_rank()) as bar:
+        for index, (doc_id, ids) in enumerate(docs):
+            n = len(ids) - 1
+            if n < 1:
+                continue
+            length = -(-n // multiple) * multiple
+            batch = local_batch(opts, groups, ids[:-1], ids[1:], length)
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                losses = model(*(batch[k].to(device) for k in ("tokens", "position_ids")), None,
+                               labels=batch["labels"].to(device)).float().cpu()  # [1, length/P]
+            if opts.fpdt and sp > 1:
+                pieces = [torch.empty_like(losses) for _ in range(sp)]
+                dist.all_gather(pieces, losses, group=groups.sp)
+                losses = fpdt_unshard(pieces, dim=1, num_chunks=local_chunks(opts, length))
+            nll = losses[0, :n].double()
+            if first:
+                for position, value in enumerate(nll.tolist()):
+                    key = _bucket(position, opts.bucket_size)
+                    acc = buckets.setdefault(key, [0.0, 0])
+                    acc[0] += value
+                    acc[1] += 1
+                mean = nll.mean().item()
+                total_nll += nll.sum().item()
+                total_tokens += n
+                row = {"doc": index, "tokens": n, "nll": mean, "ppl": math.exp(min(mean, 50))}
+                if doc_id is not None:
+                    row["id"] = doc_id
+                out.write(json.dumps(row) + "\n")
+                bar.update(n, docs=f"{index + 1}/{len(docs)}")
     if first:
         summary = {"summary": True, "documents": len(docs), "tokens": total_tokens,
                    "nll": total_nll / max(total_tokens, 1),

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from megatron.training.notices import quiet_known_notices  # noqa: E402
 from megatron.training.tokenizer import (add_tokenizer_args, build_tokenizer, check_tokenizer_args,  # noqa: E402
                                          tokenizer_files)
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 _TOKENIZER = None
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -122,31 +123,6 @@ def _encode(job):
                                                 f"tokenizer's vocabulary [0, {_TOKENIZER.vocab_size})")
         out[key] = ids
     return number, out, None
-
-
-class Progress:
-    """A one-line progress bar on stderr with throughput, at most a few updates a second."""
-
-    def __init__(self, total_bytes: int, interval: float = 0.5):
-        self.total, self.interval = max(total_bytes, 1), interval
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done_bytes, docs, tokens, force=False):
-        now = time.perf_counter()
-        if not force and now - self.last < (self.interval if self.tty else 10 * self.interval):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        frac = min(done_bytes / self.total, 1.0)
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        line = (f"[{bar}] {100 * frac:5.1f}% {docs} docs {tokens} tokens | {docs / elapsed:.0f} docs/s "
-                f"{done_bytes / elapsed / 2**20:.1f} MB/s {tokens / elapsed:.0f} tokens/s")
-        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
 
 
 def _jobs(path, keys, append_eod, counter):
@@ -305,7 +281,8 @@ def preprocess(args, tokenizer) -> dict:
     tmp = {(k, ext): f"{p}.{ext}.tmp-{os.getpid()}-{host}" for k, p in final.items() for ext in ("bin", "idx")}
     stats = dict(documents=0, tokens=0, skipped=0, malformed=[], reasons=collections.Counter())
     read = [0]
-    progress = Progress(os.path.getsize(args.input))
+    start = time.perf_counter()
+    progress = Progress(os.path.getsize(args.input), "preprocess", unit="B", enabled=not args.no_progress)
     main_thread = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     builders, pool, ok = {}, None, False
@@ -323,7 +300,7 @@ def preprocess(args, tokenizer) -> dict:
                 builders[key].add_document(ids.astype(dtype), [len(ids)])
             stats["documents"] += 1
             stats["tokens"] += sum(len(ids) for ids in encoded.values())
-            progress.update(read[0], stats["documents"], stats["tokens"])
+            _show(progress, read[0], stats)
         if not stats["documents"]:
             first = stats["malformed"][0] if stats["malformed"] else None
             raise InputError(f"--input {args.input}: no document to write" +
@@ -339,18 +316,25 @@ def preprocess(args, tokenizer) -> dict:
             pool.terminate()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if ok:
-            progress.update(read[0], stats["documents"], stats["tokens"], force=True)
-        progress.close()
+        progress.close(finished=ok)
         if not ok:
             for builder in builders.values():
                 builder.data_file.close()
             for path in tmp.values():
                 if os.path.exists(path):
                     os.remove(path)
-    stats["elapsed_s"] = time.perf_counter() - progress.start
+    stats["elapsed_s"] = time.perf_counter() - start
     stats["outputs"] = list(final.values())
     return stats
+
+
+def _show(progress, read_bytes, stats):
+    """Bytes of the input read (rate, time left), documents and tokens written with their rates."""
+    if not progress.enabled:
+        return
+    elapsed = max(time.monotonic() - progress.start, 1e-9)
+    progress.update(read_bytes - progress.n, docs=f"{stats['documents']} ({stats['documents'] / elapsed:.0f} docs/s)",
+                    tokens=f"{stats['tokens']} ({stats['tokens'] / elapsed:.0f}/s)")
 
 
 def _malformed(args, stats, number, problem):
@@ -386,6 +370,7 @@ def build_parser():
                         "(default), or report it and stop without writing anything")
     p_tok = add_tokenizer_args(parser)
     p_tok.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer only: ids are in [0, this)")
+    add_progress_flag(parser)
     return parser
 
 

@@ -38,6 +38,7 @@ from fpdt_ext.core import kernels
 from fpdt_ext.core.comm import Pending, group_size, head_to_seq, seq_to_head
 from fpdt_ext.core.config import ChunkPlan, FPDTConfig, check_attention_inputs, default_softmax_scale, kv_replication
 from fpdt_ext.memory.offload import ChunkStore, Residency
+from fpdt_ext.profiling import ATTENTION_CHUNK_BACKWARD, ATTENTION_CHUNK_FORWARD, phase
 
 Tensor = torch.Tensor
 
@@ -165,29 +166,30 @@ def forward_chunks(chunk_qkv: Callable[[int], Tuple[Tensor, Tensor, Tensor]], ou
     outgoing = collections.deque()
     incoming = send(0)
     for i in range(num_chunks):
-        q_i, k_i, v_i = (p.wait() for p in incoming)
-        if i + 1 < num_chunks:
-            incoming = send(i + 1)
-        kv.put(i, (k_i, v_i))
-        if i > 0:
-            kv.prefetch(0)
-        out_i, lse_i = kernels.block_forward(q_i, k_i, v_i, causal=True, **block)
-        acc = out_i.to(lse_i.dtype)  # [b, P*c, H/P, d] running output, float32 or float64
-        kv.release(i)
-        for j in range(i):
-            k_j, v_j = kv.get(j)
-            if j + 1 < i:
-                kv.prefetch(j + 1)
-            blk_out, blk_lse = kernels.block_forward(q_i, k_j, v_j, causal=False, **block)
-            kernels.merge_into(acc, lse_i, blk_out, blk_lse)
-            kv.release(j)
-        out_i = acc.to(out.dtype)
-        if state.for_backward:
-            qo.put(i, (q_i, out_i, lse_i))
-        outgoing.append(head_to_seq(out_i, group, out=out[i * c:(i + 1) * c], async_op=True))
-        if state.for_backward:
-            qo.release(i)
-        _inflight_guard(outgoing)
+        with phase(ATTENTION_CHUNK_FORWARD):
+            q_i, k_i, v_i = (p.wait() for p in incoming)
+            if i + 1 < num_chunks:
+                incoming = send(i + 1)
+            kv.put(i, (k_i, v_i))
+            if i > 0:
+                kv.prefetch(0)
+            out_i, lse_i = kernels.block_forward(q_i, k_i, v_i, causal=True, **block)
+            acc = out_i.to(lse_i.dtype)  # [b, P*c, H/P, d] running output, float32 or float64
+            kv.release(i)
+            for j in range(i):
+                k_j, v_j = kv.get(j)
+                if j + 1 < i:
+                    kv.prefetch(j + 1)
+                blk_out, blk_lse = kernels.block_forward(q_i, k_j, v_j, causal=False, **block)
+                kernels.merge_into(acc, lse_i, blk_out, blk_lse)
+                kv.release(j)
+            out_i = acc.to(out.dtype)
+            if state.for_backward:
+                qo.put(i, (q_i, out_i, lse_i))
+            outgoing.append(head_to_seq(out_i, group, out=out[i * c:(i + 1) * c], async_op=True))
+            if state.for_backward:
+                qo.release(i)
+            _inflight_guard(outgoing)
     for p in outgoing:
         p.wait()
     return out
@@ -285,50 +287,51 @@ def backward_chunks(dout: Tensor, plan: AttentionPlan, state: AttentionState, si
     for store in (qo, do_store):
         store.prefetch(0)
     for t, (j, i) in enumerate(pairs):
-        if i == j:  # a new outer step: KV chunk j becomes resident
-            k_j, v_j = kv.get(j)
-        q_i, out_i, lse_i = qo.get(i)
-        (do_i,) = do_store.get(i)
-        if dq_kept is not None:
-            dq_i, dq_kept = dq_kept, None
-        else:
-            dq_i = dq_store.get(i)[0] if dq_store.has(i) else None
-        nxt = pairs[t + 1] if t + 1 < len(pairs) else None
-        if nxt is not None:  # start fetching what the next step needs
-            if nxt[0] != j:
-                kv.prefetch(nxt[0])
-            if nxt[1] != i:
-                for store in (qo, do_store) + ((dq_store,) if dq_store.has(nxt[1]) else ()):
-                    store.prefetch(nxt[1])
-        dq_blk, dk_blk, dv_blk = kernels.block_backward(do_i, q_i, k_j, v_j, out_i, lse_i, causal=(i == j), **block)
-        # The first contribution becomes the accumulator (float32, or float64 for float64 inputs).
-        dq_i = _accumulate(dq_i, dq_blk, lse_i.dtype)
-        dk_j = _accumulate(None if i == j else dk_j, dk_blk, lse_i.dtype)
-        dv_j = _accumulate(None if i == j else dv_j, dv_blk, lse_i.dtype)
-        if i == j:  # dq_i has seen KV chunks 0..i: complete
-            dq_sent[i] = head_to_seq(dq_i.to(dout.dtype), group, out=sink.targets(i)[0], async_op=True)
-            if dq_store.has(i):
-                dq_store.pop(i)  # after head_to_seq copied dq_i out: a fetched copy is poisoned
-        elif nxt is not None and nxt[1] == i:
-            # (u-2, u-1) -> (u-1, u-1): the next step completes dq_i at once; stored, it would
-            # go to the host and straight back, a fetch no prefetch can hide
-            dq_kept = dq_i
-        else:
-            dq_store.put(i, (dq_i,))
-            dq_store.release(i)
-        if nxt is None or nxt[1] != i:
-            qo.release(i)
-            do_store.release(i)
-        if i == num_chunks - 1:  # end of outer step j: dk_j, dv_j complete
-            kv.pop(j)
-            _, dk_out, dv_out = sink.targets(j)
-            outgoing.append((j, (dq_sent.pop(j),
-                                 head_to_seq(dk_j.to(dout.dtype), group, out=dk_out, async_op=True),
-                                 head_to_seq(dv_j.to(dout.dtype), group, out=dv_out, async_op=True))))
-            qo.pop(j)
-            do_store.pop(j)
-            while len(outgoing) > _MAX_INFLIGHT // 2:
-                finish_oldest()
+        with phase(ATTENTION_CHUNK_BACKWARD):
+            if i == j:  # a new outer step: KV chunk j becomes resident
+                k_j, v_j = kv.get(j)
+            q_i, out_i, lse_i = qo.get(i)
+            (do_i,) = do_store.get(i)
+            if dq_kept is not None:
+                dq_i, dq_kept = dq_kept, None
+            else:
+                dq_i = dq_store.get(i)[0] if dq_store.has(i) else None
+            nxt = pairs[t + 1] if t + 1 < len(pairs) else None
+            if nxt is not None:  # start fetching what the next step needs
+                if nxt[0] != j:
+                    kv.prefetch(nxt[0])
+                if nxt[1] != i:
+                    for store in (qo, do_store) + ((dq_store,) if dq_store.has(nxt[1]) else ()):
+                        store.prefetch(nxt[1])
+            dq_blk, dk_blk, dv_blk = kernels.block_backward(do_i, q_i, k_j, v_j, out_i, lse_i, causal=(i == j), **block)
+            # The first contribution becomes the accumulator (float32, or float64 for float64 inputs).
+            dq_i = _accumulate(dq_i, dq_blk, lse_i.dtype)
+            dk_j = _accumulate(None if i == j else dk_j, dk_blk, lse_i.dtype)
+            dv_j = _accumulate(None if i == j else dv_j, dv_blk, lse_i.dtype)
+            if i == j:  # dq_i has seen KV chunks 0..i: complete
+                dq_sent[i] = head_to_seq(dq_i.to(dout.dtype), group, out=sink.targets(i)[0], async_op=True)
+                if dq_store.has(i):
+                    dq_store.pop(i)  # after head_to_seq copied dq_i out: a fetched copy is poisoned
+            elif nxt is not None and nxt[1] == i:
+                # (u-2, u-1) -> (u-1, u-1): the next step completes dq_i at once; stored, it would
+                # go to the host and straight back, a fetch no prefetch can hide
+                dq_kept = dq_i
+            else:
+                dq_store.put(i, (dq_i,))
+                dq_store.release(i)
+            if nxt is None or nxt[1] != i:
+                qo.release(i)
+                do_store.release(i)
+            if i == num_chunks - 1:  # end of outer step j: dk_j, dv_j complete
+                kv.pop(j)
+                _, dk_out, dv_out = sink.targets(j)
+                outgoing.append((j, (dq_sent.pop(j),
+                                     head_to_seq(dk_j.to(dout.dtype), group, out=dk_out, async_op=True),
+                                     head_to_seq(dv_j.to(dout.dtype), group, out=dv_out, async_op=True))))
+                qo.pop(j)
+                do_store.pop(j)
+                while len(outgoing) > _MAX_INFLIGHT // 2:
+                    finish_oldest()
     while outgoing:
         finish_oldest()
 

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from fpdt_ext.profiling import ALL_TO_ALL, ALL_TO_ALL_WAIT, phase
+
 Tensor = torch.Tensor
 
 
@@ -43,9 +45,10 @@ class Pending:
 
     def wait(self) -> Tensor:
         if self._finish is not None:
-            if self._work is not None:
-                self._work.wait()  # sync point: the exchange has landed (NCCL: current stream waits)
-            self._result = self._finish()
+            with phase(ALL_TO_ALL_WAIT):
+                if self._work is not None:
+                    self._work.wait()  # sync point: the exchange has landed (NCCL: current stream waits)
+                self._result = self._finish()
             self._finish = self._work = self._send = None
         return self._result
 
@@ -58,7 +61,8 @@ def _copy(view: Tensor) -> Tensor:
 def _exchange(send: Tensor, group, async_op: bool, finish: Callable[[Tensor], Tensor],
               recv: Optional[Tensor] = None) -> Pending:
     recv = torch.empty_like(send) if recv is None else recv.view(send.shape)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+    with phase(ALL_TO_ALL):
+        work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
     return Pending(work, lambda: finish(recv), send)
 
 

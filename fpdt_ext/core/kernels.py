@@ -23,12 +23,12 @@ Backends, chosen by :func:`select_backend`:
     flash_attn      cuda    fp16, bf16          flash_attn.flash_attn_func (public) forward;
                                                 flash_attn.flash_attn_interface._flash_attn_backward
                                                 (private; arguments bound by name) backward;
-                                                flash-attn >= 2.5, < 3 (untested on GPU)
+                                                flash-attn >= 2.5, < 3 (untested on GPU: not in the image)
     cuda_flash      cuda    fp16, bf16, d<=256  aten._scaled_dot_product_flash_attention(+_backward),
-                                                torch >= 2.3 (untested on GPU)
+                                                torch >= 2.3 (run on an H200, torch 2.11)
     cuda_efficient  cuda    fp32 (any)          aten._scaled_dot_product_efficient_attention(+_backward),
-                                                torch >= 2.3 (lse padded to a multiple of 32; untested
-                                                on GPU)
+                                                torch >= 2.3 (lse padded to a multiple of 32; run on
+                                                an H200, torch 2.11)
     cpu_flash       cpu     fp32, bf16, fp16,   aten._scaled_dot_product_flash_attention_for_cpu
                             fp64                (+_backward), torch >= 2.3 (tested 2.13)
     math            any     any                 plain torch ops; float64 reference path for tests,

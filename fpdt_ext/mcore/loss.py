@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 
 from fpdt_ext.core import kernels
 from fpdt_ext.core.comm import group_rank, group_size
+from fpdt_ext.profiling import LOSS_CHUNK_BACKWARD, LOSS_CHUNK_FORWARD, phase
 
 
 
@@ -49,15 +50,16 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         loss = torch.empty(labels.shape, dtype=ctx.compute_dtype, device=hidden.device)
         lse = torch.empty_like(loss)
         for h_c, y_c, loss_c, lse_c in zip(*(t.chunk(num_chunks, dim=0) for t in (hidden, labels, loss, lse))):
-            logits = _logits(h_c, weight)  # [c, b, V/tp], float32 (float64)
-            logits_max = _all_reduce(logits.max(dim=-1)[0], dist.ReduceOp.MAX, tp_group)
-            _, _, predicted, sum_exp, _ = VocabParallelCrossEntropy.calculate_predicted_logits(
-                logits, y_c, logits_max, vocab_start, vocab_end)  # logits become exp(logits - max)
-            _all_reduce(predicted, dist.ReduceOp.SUM, tp_group)
-            _all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group)
-            log_sum_exp = torch.log(sum_exp)
-            loss_c.copy_(log_sum_exp - predicted)
-            lse_c.copy_(log_sum_exp + logits_max)
+            with phase(LOSS_CHUNK_FORWARD):
+                logits = _logits(h_c, weight)  # [c, b, V/tp], float32 (float64)
+                logits_max = _all_reduce(logits.max(dim=-1)[0], dist.ReduceOp.MAX, tp_group)
+                _, _, predicted, sum_exp, _ = VocabParallelCrossEntropy.calculate_predicted_logits(
+                    logits, y_c, logits_max, vocab_start, vocab_end)  # logits become exp(logits - max)
+                _all_reduce(predicted, dist.ReduceOp.SUM, tp_group)
+                _all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group)
+                log_sum_exp = torch.log(sum_exp)
+                loss_c.copy_(log_sum_exp - predicted)
+                lse_c.copy_(log_sum_exp + logits_max)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.tp_group, ctx.num_chunks, ctx.vocab_start = tp_group, num_chunks, vocab_start
         return loss
@@ -70,18 +72,19 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=ctx.compute_dtype, device=weight.device)
         pieces = (hidden, labels, lse, grad_loss, grad_hidden)
         for h_c, y_c, lse_c, g_c, gh_c in zip(*(t.chunk(ctx.num_chunks, dim=0) for t in pieces)):
-            probs = _logits(h_c, weight).sub_(lse_c.unsqueeze(-1)).exp_()  # softmax [c, b, V/tp]
-            local = y_c - ctx.vocab_start
-            in_shard = (local >= 0) & (local < vocab_local)
-            rows = probs.view(-1, vocab_local)
-            idx = torch.arange(rows.shape[0], device=rows.device)
-            rows[idx, local.clamp(0, vocab_local - 1).reshape(-1)] -= in_shard.reshape(-1).to(rows.dtype)
-            probs.mul_(g_c.unsqueeze(-1))  # dL/dlogits
-            # Both GEMMs take dL/dlogits in the input dtype (bf16 at tensor-core speed; the
-            # products are summed in float32 inside the GEMM and, for the weight, over chunks)
-            dlogits = rows.to(hidden.dtype)  # [c*b, V/tp]
-            torch.mm(dlogits, weight, out=gh_c.view(-1, gh_c.shape[-1]))  # partial over the vocab shard
-            kernels.addmm_fp32(grad_weight, dlogits.t(), h_c.reshape(-1, h_c.shape[-1]))
+            with phase(LOSS_CHUNK_BACKWARD):
+                probs = _logits(h_c, weight).sub_(lse_c.unsqueeze(-1)).exp_()  # softmax [c, b, V/tp]
+                local = y_c - ctx.vocab_start
+                in_shard = (local >= 0) & (local < vocab_local)
+                rows = probs.view(-1, vocab_local)
+                idx = torch.arange(rows.shape[0], device=rows.device)
+                rows[idx, local.clamp(0, vocab_local - 1).reshape(-1)] -= in_shard.reshape(-1).to(rows.dtype)
+                probs.mul_(g_c.unsqueeze(-1))  # dL/dlogits
+                # Both GEMMs take dL/dlogits in the input dtype (bf16 at tensor-core speed; the
+                # products are summed in float32 inside the GEMM and, for the weight, over chunks)
+                dlogits = rows.to(hidden.dtype)  # [c*b, V/tp]
+                torch.mm(dlogits, weight, out=gh_c.view(-1, gh_c.shape[-1]))  # partial over the vocab shard
+                kernels.addmm_fp32(grad_weight, dlogits.t(), h_c.reshape(-1, h_c.shape[-1]))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # every TP rank saw part of the vocab
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 

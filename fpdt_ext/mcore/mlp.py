@@ -37,6 +37,7 @@ from megatron.core.transformer.mlp import MLP
 
 from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.mcore.norm import ChunkedNorm
+from fpdt_ext.profiling import MLP_CHUNK_BACKWARD, MLP_CHUNK_FORWARD, phase
 
 
 def _in_backward() -> bool:
@@ -56,18 +57,23 @@ class _ChunkedRun(torch.autograd.Function):
         ctx.save_for_backward(x)
         if not compute:
             return x.new_zeros(x.shape)
-        return torch.cat([run(x_c)[0] for x_c in x.chunk(num_chunks)], dim=0)  # [s/P, b, h]
+        outs = []
+        for x_c in x.chunk(num_chunks):
+            with phase(MLP_CHUNK_FORWARD):
+                outs.append(run(x_c)[0])
+        return torch.cat(outs, dim=0)  # [s/P, b, h]
 
     @staticmethod
     def backward(ctx, dout):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         for x_c, d_c, g_c in zip(x.chunk(ctx.num_chunks), dout.chunk(ctx.num_chunks), grad_x.chunk(ctx.num_chunks)):
-            leaf = x_c.detach().requires_grad_()
-            with torch.enable_grad():
-                out_c, _ = ctx.run(leaf)
-            torch.autograd.backward(out_c, d_c)
-            g_c.copy_(leaf.grad)
+            with phase(MLP_CHUNK_BACKWARD):
+                leaf = x_c.detach().requires_grad_()
+                with torch.enable_grad():
+                    out_c, _ = ctx.run(leaf)
+                torch.autograd.backward(out_c, d_c)
+                g_c.copy_(leaf.grad)
         return grad_x, None, None, None
 
 

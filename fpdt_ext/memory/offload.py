@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fpdt_ext.memory.disk import DiskTier, Reading
+from fpdt_ext.profiling import OFFLOAD, OFFLOAD_WAIT, PREFETCH, phase
 
 Tensor = torch.Tensor
 
@@ -124,6 +125,10 @@ class MemoryTiers:
             self._disk = DiskTier(self.directory)
         return self._disk
 
+    def host_bytes_allocated(self) -> int:
+        """Bytes of host buffers the offload has allocated (they are recycled, not freed)."""
+        return sum(pool.bytes_allocated for pool in self._pools.values())
+
     def peak_disk_bytes(self) -> int:
         """The most bytes held on the disk tier at once (0 if it was never used)."""
         return self._disk.peak_bytes_in_use if self._disk is not None else 0
@@ -199,6 +204,10 @@ class ChunkStore:
         entry.device, entry.fetched, entry.ready = tensors, False, None
         if not self.offload:
             return
+        with phase(OFFLOAD):
+            self._offload(entry, tensors)
+
+    def _offload(self, entry: _Entry, tensors: Tuple[Tensor, ...]) -> None:
         entry.versions = tuple(t._version for t in tensors)
         if self._disk is not None:
             slots = entry.host or (None,) * len(tensors)
@@ -225,16 +234,17 @@ class ChunkStore:
             return
         self.residency.add(self.kind)
         self.residency.fetches[self.kind] += 1
-        if self._disk is not None:
-            entry.reading = tuple(self._disk.read_async(slot, self.device) for slot in entry.host)
-        elif self._stream is None:
-            entry.device = tuple(h.clone() for h in entry.host)
-        else:
-            with torch.cuda.stream(self._stream):
-                entry.device = tuple(
-                    torch.empty_like(h, device=self.device).copy_(h, non_blocking=True) for h in entry.host
-                )
-                entry.ready = self._stream.record_event()
+        with phase(PREFETCH):
+            if self._disk is not None:
+                entry.reading = tuple(self._disk.read_async(slot, self.device) for slot in entry.host)
+            elif self._stream is None:
+                entry.device = tuple(h.clone() for h in entry.host)
+            else:
+                with torch.cuda.stream(self._stream):
+                    entry.device = tuple(
+                        torch.empty_like(h, device=self.device).copy_(h, non_blocking=True) for h in entry.host
+                    )
+                    entry.ready = self._stream.record_event()
         entry.fetched = True
 
     def get(self, idx: int) -> Tuple[Tensor, ...]:
@@ -243,13 +253,16 @@ class ChunkStore:
         if entry.device is None and entry.reading is None:
             self.residency.misses[self.kind] += 1
         self.prefetch(idx)
-        self._land(entry)
-        if entry.ready is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(entry.ready)  # [fetch-before-use]
-            for t in entry.device:
-                t.record_stream(current)  # [record-stream] allocated on the side stream
-            entry.ready = None
+        if entry.reading is None and entry.ready is None:
+            return entry.device  # on the device already: nothing to wait for
+        with phase(OFFLOAD_WAIT):
+            self._land(entry)
+            if entry.ready is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(entry.ready)  # [fetch-before-use]
+                for t in entry.device:
+                    t.record_stream(current)  # [record-stream] allocated on the side stream
+                entry.ready = None
         return entry.device
 
     def release(self, idx: int) -> None:

@@ -14,6 +14,16 @@ parallelism in the training loop yet; ``--context-parallel-size`` is taken by
 FPDT (the FPDT group occupies megatron-core's context-parallel axis); ``--finetune``
 resumes from ``--save`` once that holds the stage's own checkpoints, and
 ``--no-load-rng`` re-seeds from ``--seed`` and the iteration (docs/STAGES.md).
+The LR schedule steps once per iteration: Megatron-LM's sample-based lengths
+(``--train-samples``, ``--lr-warmup-samples``, ``--lr-decay-samples``) and DeepSpeed's
+token counts become (fractional) iterations of the constant global batch, the same
+schedule; there is no batch-size ramp-up. ``--recompute-granularity selective`` is
+the baseline's only (FPDT layers refuse it).
+
+Megatron-LM's and Megatron-DeepSpeed's other launch-script flags, and DeepSpeed's
+JSON config, are in one table in :mod:`megatron.training.compat`: honoured (translated
+onto ours), noted (accepted, a one-line note at start says why it changes nothing),
+or refused with what to use (docs/MIGRATING.md).
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from typing import Optional, Sequence
 from fpdt_ext import runtime
 from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.memory.disk import check_offload_dir
+from megatron.training import compat
+from megatron.training.compat import add_compat_args
 from megatron.training.config import (CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig,
                                       TokenizerConfig, TrainingConfig)
 from megatron.training.data import check_dataset_files, resolve_split
+from megatron.training.observability import add_observability_args
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args, load_tokenizer
 
 
@@ -76,7 +89,8 @@ def _add_model_args(p):
                         "the default)")
     g.add_argument("--no-yarn-correction-range-round-to-int", dest="yarn_correction_range_round_to_int",
                    action="store_false")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--normalization", type=_normalization, choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
+                   help="LayerNorm or RMSNorm (any case, as DeepSpeed's scripts write it)")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--openai-gelu", action="store_true", help="GeLU with the tanh approximation (GPT-2's)")
@@ -99,6 +113,9 @@ def _add_parallel_args(p):
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="split optimizer state over the data x FPDT ranks (megatron-core's distributed optimizer on "
                         "GPU; on the CPU a ZeRO-1 split of HostAdamW by whole parameters)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="GPU: reduce gradient buckets during the last micro batch's backward (megatron-core's DDP); "
+                        "the CPU reduces after it")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30)
     g = p.add_argument_group("FPDT (DeepSpeed's --ds-sequence-parallel-* FPDT flags are accepted as aliases)")
     g.add_argument("--fpdt", "--ds-sequence-parallel-fpdt", dest="fpdt", action="store_true",
@@ -116,11 +133,24 @@ def _add_training_args(p):
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None, help="default micro x data-parallel size")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None, help="the run's length (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="the run's length in sequences: --train-samples // global batch iterations (Megatron-LM's "
+                        "sample-based training; its LR lengths are then in samples too)")
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="also stop at the first iteration that reaches this many tokens (DeepSpeed's)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")
+    g.add_argument("--lr-warmup-tokens", type=int, default=None, help="DeepSpeed's: tokens = samples x seq length")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="default --train-samples")
+    g.add_argument("--lr-decay-tokens", type=int, default=None, help="DeepSpeed's: tokens = samples x seq length")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, the LR schedule of these flags (its position from the checkpoint), not the "
+                        "checkpoint's, as Megatron-LM")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"],
                    default="linear")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -136,8 +166,9 @@ def _add_training_args(p):
                                       "(on by default, as Megatron-LM)")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false", help="skip such steps and go on instead")
-    g.add_argument("--recompute-granularity", choices=["full"], default=None,
-                   help="full: recompute each layer in backward (the FPDT paper's recipe)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: recompute each layer in backward (the FPDT paper's recipe); selective: "
+                        "megatron-core's core-attention recompute (baseline only)")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--offload-recompute-inputs", action="store_true",
@@ -194,18 +225,30 @@ def _add_data_and_logging_args(p):
 def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_and_logging_args,
-                add_tokenizer_args):
+                add_tokenizer_args, add_compat_args, add_observability_args):
         add(p)
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
                description: Optional[str] = None) -> argparse.Namespace:
-    """Parse flags; ``defaults`` (e.g. Llama's) apply where a flag is not given."""
+    """Parse flags; ``defaults`` (e.g. Llama's) apply where a flag is not given.
+    ``command_line_flags`` holds the dests given on the command line (what a DeepSpeed JSON or a
+    foreign alias may not silently override)."""
     parser = build_parser(description)
     if defaults:
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command_line_flags = command_line_flags(argv)
+    return args
+
+
+def command_line_flags(argv: Optional[Sequence[str]] = None) -> frozenset:
+    """The dests of the flags ``argv`` (default: this process's) gives explicitly."""
+    parser = build_parser()
+    for action in parser._actions:  # every default suppressed: only what argv sets appears
+        action.default, action.required = argparse.SUPPRESS, False
+    return frozenset(vars(parser.parse_known_args(argv)[0]))
 
 
 def _world_size() -> int:
@@ -221,6 +264,14 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     """The run configuration the flags describe, every combination checked (the parts check
     themselves; here: what only flags can get wrong, and the files they name). ``args`` is not
     changed. Raises ArgumentError, with what to change."""
+    try:  # Megatron-LM's and DeepSpeed's flags (and DeepSpeed's JSON) onto ours; refused ones stop here
+        given = getattr(args, "command_line_flags", None)
+        args = compat.translate(args, given if given is not None else _non_default_flags(args))
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if args.train_iters is not None and args.train_samples is not None:
+        raise ArgumentError(f"give one of --train-iters {args.train_iters} and --train-samples {args.train_samples} "
+                            f"(Megatron-LM counts a run in iterations or in samples)")
     if args.dry_run_world_size is not None and args.dry_run_world_size < 1:
         raise ArgumentError(f"--dry-run-world-size must be positive, got {args.dry_run_world_size}")
     if world_size is None:
@@ -262,6 +313,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if config.training.fp16 and not runtime.current().cuda:
         raise ArgumentError("--fp16 needs a GPU (loss scaling lives in megatron-core's GPU optimizer); use "
                             "--bf16 or float32 on the CPU")
+    problem = (compat.flash_attention_problem(args, cuda=runtime.current().cuda)
+               or compat.check_deepspeed_accumulation(args, config.num_microbatches,
+                                                      config.parallel.data_parallel_size))
+    if problem:
+        raise ArgumentError(problem)
     problem = check_files(config)
     if problem:
         raise ArgumentError(problem)
@@ -270,6 +326,25 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     except ValueError as e:
         raise ArgumentError(str(e)) from None
     return config
+
+
+def _non_default_flags(args: argparse.Namespace) -> frozenset:
+    """For a namespace not made by parse_args: the dests whose value is not the parser's default."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.required = False
+    defaults = vars(parser.parse_known_args([])[0])
+    return frozenset(dest for dest, value in vars(args).items() if dest in defaults and value != defaults[dest])
+
+
+def startup_notes(args: argparse.Namespace) -> list:
+    """The one-line notes on accepted flags that change nothing here (printed once at start)."""
+    return compat.notes(args, cuda=runtime.current().cuda)
+
+
+def _normalization(text: str) -> str:
+    """``--normalization``'s value in Megatron-LM's spelling (DeepSpeed's scripts write rmsnorm)."""
+    return {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(text.lower(), text)
 
 
 def check_files(config: RunConfig) -> Optional[str]:

@@ -177,6 +177,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False  # Megatron-SP, within the TP group
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # megatron-core DDP's bucketed reduction during backward (GPU)
     distributed_timeout_minutes: int = 30
 
     def __post_init__(self):
@@ -203,14 +204,25 @@ class TrainingConfig:
     """Lengths, batches, the optimizer and its schedule, precision, recompute, logging."""
 
     seq_length: int
-    train_iters: int
+    train_iters: Optional[int] = None  # set by RunConfig from train_samples / train_tokens when given
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None  # micro batch x data-parallel size (set by RunConfig)
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None  # train_iters
+    lr_decay_iters: Optional[int] = None  # train_iters (iteration-based runs)
     lr_decay_style: str = "linear"
+    # Megatron-LM's sample-based schedule (train_samples instead of train_iters; its LR lengths in
+    # samples), its warmup as a fraction of the decay, and DeepSpeed's token counts (tokens =
+    # samples x seq_length). RunConfig turns them into iterations of its global batch: lr_schedule.
+    train_samples: Optional[int] = None
+    lr_warmup_samples: int = 0
+    lr_decay_samples: Optional[int] = None  # train_samples
+    lr_warmup_fraction: Optional[float] = None
+    train_tokens: Optional[int] = None  # stop once this many tokens are consumed (DeepSpeed's)
+    lr_warmup_tokens: Optional[int] = None
+    lr_decay_tokens: Optional[int] = None
+    override_opt_param_scheduler: bool = False  # on resume: these lengths and LRs, not the checkpoint's
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -232,12 +244,15 @@ class TrainingConfig:
     check_for_nan_in_loss_and_grad: bool = True  # stop at a non-finite loss or gradient norm
 
     def __post_init__(self):
-        _positive(seq_length=self.seq_length, train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,
+        _positive(seq_length=self.seq_length, train_iters=self.train_iters, train_samples=self.train_samples,
+                  lr_decay_samples=self.lr_decay_samples, train_tokens=self.train_tokens,
+                  lr_decay_tokens=self.lr_decay_tokens, micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, log_interval=self.log_interval,
                   eval_interval=self.eval_interval, recompute_num_layers=self.recompute_num_layers)
         _positive(lr_decay_iters=self.lr_decay_iters)
-        for name in ("eval_iters", "lr_warmup_iters", "seed"):
+        for name in ("eval_iters", "lr_warmup_iters", "seed", "lr_warmup_samples", "lr_warmup_tokens"):
             _in_range(name, getattr(self, name), 0)
+        _in_range("lr_warmup_fraction", self.lr_warmup_fraction, 0, 1, high_open=True)
         for name in ("lr", "min_lr", "weight_decay", "clip_grad"):  # --clip-grad 0: no clipping, as Megatron
             _in_range(name, getattr(self, name), 0)
         for name in ("adam_beta1", "adam_beta2"):
@@ -246,21 +261,100 @@ class TrainingConfig:
         _in_range("peak_tflops", self.peak_tflops, 0, low_open=True)
         if self.bf16 and self.fp16:
             raise ValueError("choose one of --bf16 and --fp16")
-        if self.lr_decay_iters is None:
+        _check_schedule_units(self)
+        if self.lr_decay_iters is None and self.train_iters is not None and self.train_samples is None:
             _set(self, lr_decay_iters=self.train_iters)
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
-        if self.lr_warmup_iters and self.lr_warmup_iters >= self.lr_decay_iters:
-            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} must be shorter than the decay "
-                             f"({self.lr_decay_iters} iterations: --lr-decay-iters, default --train-iters)")
-        if self.recompute_granularity not in (None, "full"):
-            raise ValueError(f"--recompute-granularity {self.recompute_granularity}: only full is supported")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity {self.recompute_granularity}: use full or selective")
         if self.offload_recompute_inputs and self.recompute_granularity != "full":
             raise ValueError("--offload-recompute-inputs needs --recompute-granularity full")
+
+    def lr_schedule(self, global_batch_size: int) -> "LRSchedule":
+        """The run's length and LR schedule in iterations of ``global_batch_size`` sequences."""
+        return lr_schedule(self, global_batch_size)
 
     @property
     def params_dtype(self) -> str:
         return "bfloat16" if self.bf16 else ("float16" if self.fp16 else "float32")
+
+
+def _check_schedule_units(t: "TrainingConfig") -> None:
+    """Megatron-LM's rules: the LR lengths count what the run counts (iterations, or samples with
+    --train-samples, which then sets train_iters), and one kind of warmup. DeepSpeed's tokens
+    stand beside either."""
+    if t.train_iters is None and t.train_samples is None and t.train_tokens is None:
+        raise ValueError("give the run's length: --train-iters N or --train-samples N (or --train-tokens N)")
+    if t.train_samples is not None:
+        wrong = {"--lr-decay-iters": t.lr_decay_iters, "--lr-warmup-iters": t.lr_warmup_iters or None}
+        unit, use = "samples (--train-samples)", {"--lr-decay-iters": "--lr-decay-samples",
+                                                 "--lr-warmup-iters": "--lr-warmup-samples"}
+    else:
+        wrong = {"--lr-decay-samples": t.lr_decay_samples, "--lr-warmup-samples": t.lr_warmup_samples or None}
+        unit, use = "iterations (--train-iters)", {"--lr-decay-samples": "--lr-decay-iters",
+                                                  "--lr-warmup-samples": "--lr-warmup-iters"}
+    for flag, value in wrong.items():
+        if value is not None:
+            raise ValueError(f"{flag} {value}: this run counts {unit}; use {use[flag]} (as Megatron-LM)")
+    warmups = [flag for flag, used in (("--lr-warmup-iters", bool(t.lr_warmup_iters)),
+                                       ("--lr-warmup-samples", bool(t.lr_warmup_samples)),
+                                       ("--lr-warmup-fraction", t.lr_warmup_fraction is not None),
+                                       ("--lr-warmup-tokens", t.lr_warmup_tokens is not None)) if used]
+    if len(warmups) > 1:
+        raise ValueError(f"give one warmup length, not {' and '.join(warmups)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """A run's length and LR schedule in iterations (warmup and decay may be fractional: Megatron-LM
+    counts them in samples, stepping by the global batch, which is the same schedule)."""
+
+    train_iters: int
+    warmup_iters: float
+    decay_iters: float
+
+
+def lr_schedule(t: TrainingConfig, global_batch_size: int) -> LRSchedule:
+    """Megatron-LM's lengths (``get_optimizer_param_scheduler``, ``update_train_iters``) with a
+    constant global batch: iterations = train_samples // global batch; decay = lr_decay_samples
+    (default train_samples); warmup = lr_warmup_fraction x decay, else lr_warmup_samples; the
+    iteration-based forms alike. DeepSpeed's tokens are samples x seq_length: --lr-warmup-tokens
+    and --lr-decay-tokens replace the warmup and the decay, and --train-tokens ends the run at the
+    first iteration that reaches it (if before the iterations or samples)."""
+    tokens_per_iter = global_batch_size * t.seq_length
+    if t.train_samples is not None:
+        iters = t.train_samples // global_batch_size
+        decay = (t.lr_decay_samples if t.lr_decay_samples is not None else t.train_samples) / global_batch_size
+        warmup = t.lr_warmup_samples / global_batch_size
+    else:
+        iters = t.train_iters
+        decay = float(t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters or 0)
+        warmup = float(t.lr_warmup_iters)
+    if t.train_tokens is not None:
+        by_tokens = -(-t.train_tokens // tokens_per_iter)
+        iters = by_tokens if iters is None else min(iters, by_tokens)
+        if t.train_samples is None and t.train_iters is None and t.lr_decay_tokens is None:
+            decay = float(iters)
+    if t.lr_decay_tokens is not None:
+        decay = t.lr_decay_tokens / tokens_per_iter
+    if t.lr_warmup_fraction is not None:
+        warmup = t.lr_warmup_fraction * decay
+    elif t.lr_warmup_tokens is not None:
+        warmup = t.lr_warmup_tokens / tokens_per_iter
+    if iters < 1:
+        given = (f"--train-samples {t.train_samples}" if t.train_samples is not None
+                 else f"--train-tokens {t.train_tokens}")
+        raise ValueError(f"{given} is less than one global batch ({global_batch_size} sequences of "
+                         f"{t.seq_length} tokens): give more, or a smaller --global-batch-size")
+    if not decay > 0:
+        raise ValueError("the LR decay is shorter than one sample: give a longer --lr-decay-samples/"
+                         "--lr-decay-tokens/--lr-decay-iters")
+    if warmup and warmup >= decay:
+        raise ValueError(f"the LR warmup ({warmup:g} iterations of {global_batch_size} sequences) must be "
+                         f"shorter than the decay ({decay:g} iterations): shorten --lr-warmup-* or lengthen "
+                         f"--lr-decay-* (the decay defaults to the whole run)")
+    return LRSchedule(train_iters=iters, warmup_iters=warmup, decay_iters=decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +472,11 @@ class RunConfig:
             if parallel.sequence_parallel:
                 raise ValueError("--sequence-parallel (Megatron-SP) cannot be combined with --fpdt yet; drop it "
                                  "(FPDT already splits the sequence)")
+            if training.recompute_granularity == "selective":
+                raise ValueError("--recompute-granularity selective (megatron-core's core-attention recompute) "
+                                 "does not apply to FPDT layers, whose attention keeps no [s, s] scores and "
+                                 "whose MLP already recomputes chunk by chunk: use --recompute-granularity full "
+                                 "(the FPDT paper's recipe) or drop it")
             self.fpdt.num_chunks(training.seq_length)  # the sequence splits into P x u sub-chunks
             if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
                 raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
@@ -389,6 +488,10 @@ class RunConfig:
                 f"--global-batch-size {training.global_batch_size} is not divisible by --micro-batch-size "
                 f"{training.micro_batch_size} x data-parallel size {parallel.data_parallel_size}; use a multiple "
                 f"of {micro_dp}")
+        training = self.training
+        schedule = training.lr_schedule(training.global_batch_size)
+        if schedule.train_iters != training.train_iters:
+            _set(self, training=dataclasses.replace(training, train_iters=schedule.train_iters))
         if training.offload_dir is not None and not (training.offload_recompute_inputs or
                                                      (self.fpdt is not None and self.fpdt.fpdt_offload)):
             raise ValueError("--offload-dir has nothing to hold: add --fpdt-offload (attention chunks) and/or "
@@ -397,6 +500,11 @@ class RunConfig:
             raise ValueError(f"--reset-position-ids with --position-embedding-type {model.position_embedding_type} "
                              f"is not supported: megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 "
                              f"whatever the position ids; use it with learned_absolute positions")
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        """The LR schedule in iterations (what megatron-core's OptimizerParamScheduler steps through)."""
+        return self.training.lr_schedule(self.training.global_batch_size)
 
     @property
     def num_microbatches(self) -> int:

@@ -159,7 +159,8 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
-        recompute_granularity="full" if recompute else None,
+        # selective: megatron-core's default module (core attention), for the baseline; FPDT layers refuse it
+        recompute_granularity=training.recompute_granularity,
         recompute_method=training.recompute_method if recompute else None,
         recompute_num_layers=training.recompute_num_layers if recompute else None,
     )

@@ -13,7 +13,8 @@ loop uses: ``step() -> (ok, grad_norm, num_zeros)``, ``zero_grad()``,
 ``reload_model_params()`` (master weights from the model, after a weights-only load).
 
 Weight decay is not applied to biases and norm weights (1-D parameters), as in
-Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``.
+Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``, stepped once per
+iteration through ``RunConfig.lr_schedule`` (sample- and token-based lengths in iterations).
 """
 
 from __future__ import annotations
@@ -258,9 +259,14 @@ def build_optimizer(config, model, groups):
         optimizer = HostAdamW(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
                               eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
                               shard_group=groups.dp_sp if distributed else None)
+    # stepped once per iteration: Megatron-LM's sample-based lengths are iterations of the global
+    # batch here (config.lr_schedule), the same schedule
+    schedule = config.lr_schedule
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.lr_decay_iters,
+        optimizer, init_lr=0.0 if schedule.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=schedule.decay_iters,
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=t.train_iters, wd_incr_style="constant")
+        wd_incr_steps=schedule.train_iters, wd_incr_style="constant",
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler)
     return optimizer, scheduler

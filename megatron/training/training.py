@@ -29,7 +29,7 @@ from fpdt_ext import runtime
 from fpdt_ext.mcore.parallel_state import ParallelGroups
 from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
-from megatron.training.arguments import ArgumentError, parse_args, validate_args
+from megatron.training.arguments import ArgumentError, parse_args, startup_notes, validate_args
 from megatron.training.checkpointing import (CheckpointError, SaveLock, checkpoint_to_start_from, load_checkpoint,
                                              model_for_checkpoint, save_checkpoint)
 from megatron.training.config import RunConfig
@@ -38,6 +38,8 @@ from megatron.training.data import (MicroBatches, build_datasets, largest_token_
 from megatron.training.flops import device_peak_tflops, flops_per_token
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model, padded_vocab_size, transformer_config
+from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
+                                             observability_config)
 from megatron.training.optimizer import build_optimizer
 from megatron.training.tokenizer import build_tokenizer
 
@@ -98,15 +100,19 @@ class Trainer:
     """One run: ``config`` (:class:`~megatron.training.config.RunConfig`) in, its model, optimizer,
     data and checkpoints built once; :meth:`train` runs the loop."""
 
-    def __init__(self, config: RunConfig, groups: Optional[ParallelGroups] = None):
-        """``groups``: from :func:`~megatron.training.initialize.initialize` already (made here otherwise)."""
+    def __init__(self, config: RunConfig, groups: Optional[ParallelGroups] = None,
+                 observability: Optional[ObservabilityConfig] = None):
+        """``groups``: from :func:`~megatron.training.initialize.initialize` already (made here otherwise);
+        ``observability``: TensorBoard, W&B, timers and profiling (default: none)."""
         self.config = config
+        self.observability = observability or ObservabilityConfig()
         t = config.training
         self.groups = groups or initialize(config)
         # claimed before anything expensive: two runs must never save into one directory
         self.save_lock = SaveLock(config.checkpoint.save) if config.checkpoint.save else None
         self.runtime = runtime.current()
         self.device = self.runtime.device
+        self.timers = StepTimers(self.observability.log_timers_to_tensorboard, self.device)
         # where this run's offloaded tensors go: the FPDT chunks and the checkpointed layer inputs
         self.memory = MemoryTiers(t.offload_dir)
         self.tokenizer = build_tokenizer(config.tokenizer)
@@ -133,8 +139,10 @@ class Trainer:
                             padded_vocab=self.padded_vocab_size)
         # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed
         # optimizer needs DDP's buffers laid out for it.
+        # --overlap-grad-reduce: buckets reduced during the last micro batch's backward (GPU only:
+        # on the CPU the reduction stays in finalize_model_grads)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=config.parallel.overlap_grad_reduce and self.runtime.cuda,
             use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
         self.model = DistributedDataParallel(transformer_config(config), ddp_config, model,
                                              pg_collection=self.groups.pg_collection)
@@ -176,14 +184,21 @@ class Trainer:
         token_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         # megatron-core's mixed-precision optimizers unscale the gradients by their loss scale.
         loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
-        for batch in self.train_data.global_batch():
-            local_sum, tokens = self._loss_terms(batch)
-            (local_sum * sp_size / tokens.clamp(min=1) / config.num_microbatches * loss_scale).backward()
+        self.timers.start("forward-backward")
+        for i, batch in enumerate(self.train_data.global_batch()):
+            # DDP's gradient reduction may start only in the last micro batch's backward
+            last = i == config.num_microbatches - 1
+            with contextlib.nullcontext() if last else self.model.no_sync():
+                local_sum, tokens = self._loss_terms(batch)
+                (local_sum * sp_size / tokens.clamp(min=1) / config.num_microbatches * loss_scale).backward()
             loss_sum += local_sum.detach().double()
             token_sum += tokens.detach().double() / sp_size
         # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
         # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
+        self.timers.stop("forward-backward")
+        self.timers.start("all-grads-sync")
         finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
+        self.timers.stop("all-grads-sync")
         totals = torch.stack([loss_sum, token_sum])
         dist.all_reduce(totals, group=self.groups.dp_sp)
         loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -193,7 +208,9 @@ class Trainer:
             if check:  # before the optimizer step: the weights stay those of the last good step
                 raise TrainingDiverged(f"the loss at iteration {iteration} is {loss}")
             self.state.nan_iterations += 1
+        self.timers.start("optimizer")
         ok, grad_norm, _ = self.optimizer.step()
+        self.timers.stop("optimizer")
         if ok:
             self.scheduler.step(increment=1)
         else:
@@ -232,8 +249,14 @@ class Trainer:
         run_start = interval_start = time.perf_counter()
         interval_iters = 0
         losses, last = [], {}
+        observer = RunObserver(self.observability, config, timers=self.timers, first_iteration=self.state.iteration,
+                               memory=self.memory)
         while self.state.iteration < t.train_iters:
+            observer.before_iteration(self.state.iteration + 1)
             loss, grad_norm = self.train_step()
+            observer.after_iteration(self.state.iteration, loss=loss, grad_norm=grad_norm,
+                                     lr=self.optimizer.param_groups[0]["lr"], loss_scale=loss_scale_of(self.optimizer),
+                                     consumed_samples=self.state.consumed_samples)
             losses.append(loss)
             interval_iters += 1
             it = self.state.iteration
@@ -247,6 +270,7 @@ class Trainer:
                 if t.offload_dir:
                     last["peak_disk_gib"] = self.memory.peak_disk_bytes() / 2**30
                 self._log(last)
+                observer.at_log_interval(it, last, interval_iters)
                 interval_start, interval_iters = time.perf_counter(), 0
             exit_reason = self._exit_reason(it, run_start)
             # evaluation first: a checkpoint of this iteration holds the validation position after it
@@ -255,6 +279,7 @@ class Trainer:
                 print_rank_0(f" validation loss at iteration {it} | lm loss value: {val:.6E} | "
                              f"lm loss PPL: {math.exp(min(val, 20)):.6E} |")
                 last["val_loss"] = val
+                observer.validation(it, val, self.state.consumed_samples)
                 interval_start = time.perf_counter()
             due = (ckpt.save_interval and it % ckpt.save_interval == 0) or it == t.train_iters
             if ckpt.save and (due or exit_reason):
@@ -267,6 +292,7 @@ class Trainer:
             if exit_reason:
                 print_rank_0(f" exiting at iteration {it}: {exit_reason}")
                 break
+        observer.close()
         if log_file:
             log_file.close()
         run_seconds = time.perf_counter() - run_start
@@ -335,6 +361,8 @@ def describe_plan(config: RunConfig) -> str:
         f"{model.ffn_hidden_size}, vocab {vocab} padded to {padded})",
         f"  batch: {t.global_batch_size} sequences of {t.seq_length} tokens = {config.num_microbatches} micro "
         f"batches of {t.micro_batch_size} per data-parallel rank",
+        f"  schedule: {t.train_iters} iterations; LR {t.lr_decay_style}, warmup {config.lr_schedule.warmup_iters:g} "
+        f"and decay {config.lr_schedule.decay_iters:g} iterations",
     ]
     if config.fpdt:
         u = config.fpdt_num_chunks
@@ -354,10 +382,14 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     args = parse_args(argv, defaults=defaults, description=description)
     try:
         config = validate_args(args)
+        observability = observability_config(args)
     except ArgumentError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of the launch
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
+        for line in startup_notes(args):
+            print(line, flush=True)
     if args.dry_run:
         problem = None if config.data.mock_data else tokens_beyond_vocabulary(
             config.data.prefixes, largest_token_ids(config.data.prefixes), build_tokenizer(config.tokenizer).vocab_size)
@@ -369,7 +401,7 @@ def pretrain(argv=None, defaults: Optional[dict] = None, description: Optional[s
     if config.checkpoint.exit_signal_handler:
         _SIGNAL.install()
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, observability=observability)
     except ArgumentError as e:
         print_rank_0(f"{os.path.basename(sys.argv[0])}: error: {e}")
         return 2

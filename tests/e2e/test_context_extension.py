@@ -133,6 +133,8 @@ def test_pass_key_retrieval_on_fpdt_matches_transformers(extended, tmp_path):
                                                    "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "128",
                                                    "--fpdt-offload", "--output", str(out), "--plot",
                                                    str(tmp_path / "passkey.svg"), "--seed", "7"])
+    [line] = [line for line in proc.stderr.splitlines() if "%|" in line]  # progress: rank 0's only, of 2
+    assert line.startswith("eval_passkey: 100%|") and "| 6/6 [" in line and "sample/s" in line, line
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     samples, summary = rows[:-1], rows[-1]
     assert len(samples) == 6 and summary["samples"] == 6 and {r["length"] for r in samples} == {256, 1024}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,14 @@ def _convert(model_type, loader, saver, load_dir, save_dir):
                            "--load-dir", str(load_dir), "--save-dir", str(save_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # results on stdout; progress (a log here: stderr is not a terminal) on stderr, one last line per phase
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["wrote"] * (1 if saver == "mcore" else 2)
+    progress = [line for line in proc.stderr.splitlines() if "%|" in line]
+    phases = ["import read", "import map"] if saver == "mcore" else ["export"]
+    assert [line.split(":")[0] for line in progress] == phases, proc.stderr
+    assert all(line.split(":")[1].startswith(" 100%|") and "/s" in line for line in progress), proc.stderr
+    if saver == "hf":
+        assert re.search(r"tensors=(\d+)/\1, shard=1/1\]$", progress[0]), progress[0]
 
 
 def our_logits_worker(rank, world_size, checkpoint_dir, tokens):
@@ -230,9 +239,17 @@ def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     docs = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (40, 65, 97)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"tokens": d, "id": f"d{i}"}) + "\n"
                                                  for i, d in enumerate(docs)))
-    run_script(nproc, "tools/eval_ppl.py", ["--load", mcore_dir, "--input", str(tmp_path / "docs.jsonl"),
-                                            "--output", str(tmp_path / "ppl.jsonl"), "--bucket-size", "32", *flags],
-               timeout=600)
+    argv = ["--load", mcore_dir, "--input", str(tmp_path / "docs.jsonl"), "--bucket-size", "32", *flags]
+    proc = run_script(nproc, "tools/eval_ppl.py", [*argv, "--output", str(tmp_path / "ppl.jsonl")], timeout=600)
+    # progress on stderr, from rank 0 only: in a log (not a terminal) one last line, with rate and time left
+    [line] = [line for line in proc.stderr.splitlines() if "%|" in line]
+    assert re.match(r"eval_ppl: 100%\|#+\| 199/199 \[\d\d:\d\d<00:00, +[\d.]+token/s, docs=3/3\]$", line), line
+    assert "%|" not in proc.stdout and "token/s" not in proc.stdout
+    if nproc == 1:  # --no-progress: no progress, and the same stdout and results
+        quiet = run_script(nproc, "tools/eval_ppl.py", [*argv, "--output", str(tmp_path / "quiet.jsonl"),
+                                                        "--no-progress"], timeout=600)
+        assert "%|" not in quiet.stderr and quiet.stdout == proc.stdout
+        assert (tmp_path / "quiet.jsonl").read_text() == (tmp_path / "ppl.jsonl").read_text()
     rows = [json.loads(line) for line in (tmp_path / "ppl.jsonl").read_text().splitlines()]
     per_doc, summary = rows[:-1], rows[-1]
     all_nll = []

@@ -1,6 +1,6 @@
-"""fpdt_ext's import graph: testing -> mcore -> core -> memory, all -> runtime; no cycle.
+"""fpdt_ext's import graph: testing -> mcore -> core -> memory, all -> runtime and profiling; no cycle.
 
-core and memory are plain torch (no megatron-core); runtime imports nothing of ours.
+core and memory are plain torch (no megatron-core); runtime and profiling import nothing of ours.
 Read from the source (ast), imports inside functions included.
 """
 
@@ -13,9 +13,11 @@ from tests.helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "fpdt_ext")
 # which parts each part may import (besides itself)
-ALLOWED = {"runtime": set(), "memory": {"runtime"}, "core": {"memory", "runtime"},
-           "mcore": {"core", "memory", "runtime"}, "testing": {"mcore", "core", "memory", "runtime"}, "": None}
-PLAIN_TORCH = {"runtime", "memory", "core"}
+# (profiling: the named ranges, a leaf like runtime that every part may use)
+ALLOWED = {"runtime": set(), "profiling": set(), "memory": {"runtime", "profiling"},
+           "core": {"memory", "runtime", "profiling"}, "mcore": {"core", "memory", "runtime", "profiling"},
+           "testing": {"mcore", "core", "memory", "runtime", "profiling"}, "": None}
+PLAIN_TORCH = {"runtime", "profiling", "memory", "core"}
 
 
 def _modules():

@@ -406,7 +406,9 @@ def _load_safetensors(path: str) -> dict:
         raise ConversionError(f"{path} is truncated or corrupt ({e}): download it again") from None
 
 
-def read_hf_weights(directory: str) -> dict:
+def hf_weight_files(directory: str) -> list:
+    """The weight files of a Hugging Face folder, in reading order: the shards its safetensors index
+    names, its model.safetensors, or its pytorch_model*.bin files."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -418,18 +420,26 @@ def read_hf_weights(directory: str) -> dict:
         absent = [name for name in files if not os.path.exists(os.path.join(directory, name))]
         if absent:
             raise ConversionError(f"{index} names files that are not in {directory}: {_some(absent)}: download them")
-        return {k: v for name in files for k, v in _load_safetensors(os.path.join(directory, name)).items()}
+        return [os.path.join(directory, name) for name in files]
     single = os.path.join(directory, "model.safetensors")
     if os.path.exists(single):
-        return _load_safetensors(single)
+        return [single]
     bins = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
-    weights = {}
-    for b in bins:
-        try:
-            weights.update(torch.load(b, map_location="cpu", weights_only=True))
-        except Exception as e:  # torch.load's errors for a bad file are many (pickle, zip, EOF)
-            raise ConversionError(f"{b} cannot be read ({type(e).__name__}: {e}): download it again") from None
     if not bins:
         raise ConversionError(f"{directory} has no weights: no model.safetensors, model.safetensors.index.json or "
                               f"pytorch_model*.bin")
-    return weights
+    return bins
+
+
+def read_hf_weight_file(path: str) -> dict:
+    """The tensors of one file :func:`hf_weight_files` names."""
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load's errors for a bad file are many (pickle, zip, EOF)
+        raise ConversionError(f"{path} cannot be read ({type(e).__name__}: {e}): download it again") from None
+
+
+def read_hf_weights(directory: str) -> dict:
+    return {k: v for path in hf_weight_files(directory) for k, v in read_hf_weight_file(path).items()}

@@ -52,6 +52,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -59,7 +60,8 @@ import torch  # noqa: E402
 
 from tools.checkpoint.checks import (GPT2_ACTIVATIONS, MODEL_TYPES, ConversionError, canonical_names,  # noqa: E402
                                      check_architecture, check_exportable, check_hf_weights, hf_config_problems,
-                                     read_hf_config, read_hf_weights, rope_scaling, rope_theta)
+                                     hf_weight_files, read_hf_config, read_hf_weight_file, rope_scaling, rope_theta)
+from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 
 # -- configs -----------------------------------------------------------------------------
@@ -301,17 +303,43 @@ def _single_process_model(model, vocab_size: int, padded_vocab=None):
     return config, build_model(config, initialize(config), vocab_size, padded_vocab=padded), padded
 
 
-def hf_to_mcore(model_type, load_dir, save_dir):
+class _Float32Weights(Mapping):
+    """``weights`` in float32, each converted when the mapping asks for it, counted on ``bar``."""
+
+    def __init__(self, weights: dict, bar: Progress):
+        self.weights, self.bar = weights, bar
+
+    def __getitem__(self, name):
+        tensor = self.weights[name].float()
+        self.bar.update(1)
+        return tensor
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def hf_to_mcore(model_type, load_dir, save_dir, progress=False):
+    """Import a Hugging Face folder as a weights-only checkpoint in ``save_dir``; with ``progress``,
+    the weights read (bytes) and mapped (tensors) on stderr."""
     from megatron.training.checkpointing import model_args_dict, write_checkpoint
 
     hf_config = read_hf_config(load_dir)
     model_config = model_config_from_hf(model_type, hf_config, os.path.join(load_dir, "config.json"))
     vocab = hf_config["vocab_size"]
-    weights = canonical_names(model_type, read_hf_weights(load_dir))
-    check_hf_weights(model_type, model_config, vocab, weights, load_dir)
+    files = hf_weight_files(load_dir)
+    with Progress(sum(os.path.getsize(f) for f in files), "import read", unit="B", enabled=progress) as bar:
+        weights = {}
+        for count, path in enumerate(files, start=1):
+            weights.update(read_hf_weight_file(path))
+            bar.update(os.path.getsize(path), files=f"{count}/{len(files)}")
+        weights = canonical_names(model_type, weights)
+        check_hf_weights(model_type, model_config, vocab, weights, load_dir)
     config, model, padded = _single_process_model(model_config, vocab)
-    state = hf_to_megatron(model_type, {k: v.float() for k, v in weights.items()}, dataclasses.asdict(model_config),
-                           padded)
+    with Progress(len(weights), "import map", unit="tensor", enabled=progress) as bar:
+        state = hf_to_megatron(model_type, _Float32Weights(weights, bar), dataclasses.asdict(model_config), padded)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:  # the mapping and our model disagree: a bug here, not in the input
@@ -321,25 +349,27 @@ def hf_to_mcore(model_type, load_dir, save_dir):
                                           "padded_vocab_size": padded}, {})
 
 
-def mcore_to_hf(model_type, load_dir, save_dir, dtype="auto", max_shard_size="5GB", tokenizer_files=None):
+def mcore_to_hf(model_type, load_dir, save_dir, dtype="auto", max_shard_size="5GB", tokenizer_files=None,
+                progress=False):
     """Export the newest usable checkpoint in ``load_dir`` as a Hugging Face folder: weights in
     ``dtype`` ("auto": the dtype the run trained in), streamed into safetensors shards of at most
     ``max_shard_size``, the run's tokenizer (its files as the checkpoint names them, or as
     ``tokenizer_files`` overrides: {"tokenizer_model"|"vocab_file"|"merge_file": path}) and
-    config.json. Returns (the folder, the weight files written)."""
+    config.json; with ``progress``, the bytes and tensors written on stderr. Returns (the folder,
+    the weight files written)."""
     import torch.distributed as dist
 
     from fpdt_ext.runtime import init_distributed
 
     init_distributed()
     try:
-        return _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files or {})
+        return _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files or {}, progress)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files):
+def _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenizer_files, progress):
     from megatron.core import dist_checkpointing
 
     from megatron.training.checkpointing import model_config_from_args, newest_usable_checkpoint, saved_padded_vocab
@@ -383,7 +413,7 @@ def _mcore_to_hf(model_type, load_dir, save_dir, dtype, max_shard_size, tokenize
         tokenizer = export_tokenizer({**a, **tokenizer_files}, save_dir, vocab_size=vocab)
         config = {**hf_config_from_args(model_type, fields, vocab), **tokenizer.config_fields(),
                   "torch_dtype": dtype_name}
-        files = write_streamed(save_dir, converted, planned, max_shard_bytes).files
+        files = write_streamed(save_dir, converted, planned, max_shard_bytes, progress).files
         with open(config_path + ".tmp", "w") as f:
             json.dump(config, f, indent=1)
         os.replace(config_path + ".tmp", config_path)
@@ -413,6 +443,7 @@ def main(argv=None) -> int:
                        ("--vocab-file", "GPT-2 vocab.json"), ("--merge-file", "GPT-2 merges.txt")):
         parser.add_argument(flag, default=None, help=f"--saver hf: the run's {what}, where it is now (default: the "
                                                      f"path the checkpoint recorded at training)")
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     from megatron.training.notices import quiet_known_notices
 
@@ -440,11 +471,11 @@ def _convert(args) -> int:
                   f"directory, or pass --overwrite to write the converted weights beside them.")
             return 0
     if args.loader == "hf":
-        written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir)
+        written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir, progress=not args.no_progress)
     else:
         overrides = {k: getattr(args, k) for k in ("tokenizer_model", "vocab_file", "merge_file") if getattr(args, k)}
         written, files = mcore_to_hf(args.model_type, args.load_dir, args.save_dir, args.dtype, args.max_shard_size,
-                                     overrides)
+                                     overrides, progress=not args.no_progress)
         print(f"wrote {len(files)} weight file{'s' * (len(files) > 1)} ({files[0]}{' ...' * (len(files) > 1)})")
     print(f"wrote {written}")
     return 0

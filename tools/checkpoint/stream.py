@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from tools.checkpoint.checks import ConversionError
+from tools.progress import Progress
 
 # (stored key, offsets, sizes, this part's shape): a part of one of our tensors
 Region = Tuple[str, Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]
@@ -238,12 +239,16 @@ class ShardWriter:
 
 
 def write_streamed(save_dir: str, tensors: Iterator[Tuple[str, torch.Tensor]],
-                   planned: List[Tuple[str, int]], max_shard_bytes: int) -> ShardWriter:
-    """Drain ``tensors`` ((name, tensor) in the order of ``planned``'s (name, bytes)) into shards."""
+                   planned: List[Tuple[str, int]], max_shard_bytes: int, progress: bool = False) -> ShardWriter:
+    """Drain ``tensors`` ((name, tensor) in the order of ``planned``'s (name, bytes)) into shards;
+    with ``progress``, bytes written (rate, time left), tensors and the shard being filled on stderr."""
     writer = ShardWriter(save_dir, plan_shards(planned, max_shard_bytes), {"format": "pt"})
-    for name, tensor in tensors:
-        writer.add(name, tensor)
-    writer.finish()
+    with Progress(sum(nbytes for _, nbytes in planned), "export", unit="B", enabled=progress) as bar:
+        for count, (name, tensor) in enumerate(tensors, start=1):
+            writer.add(name, tensor)
+            bar.update(tensor.numel() * tensor.element_size(), tensors=f"{count}/{len(planned)}",
+                       shard=f"{writer.files.index(writer.file_of[name]) + 1}/{len(writer.files)}")
+        writer.finish()
     return writer
 
 

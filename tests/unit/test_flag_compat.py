@@ -1,0 +1,279 @@
+"""Megatron-LM's and DeepSpeed's flags here (megatron/training/compat.py): the sample- and token-based
+LR schedule against Megatron-LM's own arithmetic, DeepSpeed's JSON config, and the flag table."""
+
+import json
+
+import pytest
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron.training import compat
+from megatron.training.arguments import ArgumentError, parse_args, startup_notes, validate_args
+from tests.helpers import TINY
+
+GLOBAL_BATCH = 4  # TINY's
+SEQ = 128  # TINY's
+
+
+def config_of(*flags):
+    return validate_args(parse_args([*TINY, *flags]), world_size=1)
+
+
+def refusal(*flags) -> str:
+    with pytest.raises(ArgumentError) as e:
+        config_of(*flags)
+    return str(e.value)
+
+
+def lrs(scheduler, steps: int, increment: int):
+    out = []
+    for _ in range(steps):
+        scheduler.step(increment=increment)
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+    return out
+
+
+def _scheduler(**kwargs):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=3e-4, min_lr=3e-5, start_wd=0.1, end_wd=0.1,
+                                   wd_incr_style="constant", **kwargs)
+
+
+def megatron_lrs(*, train_samples=None, train_iters=None, lr_decay_samples=None, lr_decay_iters=None,
+                 lr_warmup_samples=0, lr_warmup_iters=0, lr_warmup_fraction=None, style="cosine"):
+    """Megatron-LM's get_optimizer_param_scheduler and update_train_iters (megatron/training/training.py,
+    NVIDIA/Megatron-LM d98e8a64ddf34856e74b24714e3bedb2f5a39553) with a constant global batch: the
+    scheduler counts samples and steps by the global batch."""
+    gbs = GLOBAL_BATCH
+    if train_iters:
+        decay = (lr_decay_iters or train_iters) * gbs
+        warmup = lr_warmup_fraction * decay if lr_warmup_fraction is not None else lr_warmup_iters * gbs
+        wd_steps = train_iters * gbs
+    else:
+        train_iters = train_samples // gbs
+        decay = lr_decay_samples if lr_decay_samples is not None else train_samples
+        warmup = lr_warmup_fraction * decay if lr_warmup_fraction is not None else lr_warmup_samples
+        wd_steps = train_samples
+    scheduler = _scheduler(lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=style,
+                           wd_incr_steps=wd_steps)
+    return train_iters, lrs(scheduler, train_iters, gbs)
+
+
+def our_lrs(config, style="cosine"):
+    schedule = config.lr_schedule
+    scheduler = _scheduler(lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=schedule.decay_iters,
+                           lr_decay_style=style, wd_incr_steps=schedule.train_iters)
+    return config.training.train_iters, lrs(scheduler, config.training.train_iters, 1)
+
+
+@pytest.mark.parametrize("flags, megatron", [
+    # Megatron-LM examples/llama/train_llama3_8b_h100_fp8.sh's form, shrunk
+    (["--train-samples", "1003", "--lr-decay-samples", "990", "--lr-warmup-samples", "42"],
+     dict(train_samples=1003, lr_decay_samples=990, lr_warmup_samples=42)),
+    (["--train-samples", "400", "--lr-warmup-fraction", "0.013"], dict(train_samples=400, lr_warmup_fraction=0.013)),
+    # examples/gpt3/train_gpt3_175b_distributed.sh's form: iterations with a warmup fraction of the decay
+    (["--train-iters", "120", "--lr-decay-iters", "100", "--lr-warmup-fraction", "0.05"],
+     dict(train_iters=120, lr_decay_iters=100, lr_warmup_fraction=0.05)),
+    (["--train-iters", "50", "--lr-warmup-iters", "7"], dict(train_iters=50, lr_warmup_iters=7)),
+])
+@pytest.mark.parametrize("style", ["cosine", "linear", "inverse-square-root"])
+def test_sample_based_schedule_is_megatron_lms(flags, megatron, style):
+    config = config_of(*flags, "--lr-decay-style", style, "--lr", "3e-4", "--min-lr", "3e-5")
+    iters, expected = megatron_lrs(**megatron, style=style)
+    ours_iters, ours = our_lrs(config, style)
+    assert ours_iters == iters
+    if style == "inverse-square-root" and config.lr_schedule.warmup_iters < 1:
+        return  # Megatron clamps the warmup to one step of its unit (a sample here, an iteration there)
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_override_opt_param_scheduler_reaches_the_training_config():
+    assert config_of("--train-iters", "5", "--override-opt_param-scheduler").training.override_opt_param_scheduler
+
+
+def test_train_samples_gives_iterations_of_the_global_batch():
+    assert config_of("--train-samples", "41").training.train_iters == 41 // GLOBAL_BATCH
+    assert config_of("--train-samples", "41", "--global-batch-size", "8").training.train_iters == 5
+
+
+def test_deepspeed_tokens_are_samples_times_sequence_length():
+    """Megatron-DeepSpeed's --lr-warmup-tokens/--lr-decay-tokens (ds_pretrain_gpt_6.7B_fpdt_32k.sh) as
+    the same lengths in samples; --train-tokens ends the run at the first iteration that reaches it."""
+    config = config_of("--train-samples", "400", "--lr-warmup-tokens", str(30 * SEQ), "--lr-decay-tokens",
+                       str(350 * SEQ), "--train-tokens", str(90 * GLOBAL_BATCH * SEQ + 1))
+    assert config.training.train_iters == 91  # ceil, before the 100 of --train-samples
+    _, ours = our_lrs(config)
+    _, expected = megatron_lrs(train_samples=400, lr_warmup_samples=30, lr_decay_samples=350)
+    assert ours == pytest.approx(expected[:91], rel=1e-12)
+    assert config_of("--train-samples", "400", "--train-tokens", str(10 ** 9)).training.train_iters == 100
+
+
+def test_resolution_is_idempotent():
+    """RunConfig sets train_iters from the samples; remaking the parts keeps the same schedule."""
+    import dataclasses
+
+    config = config_of("--train-samples", "400", "--lr-warmup-fraction", "0.1", "--train-tokens", str(60 * 4 * SEQ))
+    again = dataclasses.replace(config, training=dataclasses.replace(config.training))
+    assert again.lr_schedule == config.lr_schedule and again.training.train_iters == 60
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-iters", "10", "--train-samples", "40"], "give one of --train-iters 10 and --train-samples 40"),
+    (["--train-samples", "40", "--lr-decay-iters", "5"], "--lr-decay-iters 5: this run counts samples"),
+    (["--train-iters", "10", "--lr-warmup-samples", "5"], "use --lr-warmup-iters"),
+    (["--train-samples", "40", "--lr-warmup-samples", "4", "--lr-warmup-fraction", "0.1"],
+     "not --lr-warmup-samples and --lr-warmup-fraction"),
+    (["--train-samples", "3"], "--train-samples 3 is less than one global batch"),
+    (["--train-samples", "40", "--lr-warmup-samples", "40"], "must be shorter than the decay"),
+    (["--lr-warmup-fraction", "0.1"], "give the run's length"),
+    (["--train-iters", "10", "--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction 1.5 is out of range"),
+])
+def test_schedule_refusals_say_what_to_change(flags, message):
+    assert message in refusal(*flags)
+
+
+# -- the flag table ----------------------------------------------------------------
+
+
+def test_translations():
+    config = config_of("--train-iters", "5", "--num-key-value-heads", "2", "--use-rotary-position-embeddings",
+                       "--rotary-position-embeddings-theta", "500000", "--no-pipeline-parallel",
+                       "--checkpoint-activations", "--checkpoint-in-cpu", "--zero-stage", "1",
+                       "--normalization", "rmsnorm")
+    m, t = config.model, config.training
+    assert (m.num_query_groups, m.position_embedding_type, m.rotary_base) == (2, "rope", 5e5)
+    assert m.normalization == "RMSNorm"
+    assert (t.recompute_granularity, t.offload_recompute_inputs) == ("full", True)
+    assert config.parallel.use_distributed_optimizer
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rampup-batch-size", "16", "16", "100"],
+     "--rampup-batch-size 16 16 100 is not supported: the global batch is constant"),
+    (["--zero-stage", "3"], "--zero-stage 3 (ZeRO-3"),
+    (["--num-experts", "8"], "--num-experts 8 is not supported: no mixture-of-experts"),
+    (["--ckpt-format", "torch"], "--ckpt-format torch is not supported"),
+    (["--num-key-value-heads", "1", "--num-query-groups", "2", "--group-query-attention"],
+     "--num-key-value-heads 1 and --num-query-groups 2 disagree"),
+    (["--checkpoint-activations", "--recompute-granularity", "selective"],
+     "--checkpoint-activations and --recompute-granularity selective disagree"),
+    (["--checkpoint-in-cpu"], "--checkpoint-in-cpu keeps checkpointed layer inputs in host memory"),
+    (["--recompute-granularity", "selective", "--fpdt", "--attention-dropout", "0"],
+     "--recompute-granularity selective (megatron-core's core-attention recompute) does not apply to FPDT"),
+    (["--calculate-per-token-loss", "--eod-mask-loss"], "--calculate-per-token-loss with --eod-mask-loss"),
+    (["--no-position-embedding"], "--no-position-embedding with learned absolute positions is not supported"),
+    (["--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 is not supported: no mixture-of-experts"),
+])
+def test_refusals_name_the_flag(flags, message):
+    assert message in refusal("--train-iters", "5", *flags)
+
+
+def test_every_flag_of_the_table_parses_and_gets_its_verdict():
+    for flag in compat.TABLE:
+        for name in flag.names:
+            argv = [name, "x"] if flag.value else [name]
+            args = parse_args([*TINY, "--train-iters", "5", *argv])
+            value = (["x"] if flag.nargs else "x") if flag.value else True
+            assert compat.given_flags(args, flag) == [(name, value)]
+            if flag.verdict == compat.NOTED:
+                value = next(v for v in ("single", "mmap", "torch_dist", "2", "auto", "local", "1", "x")
+                             if flag.refuse_unless is None or flag.refuse_unless(v)) if flag.value else None
+                extra = ["--position-embedding-type", "rope"] if name == "--no-position-embedding" else []
+                args = parse_args([*TINY, "--train-iters", "5", *extra, name, *([value] if value else [])])
+                validate_args(args, world_size=1)
+                notes = startup_notes(args)
+                assert len(notes) == 1 and notes[0].startswith(f"note: {name}") and "changes nothing" in notes[0]
+            elif flag.verdict == compat.REFUSED:
+                with pytest.raises(ArgumentError, match=name):
+                    validate_args(args, world_size=1)
+
+
+def test_selective_recompute_reaches_megatron_core():
+    from megatron.training.models import transformer_config
+
+    tcfg = transformer_config(config_of("--train-iters", "5", "--recompute-granularity", "selective"))
+    assert tcfg.recompute_granularity == "selective" and tcfg.recompute_modules == ["core_attn"]
+
+
+# -- DeepSpeed's JSON config --------------------------------------------------------
+
+
+def deepspeed(tmp_path, config: dict, *flags):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = parse_args([*TINY, "--train-iters", "5", "--deepspeed", "--deepspeed_config", str(path), *flags])
+    return args, path
+
+
+# examples_deepspeed/sequence_parallel/ds_config_gpt_TEMPLATE.json (deepspeedai/Megatron-DeepSpeed
+# 4efb479d5317ce9b86096b9d8e3e8030b0b5263b) with its placeholders filled for TINY and bf16 for fp16
+DS_TEMPLATE = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 1,
+               "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0, "prescale_gradients": False,
+               "bf16": {"enabled": True}, "wall_clock_breakdown": False}
+
+
+def test_deepspeed_json_maps_onto_our_flags(tmp_path):
+    config = dict(DS_TEMPLATE, train_batch_size=8, train_micro_batch_size_per_gpu=1, gradient_clipping=0.5,
+                  gradient_accumulation_steps=8)
+    args, _ = deepspeed(tmp_path, config)
+    args.command_line_flags = args.command_line_flags - {"micro_batch_size", "global_batch_size"}
+    run = validate_args(args, world_size=1)
+    t = run.training
+    assert (t.micro_batch_size, t.global_batch_size, t.clip_grad, t.bf16) == (1, 8, 0.5, True)
+    assert run.parallel.use_distributed_optimizer
+    notes = startup_notes(args)
+    assert [n.split(" changes")[0] for n in notes] == [
+        "note: --deepspeed", "note: --deepspeed_config steps_per_print",
+        "note: --deepspeed_config wall_clock_breakdown", "note: --deepspeed_config prescale_gradients"]
+
+
+def test_deepspeed_fp16_template_fields_are_noted(tmp_path):
+    fp16 = {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1,
+            "initial_scale_power": 11}
+    args, _ = deepspeed(tmp_path, dict(DS_TEMPLATE, bf16={"enabled": False}, fp16=fp16))
+    out = compat.translate(args, args.command_line_flags)
+    assert out.fp16 and not out.bf16
+    assert sum("fp16." in n for n in startup_notes(args)) == 5
+
+
+@pytest.mark.parametrize("change, flags, message", [
+    (dict(train_micro_batch_size_per_gpu=1), ["--micro-batch-size", "2"],
+     "train_micro_batch_size_per_gpu 1 and --micro-batch-size 2 disagree"),
+    (dict(gradient_clipping=0.5), ["--clip-grad", "1.0"], "gradient_clipping 0.5 and --clip-grad 1.0 disagree"),
+    ({}, ["--fp16"], "bf16.enabled true and --fp16 disagree"),
+    ({}, ["--zero-stage", "0"], "zero_optimization.stage 1 and --zero-stage 0 disagree"),
+    (dict(zero_optimization={"stage": 2}), [], "zero_optimization.stage 2 (ZeRO-2"),
+    (dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}), [],
+     "zero_optimization.offload_optimizer is not supported here"),
+    (dict(optimizer={"type": "Adam"}), [], "optimizer is not supported here"),
+    (dict(gradient_accumulation_steps=4), [], "gradient_accumulation_steps 4 disagrees with the run's 2"),
+])
+def test_deepspeed_json_refusals(tmp_path, change, flags, message):
+    args, _ = deepspeed(tmp_path, dict(DS_TEMPLATE, **change), *flags)
+    with pytest.raises(ArgumentError) as e:
+        validate_args(args, world_size=1)
+    assert message in str(e.value)
+
+
+def test_deepspeed_json_unreadable(tmp_path):
+    args = parse_args([*TINY, "--train-iters", "5", "--deepspeed-config", str(tmp_path / "none.json")])
+    with pytest.raises(ArgumentError, match="none.json: No such file"):
+        validate_args(args, world_size=1)
+    (tmp_path / "bad.json").write_text("{")
+    args = parse_args([*TINY, "--train-iters", "5", "--deepspeed-config", str(tmp_path / "bad.json")])
+    with pytest.raises(ArgumentError, match="is not JSON"):
+        validate_args(args, world_size=1)
+
+
+def test_flag_counts_use_the_parsers_view_without_parse_args():
+    """A namespace not made by parse_args (no command_line_flags): flags that differ from the defaults count."""
+    args = parse_args([*TINY, "--train-iters", "5", "--clip-grad", "2.0", "--use-rotary-position-embeddings",
+                       "--position-embedding-type", "learned_absolute"])
+    with pytest.raises(ArgumentError, match="--use-rotary-position-embeddings and --position-embedding-type "
+                                            "learned_absolute disagree"):
+        validate_args(args, world_size=1)
+    del args.command_line_flags  # learned_absolute is the default: not counted as given
+    assert validate_args(args, world_size=1).model.position_embedding_type == "rope"
+    args.position_embedding_type = "yarn"
+    with pytest.raises(ArgumentError, match="--use-rotary-position-embeddings and --position-embedding-type yarn"):
+        validate_args(args, world_size=1)
