@@ -141,6 +141,10 @@ def _add_training_args(p):
                    help="also stop at the first iteration that reaches this many tokens (DeepSpeed's)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="the peak LR of the input embedding and output layer weights (default --lr)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="with --decoupled-lr: their final LR (default --min-lr)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
     g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")

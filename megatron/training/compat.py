@@ -129,8 +129,6 @@ _REFUSED = (
          "--global-batch-size", value=True, nargs="+"),
     Flag(("--step-batch-size-schedule",), REFUSED, "the global batch is constant here: drop it and give the "
          "final --global-batch-size", value=True),
-    Flag(("--decoupled-lr", "--decoupled-min-lr"), REFUSED, "one LR for every parameter here: drop it "
-         "(--lr and --min-lr apply to the embeddings too)", value=True),
     Flag(("--apply-layernorm-1p",), REFUSED, "zero-centred norm weights are not implemented: drop it (a "
          "checkpoint trained with it needs 1 added to its norm weights)"),
     Flag(("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), REFUSED, "FP8 needs "

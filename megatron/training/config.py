@@ -209,6 +209,10 @@ class TrainingConfig:
     global_batch_size: Optional[int] = None  # micro batch x data-parallel size (set by RunConfig)
     lr: float = 1e-4
     min_lr: float = 0.0
+    # Megatron-LM's --decoupled-lr / --decoupled-min-lr: the peak and final LR of the input
+    # embedding and output layer weights (megatron-core's is_embedding_or_output_parameter)
+    decoupled_lr: Optional[float] = None
+    decoupled_min_lr: Optional[float] = None  # min_lr when not given
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None  # train_iters (iteration-based runs)
     lr_decay_style: str = "linear"
@@ -253,7 +257,8 @@ class TrainingConfig:
         for name in ("eval_iters", "lr_warmup_iters", "seed", "lr_warmup_samples", "lr_warmup_tokens"):
             _in_range(name, getattr(self, name), 0)
         _in_range("lr_warmup_fraction", self.lr_warmup_fraction, 0, 1, high_open=True)
-        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):  # --clip-grad 0: no clipping, as Megatron
+        for name in ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "weight_decay",
+                     "clip_grad"):  # --clip-grad 0: no clipping, as Megatron
             _in_range(name, getattr(self, name), 0)
         for name in ("adam_beta1", "adam_beta2"):
             _in_range(name, getattr(self, name), 0, 1, high_open=True)
@@ -266,6 +271,12 @@ class TrainingConfig:
             _set(self, lr_decay_iters=self.train_iters)
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ValueError("--decoupled-min-lr needs --decoupled-lr (the embedding and output layer's peak LR)")
+        if self.decoupled_lr is not None and self.decoupled_lr_range[0] > self.decoupled_lr:
+            raise ValueError(f"--decoupled-min-lr {self.decoupled_lr_range[0]} is above --decoupled-lr "
+                             f"{self.decoupled_lr}" + ("" if self.decoupled_min_lr is not None else
+                                                     " (it defaults to --min-lr)"))
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"--recompute-granularity {self.recompute_granularity}: use full or selective")
         if self.offload_recompute_inputs and self.recompute_granularity != "full":
@@ -274,6 +285,11 @@ class TrainingConfig:
     def lr_schedule(self, global_batch_size: int) -> "LRSchedule":
         """The run's length and LR schedule in iterations of ``global_batch_size`` sequences."""
         return lr_schedule(self, global_batch_size)
+
+    @property
+    def decoupled_lr_range(self):
+        """(final, peak) LR of the embedding and output layer weights with --decoupled-lr."""
+        return (self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr), self.decoupled_lr
 
     @property
     def params_dtype(self) -> str:

@@ -30,12 +30,23 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from fpdt_ext import runtime
 
 
-def _param_groups(model):
-    decay, no_decay = [], []
+def _param_groups(model, decoupled=None):
+    """Weight decay for matrices only; with ``decoupled`` ((min_lr, max_lr), Megatron-LM's
+    --decoupled-min-lr / --decoupled-lr) the input embedding and output layer weights
+    (megatron-core marks them ``is_embedding_or_output_parameter``) in groups of their own whose
+    ``min_lr``/``max_lr`` megatron-core's scheduler reads. The other parameters come first."""
+    groups = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim == 1 else decay).append(p)
-    return [dict(params=decay, wd_mult=1.0), dict(params=no_decay, wd_mult=0.0)]
+            own = decoupled is not None and getattr(p, "is_embedding_or_output_parameter", False)
+            groups.setdefault((own, p.ndim == 1), []).append(p)
+    out = []
+    for own, no_decay in sorted(groups):
+        group = dict(params=groups[(own, no_decay)], wd_mult=0.0 if no_decay else 1.0)
+        if own:
+            group.update(min_lr=decoupled[0], max_lr=decoupled[1])
+        out.append(group)
+    return out
 
 
 def partition_by_parameter(params, size: int) -> list:
@@ -66,8 +77,9 @@ class HostAdamW:
     (each holds the reduced gradients), so a sharded run is bit for bit the unsharded one.
     """
 
-    def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None):
-        param_groups = _param_groups(model)
+    def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None,
+                 decoupled_lr=None):
+        param_groups = _param_groups(model, decoupled_lr)
         self.model_params = [p for g in param_groups for p in g["params"]]
         self.shard_group = shard_group if shard_group is not None and dist.get_world_size(shard_group) > 1 else None
         size = dist.get_world_size(self.shard_group) if self.shard_group is not None else 1
@@ -78,9 +90,9 @@ class HostAdamW:
         for g in param_groups:
             mine = [p for p in g["params"] if id(p) in owned]
             master = [p.detach().float().clone().requires_grad_() if p.dtype != torch.float32 else p for p in mine]
-            groups.append(dict(params=master, wd_mult=g["wd_mult"], model_params=mine))
+            groups.append(dict(g, params=master, model_params=mine))
         self.optimizer = torch.optim.AdamW(
-            [dict(params=g["params"], wd_mult=g["wd_mult"]) for g in groups],
+            [{k: v for k, v in g.items() if k != "model_params"} for g in groups],
             lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
             fused=True)  # no whole-model temporaries (the foreach path makes several)
         self._pairs = [(m, p) for g in groups for m, p in zip(g["params"], g["model_params"])]
@@ -249,6 +261,7 @@ def build_optimizer(config, model, groups):
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad, bf16=t.bf16, fp16=t.fp16, params_dtype=getattr(torch, t.params_dtype),
             use_distributed_optimizer=distributed,
+            decoupled_lr=t.decoupled_lr, decoupled_min_lr=t.decoupled_lr_range[0] if t.decoupled_lr else None,
         )
         # with explicit process groups megatron-core takes no gloo side groups (it raises otherwise);
         # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)
@@ -258,7 +271,8 @@ def build_optimizer(config, model, groups):
     else:
         optimizer = HostAdamW(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
                               eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
-                              shard_group=groups.dp_sp if distributed else None)
+                              shard_group=groups.dp_sp if distributed else None,
+                              decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None)
     # stepped once per iteration: Megatron-LM's sample-based lengths are iterations of the global
     # batch here (config.lr_schedule), the same schedule
     schedule = config.lr_schedule

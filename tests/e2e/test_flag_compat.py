@@ -13,7 +13,7 @@ import os
 import pytest
 
 from megatron.training.arguments import build_parser
-from tests.helpers import run_pretrain, run_script
+from tests.helpers import TINY, run_pretrain, run_script
 
 # Flags of the TensorBoard/W&B logging (megatron/training/arguments.py's logging group): passed when
 # this tree defines them, as the scripts do.
@@ -74,8 +74,8 @@ def llama3_8b(tmp_path):
                   "--untie-embeddings-and-output-weights", "--disable-bias-linear"]
     training_args = ["--micro-batch-size", "2", "--global-batch-size", "4",  # shrunk
                      "--train-samples", "12", "--lr-decay-samples", "11", "--lr-warmup-samples", "2",  # shrunk
-                     "--lr", "0.00015", "--min-lr", "0.00001",
-                     # dropped: --decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5 (refused)
+                     "--lr", "0.00015", "--min-lr", "0.00001", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr",
+                     "4.5e-5",
                      "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--weight-decay", "0.1", "--adam-beta1", "0.9",
                      "--adam-beta2", "0.95", "--bf16", "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion",
                      "--calculate-per-token-loss", "--manual-gc", "--empty-unused-memory-level", "1",
@@ -208,3 +208,15 @@ def test_refused_flags_stop_with_one_line(assets, tmp_path, change, message):
                       timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_decoupled_lr_trains_the_embedding_and_output_weights_at_their_own_rate(tmp_path):
+    """--decoupled-lr equal to --lr (and --decoupled-min-lr to --min-lr) is the run without it,
+    bit for bit; another value changes the losses from the second iteration on."""
+    base = [*TINY, "--train-iters", "3", "--lr", "1e-2", "--min-lr", "1e-3", "--lr-decay-style", "cosine",
+            "--untie-embeddings-and-output-weights"]
+    runs = {name: [r["lm_loss"] for r in run_pretrain(tmp_path, name, 1, [*base, *extra])[0]] for name, extra in (
+        ("plain", []), ("same", ["--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-3"]),
+        ("other", ["--decoupled-lr", "1e-1"]))}
+    assert len(runs["plain"]) == 3 and runs["same"] == runs["plain"]
+    assert runs["other"][0] == runs["plain"][0] and runs["other"][1:] != runs["plain"][1:]

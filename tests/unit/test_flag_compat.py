@@ -277,3 +277,65 @@ def test_flag_counts_use_the_parsers_view_without_parse_args():
     args.position_embedding_type = "yarn"
     with pytest.raises(ArgumentError, match="--use-rotary-position-embeddings and --position-embedding-type yarn"):
         validate_args(args, world_size=1)
+
+
+# -- --decoupled-lr / --decoupled-min-lr ------------------------------------------------------------
+
+
+def _cosine(step, warmup, decay, peak, final):
+    """Megatron's linear warmup then cosine decay, written out."""
+    import math
+
+    if step < warmup:
+        return peak * step / warmup
+    if step > decay:
+        return final
+    ratio = (step - warmup) / (decay - warmup)
+    return final + (peak - final) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+def test_decoupled_lr_gives_the_embedding_and_output_weights_their_own_schedule():
+    """HostAdamW's groups under megatron-core's scheduler: the weights megatron-core marks
+    is_embedding_or_output_parameter follow --decoupled-lr / --decoupled-min-lr, every other weight
+    --lr / --min-lr, step by step (the schedule written out independently)."""
+    from megatron.training.optimizer import HostAdamW
+
+    model = torch.nn.ModuleDict({"embedding": torch.nn.Embedding(10, 4), "hidden": torch.nn.Linear(4, 4),
+                                 "norm": torch.nn.LayerNorm(4), "output": torch.nn.Linear(4, 10, bias=False)})
+    model.embedding.weight.is_embedding_or_output_parameter = True
+    model.output.weight.is_embedding_or_output_parameter = True
+    optimizer = HostAdamW(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0,
+                          tp_group=None, decoupled_lr=(4.5e-5, 5e-4))
+    groups = optimizer.param_groups
+    decoupled = [g for g in groups if "max_lr" in g]
+    assert [id(p) for g in decoupled for p in g["params"]] == [id(model.embedding.weight), id(model.output.weight)]
+    assert all(g["wd_mult"] == 1.0 for g in decoupled) and "max_lr" not in groups[0]
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1.5e-4, min_lr=1e-5, lr_warmup_steps=2,
+                                        lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                        wd_incr_steps=12, wd_incr_style="constant")
+    for step in range(1, 13):
+        scheduler.step(increment=1)
+        for group in groups:
+            peak, final = (5e-4, 4.5e-5) if "max_lr" in group else (1.5e-4, 1e-5)
+            assert group["lr"] == pytest.approx(_cosine(step, 2, 10, peak, final), rel=1e-12), (step, group)
+
+
+def test_without_decoupled_lr_the_groups_are_as_before():
+    from megatron.training.optimizer import _param_groups
+
+    model = torch.nn.ModuleDict({"embedding": torch.nn.Embedding(10, 4), "norm": torch.nn.LayerNorm(4)})
+    model.embedding.weight.is_embedding_or_output_parameter = True
+    groups = _param_groups(model)
+    assert [(len(g["params"]), g["wd_mult"]) for g in groups] == [(1, 1.0), (2, 0.0)]
+    assert not any("max_lr" in g for g in groups)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--decoupled-lr", "1e-6", "--min-lr", "1e-5"], "--decoupled-min-lr 1e-05 is above --decoupled-lr 1e-06 "
+                                                     "(it defaults to --min-lr)"),
+    (["--decoupled-lr", "-1"], "--decoupled-lr"),
+])
+def test_decoupled_lr_refusals(flags, message):
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_args(parse_args([*TINY, "--train-iters", "2", "--lr", "1e-4", *flags]), world_size=1)
