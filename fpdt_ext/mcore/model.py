@@ -35,10 +35,7 @@ class FPDTGPTModel(GPTModel):
         """Rotary frequencies at global positions: [s/P, b, 1, dim]."""
         span = self.max_sequence_length
         if span not in self._rotary_cache:
-            table = self.rotary_pos_emb.get_emb(span)  # [S, 1, 1, dim]
-            if self.position_embedding_type == "yarn":  # megatron-core's YaRN: (table, attention factor), the
-                table = table[0]  # factor applied by attention from the config
-            self._rotary_cache = {span: table}
+            self._rotary_cache = {span: self.rotary_pos_emb.get_emb(span)}  # [S, 1, 1, dim]
         table = self._rotary_cache[span]
         if table.device != position_ids.device:
             table = self._rotary_cache[span] = table.to(position_ids.device)
@@ -49,7 +46,8 @@ class FPDTGPTModel(GPTModel):
         """The decoder's output (after the final norm) at this rank's tokens: [s/P, b, h]."""
         if decoder_input is None:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s/P, b, h]
-        rotary = self._rotary_at(position_ids) if self.position_embedding_type in ("rope", "yarn") else None
+        # YaRN is built as "rope" with YaRN's frequencies (megatron.training.models.build_model)
+        rotary = self._rotary_at(position_ids) if self.position_embedding_type == "rope" else None
         return self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
 
     def output_weight(self) -> torch.Tensor:

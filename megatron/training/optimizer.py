@@ -261,7 +261,7 @@ def build_optimizer(config, model, groups):
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad, bf16=t.bf16, fp16=t.fp16, params_dtype=getattr(torch, t.params_dtype),
             use_distributed_optimizer=distributed,
-            decoupled_lr=t.decoupled_lr, decoupled_min_lr=t.decoupled_lr_range[0] if t.decoupled_lr else None,
+            decoupled_lr=t.decoupled_lr, decoupled_min_lr=t.decoupled_lr_range[0] if t.decoupled_lr is not None else None,
         )
         # with explicit process groups megatron-core takes no gloo side groups (it raises otherwise);
         # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)

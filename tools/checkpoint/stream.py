@@ -200,26 +200,27 @@ class ShardWriter:
     def __init__(self, save_dir: str, shards: List[List[str]], metadata: Dict[str, str]):
         self.save_dir, self.metadata = save_dir, metadata
         self.files = shard_file_names(len(shards))
-        self.file_of = {name: self.files[i] for i, names in enumerate(shards) for name in names}
+        self.shard_of = {name: i for i, names in enumerate(shards) for name in names}
+        self.file_of = {name: self.files[i] for name, i in self.shard_of.items()}
         self.pending = {i: set(names) for i, names in enumerate(shards)}
         self.buffer: Dict[str, torch.Tensor] = {}
-        self.total_bytes = 0
-        self.peak_buffer_bytes = 0
+        self.buffer_bytes = self.total_bytes = self.peak_buffer_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor):
         from safetensors.torch import save_file
 
-        index = self.files.index(self.file_of[name])
+        index = self.shard_of[name]
         self.buffer[name] = tensor.contiguous()
-        self.total_bytes += tensor.numel() * tensor.element_size()
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes,
-                                     sum(t.numel() * t.element_size() for t in self.buffer.values()))
+        nbytes = tensor.numel() * tensor.element_size()
+        self.total_bytes += nbytes
+        self.buffer_bytes += nbytes
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.buffer_bytes)
         self.pending[index].discard(name)
         if not self.pending[index]:
             path = os.path.join(self.save_dir, self.files[index])
             save_file(self.buffer, path + ".tmp", metadata=self.metadata)
             os.replace(path + ".tmp", path)
-            self.buffer = {}
+            self.buffer, self.buffer_bytes = {}, 0
 
     def finish(self):
         left = [name for names in self.pending.values() for name in names]
@@ -247,7 +248,7 @@ def write_streamed(save_dir: str, tensors: Iterator[Tuple[str, torch.Tensor]],
         for count, (name, tensor) in enumerate(tensors, start=1):
             writer.add(name, tensor)
             bar.update(tensor.numel() * tensor.element_size(), tensors=f"{count}/{len(planned)}",
-                       shard=f"{writer.files.index(writer.file_of[name]) + 1}/{len(writer.files)}")
+                       shard=f"{writer.shard_of[name] + 1}/{len(writer.files)}")
         writer.finish()
     return writer
 
