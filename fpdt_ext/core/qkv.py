@@ -118,7 +118,7 @@ class QKVStatic:
     plan: AttentionPlan
     layout: QKVLayout
     rotary: Optional[Rotary]  # with rotary frequencies
-    norm_kind: Optional[Tuple[Optional[float], bool]]  # (eps, rms) of the input norm, if any
+    norm_kind: Optional[Tuple[Optional[float], bool, bool]]  # (eps, rms, zero_centered) of the input norm, if any
     tp_group: Any  # the norm's parameter gradients are summed over it (None: no TP)
     overwrite_grad: bool  # the output's gradient may be used as scratch
     for_backward: bool
@@ -221,7 +221,8 @@ def fpdt_qkv_attention(
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     static = QKVStatic(plan=attention_plan, layout=layout, rotary=rotary,
-                       norm_kind=None if norm is None else (norm.eps, norm.rms), tp_group=tp_group,
+                       norm_kind=None if norm is None else (norm.eps, norm.rms, norm.zero_centered),
+                       tp_group=tp_group,
                        overwrite_grad=overwrite_output_grad,
                        for_backward=torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     return FPDTQKVAttentionFunction.apply(x, norm_weight, norm_bias, weight, bias, rotary_freqs, static)

@@ -10,7 +10,7 @@ checkpoints as megatron-core's GPTModel, and every Megatron checkpoint tool keep
         linear_qkv         ColumnParallelLinear       projected chunk by chunk (core/qkv.py)
         core_attention     FPDTCoreAttention          only for q/k layernorm or TP > KV heads
         linear_proj        RowParallelLinear
-        q/k_layernorm      WrappedTorchNorm with --qk-layernorm, else IdentityOp
+        q/k_layernorm      TorchNorm with --qk-layernorm, else IdentityOp     (mcore/norm.py)
       self_attn_bda      megatron-core's bias-dropout-add
       pre_mlp_layernorm  Chunked{LayerNorm,RMSNorm}   run inside the MLP's chunks
       mlp                FPDTMLP                      (mcore/mlp.py) chunked, recomputed in backward
@@ -33,14 +33,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.mcore.attention import FPDTCoreAttention, FPDTSelfAttention
 from fpdt_ext.mcore.layer import FPDTTransformerLayer
 from fpdt_ext.mcore.mlp import FPDTMLP
-from fpdt_ext.mcore.norm import chunked_norm_class
+from fpdt_ext.mcore.norm import TorchNorm, chunked_norm_class
 from fpdt_ext.memory.offload import MemoryTiers
 
 
@@ -51,7 +50,7 @@ def get_fpdt_layer_spec(fpdt_config: FPDTConfig, *, tiers: MemoryTiers, tp_group
     explicitly (megatron-core passes it only to its own MLP class)."""
     attention_params = {"fpdt_config": fpdt_config, "tiers": tiers}
     norm = ModuleSpec(module=chunked_norm_class(normalization or "LayerNorm"), params={"fpdt_config": fpdt_config})
-    qk_norm = WrappedTorchNorm if qk_layernorm else IdentityOp
+    qk_norm = TorchNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=FPDTTransformerLayer,
         submodules=TransformerLayerSubmodules(

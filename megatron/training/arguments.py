@@ -14,11 +14,12 @@ parallelism in the training loop yet; ``--context-parallel-size`` is taken by
 FPDT (the FPDT group occupies megatron-core's context-parallel axis); ``--finetune``
 resumes from ``--save`` once that holds the stage's own checkpoints, and
 ``--no-load-rng`` re-seeds from ``--seed`` and the iteration (docs/STAGES.md).
-The LR schedule steps once per iteration: Megatron-LM's sample-based lengths
-(``--train-samples``, ``--lr-warmup-samples``, ``--lr-decay-samples``) and DeepSpeed's
-token counts become (fractional) iterations of the constant global batch, the same
-schedule; there is no batch-size ramp-up. ``--recompute-granularity selective`` is
-the baseline's only (FPDT layers refuse it).
+With a constant global batch the LR schedule steps once per iteration: Megatron-LM's
+sample-based lengths (``--train-samples``, ``--lr-warmup-samples``, ``--lr-decay-samples``)
+and DeepSpeed's token counts become (fractional) iterations of the global batch, the same
+schedule. With a batch ramp-up (``--rampup-batch-size``, ``--step-batch-size-schedule``) it
+counts samples, as Megatron-LM's. ``--recompute-granularity selective`` is the baseline's
+only (FPDT layers refuse it).
 
 Megatron-LM's and Megatron-DeepSpeed's other launch-script flags, and DeepSpeed's
 JSON config, are in one table in :mod:`megatron.training.compat`: honoured (translated
@@ -91,6 +92,9 @@ def _add_model_args(p):
                    action="store_false")
     g.add_argument("--normalization", type=_normalization, choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
                    help="LayerNorm or RMSNorm (any case, as DeepSpeed's scripts write it)")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="zero-centred norm weights: every norm stores w (initialised to 0) and scales by 1 + w "
+                        "(Megatron-LM's; Hugging Face export adds 1 to the norm weights)")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--openai-gelu", action="store_true", help="GeLU with the tanh approximation (GPT-2's)")
@@ -132,7 +136,13 @@ def _add_training_args(p):
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None, help="default micro x data-parallel size")
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro x data-parallel size (with "
+                   "a ramp-up: the final batch)")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="ramp the global batch up from START by INCREMENT to --global-batch-size over SAMPLES "
+                        "samples (megatron-core's ramp-up)")
+    g.add_argument("--step-batch-size-schedule", default=None, metavar='"THRESHOLD:BATCH ..."',
+                   help="the global batch from each THRESHOLD tokens consumed on (K/M/B/T suffixes; Megatron-LM's)")
     g.add_argument("--train-iters", type=int, default=None, help="the run's length (or --train-samples)")
     g.add_argument("--train-samples", type=int, default=None,
                    help="the run's length in sequences: --train-samples // global batch iterations (Megatron-LM's "

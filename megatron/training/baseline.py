@@ -6,6 +6,10 @@ it is the local spec with one change: core attention through torch's
 kernel on CPU), because megatron-core's local ``DotProductAttention``
 materialises the full ``[s, s]`` score matrix and would make the baseline look
 worse than a user would see. Parameter names are those of the local spec.
+
+With zero-centred gamma (``--apply-layernorm-1p``) the local spec's norms are
+:class:`~fpdt_ext.mcore.norm.TorchNorm` (torch's norms scaled by ``1 + weight``): megatron-core's
+``WrappedTorchNorm`` refuses it. TransformerEngine's norms take it from the config.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from fpdt_ext import runtime
+from fpdt_ext.mcore.norm import TorchNorm
 
 
 class SDPACoreAttention(MegatronModule):
@@ -50,11 +55,16 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, np*hn]
 
 
-def baseline_layer_spec(*, normalization=None, qk_layernorm=False) -> ModuleSpec:
+def baseline_layer_spec(*, normalization=None, qk_layernorm=False, zero_centered_gamma=False) -> ModuleSpec:
     if runtime.current().cuda and importlib.util.find_spec("transformer_engine") is not None:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    if zero_centered_gamma:
+        layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm
+        if qk_layernorm:
+            attention.q_layernorm = attention.k_layernorm = TorchNorm
     return spec

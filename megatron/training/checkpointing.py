@@ -207,6 +207,7 @@ def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
         "true_vocab_size": trainer.tokenizer.vocab_size,
         "padded_vocab_size": trainer.padded_vocab_size,
         "optimizer_format": optimizer_format(trainer.optimizer),
+        "lr_schedule_unit": trainer.config.lr_schedule.unit,  # samples with a batch ramp-up
         "finetuned_from": trainer.state.finetuned_from,  # the stage's --load, which a restart must not redo
     }
 
@@ -514,6 +515,11 @@ def model_for_checkpoint(common: dict, path: str, model, true_vocab: int, tp: in
             saved.max_position_embeddings != model.max_position_embeddings:
         differ.append(f"--max-position-embeddings {saved.max_position_embeddings} (this run: "
                       f"{model.max_position_embeddings})")
+    if saved.apply_layernorm_1p != model.apply_layernorm_1p:  # same shapes, norm weights 1 apart
+        differ.append(f"--apply-layernorm-1p {saved.apply_layernorm_1p} (this run: {model.apply_layernorm_1p}; "
+                      f"its norm weights differ from this run's by exactly 1: to convert, export it with "
+                      f"tools/checkpoint/convert.py --saver hf and import that with --loader hf"
+                      f"{'' if saved.apply_layernorm_1p else ' --apply-layernorm-1p'})")
     saved_vocab = common.get("true_vocab_size") or common["model_args"].get("vocab_size")
     if saved_vocab is not None and saved_vocab != true_vocab:
         differ.append(f"a vocabulary of {saved_vocab} tokens (this run's tokenizer: {true_vocab})")
@@ -563,6 +569,14 @@ def load_checkpoint(trainer, start: Start) -> int:
             f"({'GPU' if this_format == MEGATRON_OPTIMIZER else 'CPU'} path): resume it on the kind of machine "
             "that wrote it, pass --no-load-optim (a fresh optimizer and LR schedule; the iteration and data "
             "continue), or start from its weights alone with --finetune (a new stage)")
+    saved_unit, this_unit = common.get("lr_schedule_unit", "iterations"), trainer.config.lr_schedule.unit
+    if load_optim and saved_unit != this_unit:
+        raise CheckpointError(
+            f"{path}'s LR schedule counts {saved_unit} and this run's counts {this_unit} (the scheduler counts "
+            f"samples with --rampup-batch-size or --step-batch-size-schedule, as Megatron-LM's): resume "
+            f"{'with' if saved_unit == 'samples' else 'without'} a batch ramp-up, pass --no-load-optim (a fresh "
+            f"optimizer and LR schedule; the iteration and data continue), or start a new stage from its weights "
+            f"with --finetune")
     if load_optim:
         prepare_for_loading(trainer.optimizer)
     state = dist_checkpointing.load(_sharded_state(trainer, loading=True, optimizer=load_optim), path)

@@ -43,7 +43,7 @@ class Flag:
 
 
 def _is(*values: str) -> Callable[[str], bool]:
-    return lambda given: given in values
+    return lambda given: all(v in values for v in (given if isinstance(given, list) else [given]))
 
 
 _FLASH = Flag(("--use-flash-attn", "--use-flash-attn-v1", "--use-flash-attn-v2", "--use-flash-attn-triton"),
@@ -61,6 +61,8 @@ _HONOURED = (
     Flag(("--checkpoint-activations",), HONOURED, "Megatron-DeepSpeed's: --recompute-granularity full"),
     Flag(("--checkpoint-in-cpu",), HONOURED, "DeepSpeed's: checkpointed layer inputs in host memory: "
          "--offload-recompute-inputs (with full recompute)"),
+    Flag(("--recompute-activations",), HONOURED, "Megatron-LM's: --recompute-granularity selective"),
+    Flag(("--activations-checkpoint-method",), HONOURED, "the old name of --recompute-method", value=True),
     Flag(("--zero-stage",), HONOURED, "DeepSpeed's ZeRO stage: 0 none, 1 --use-distributed-optimizer; 2 and 3 "
          "refused", value=True),
     Flag(("--deepspeed_config", "--deepspeed-config"), HONOURED, "DeepSpeed's JSON config: its batch, "
@@ -119,22 +121,66 @@ _NOTED = (
          refusal="unfused/local attention (materialised scores) is not offered; use auto or flash"),
     Flag(("--expert-model-parallel-size",), NOTED, "no experts here (dense models)", value=True,
          refuse_unless=_is("1"), refusal="no mixture-of-experts here: dense models only"),
+    Flag(("--num-experts",), NOTED, "one expert per MLP is the dense model (Megatron-DeepSpeed's dense scripts "
+         "pass it)", value=True, nargs="+", refuse_unless=_is("1"), refusal="no mixture-of-experts here: dense "
+                                                                             "models only"),
+    Flag(("--moe-expert-parallel-size",), NOTED, "no experts here (dense models)", value=True,
+         refuse_unless=_is("1"), refusal="no mixture-of-experts here: dense models only"),
+    Flag(("--moe-loss-coeff", "--moe-train-capacity-factor", "--moe-eval-capacity-factor", "--moe-min-capacity"),
+         NOTED, "Megatron-DeepSpeed's MoE settings do nothing in a dense model (more experts are refused)",
+         value=True),
+    Flag(("--log-batch-size-to-tensorboard",), NOTED, "TensorBoard's batch-size scalar is always written with "
+         "--tensorboard-dir"),
+    Flag(("--log-optimizer-states-to-tensorboard",), NOTED, "optimizer-state norms are not logged here (the "
+         "gradient norm is)"),
+    Flag(("--timing-log-level",), NOTED, "the step timers are those of --log-timers-to-tensorboard", value=True),
+    Flag(("--logging-level",), NOTED, "the log is print-based (rank 0), without levels", value=True),
+    Flag(("--record-memory-history",), NOTED, "the peak device memory is in every log line; use --profile for "
+         "a memory timeline"),
+    Flag(("--init-model-with-meta-device",), NOTED, "the model is built on its device (or on the CPU with "
+         "use_cpu_initialization); tools/checkpoint/stream.py uses the meta device for export"),
+    Flag(("--no-query-key-layer-scaling",), NOTED, "no query-key layer scaling here already (megatron-core's "
+         "default)"),
+    Flag(("--attention-softmax-in-fp32",), NOTED, "the attention kernels keep the softmax in float32"),
+    Flag(("--recompute-modules",), NOTED, "selective recompute covers core attention (megatron-core's "
+         "default)", value=True, nargs="+", refuse_unless=_is("core_attn"),
+         refusal="selective recompute covers core_attn only here; use --recompute-granularity full for more"),
+    Flag(("--optimizer",), NOTED, "the optimizer is Adam(W), megatron-core's (HostAdamW on the CPU)", value=True,
+         refuse_unless=_is("adam"), refusal="Adam is the only optimizer here"),
+    Flag(("--DDP-impl",), NOTED, "data parallelism is megatron-core's DDP", value=True,
+         refuse_unless=_is("local", "torch"), refusal="FSDP here is not offered yet: use "
+                                                      "--use-distributed-optimizer (ZeRO-1)"),
+    Flag(("--loss-scale",), NOTED, "loss scaling is megatron-core's dynamic scaler with --fp16 and none with "
+         "--bf16 (Megatron-DeepSpeed ignores the flag under --deepspeed too); with --fp16 and without --deepspeed "
+         "it is refused", value=True),
     Flag(("--transformer-impl",), NOTED, "the baseline uses TransformerEngine's layer spec on GPU when it is "
          "installed, else megatron-core's local spec with torch attention; FPDT layers have their own spec",
          value=True, refuse_unless=_is("local", "transformer_engine"), refusal="use local or transformer_engine"),
 )
 
 _REFUSED = (
-    Flag(("--rampup-batch-size",), REFUSED, "the global batch is constant here: drop it and give the final "
-         "--global-batch-size", value=True, nargs="+"),
-    Flag(("--step-batch-size-schedule",), REFUSED, "the global batch is constant here: drop it and give the "
-         "final --global-batch-size", value=True),
-    Flag(("--apply-layernorm-1p",), REFUSED, "zero-centred norm weights are not implemented: drop it (a "
-         "checkpoint trained with it needs 1 added to its norm weights)"),
     Flag(("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), REFUSED, "FP8 needs "
          "TransformerEngine's FP8 layers, not used here: use --bf16", value=True),
     Flag(("--fp8-param-gather",), REFUSED, "FP8 needs TransformerEngine's FP8 layers, not used here: use --bf16"),
-    Flag(("--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
+    Flag(("--use-megatron-fsdp", "--use-torch-fsdp2"), REFUSED, "parameter and gradient sharding is not "
+         "offered yet: use --use-distributed-optimizer (the optimizer state sharded, ZeRO-1), --fpdt-offload and "
+         "--offload-recompute-inputs"),
+    Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not "
+         "offered yet: use --use-distributed-optimizer (ZeRO-1)", value=True),
+    Flag(("--cpu-optimizer",), REFUSED, "DeepSpeed's CPU Adam is not used here: use --use-distributed-optimizer "
+         "to shard the optimizer state"),
+    Flag(("--universal-checkpoint",), REFUSED, "DeepSpeed universal checkpoints are not read: torch_dist "
+         "checkpoints load at any TP/FPDT/DP size, and tools/checkpoint/convert.py converts from Hugging Face"),
+    Flag(("--enable-zbh1-pipeline", "--enable-zbh1-exact-semantics"), REFUSED, "no pipeline parallelism here: "
+         "tensor parallelism and FPDT"),
+    Flag(("--kd", "--mos", "--random-ltd", "--data-efficiency-curriculum-learning", "--reset-iteration",
+          "--create-moe-param-group", "--disable-moe-token-dropping"), REFUSED, "DeepSpeed's distillation, "
+         "compression, data-efficiency and MoE options are not offered here: drop it"),
+    Flag(("--load-teacher", "--num-layers-teacher", "--hidden-size-teacher", "--num-attention-heads-teacher",
+          "--kd-beta-ce", "--kd-temp", "--kd-alpha-ce", "--train-doc-idx-path", "--train-sample-idx-path",
+          "--train-shuffle-idx-path", "--mlp-type"), REFUSED, "DeepSpeed's distillation, data-efficiency and PR-MoE "
+         "options are not offered here: drop it", value=True),
+    Flag(("--moe-router-topk", "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
           "--moe-token-dispatcher-type"), REFUSED, "no mixture-of-experts here: dense models only", value=True),
     Flag(("--moe-grouped-gemm",), REFUSED, "no mixture-of-experts here: dense models only"),
 )
@@ -203,7 +249,7 @@ def translate(args: argparse.Namespace, given: FrozenSet[str]) -> argparse.Names
             if flag.verdict == REFUSED:
                 raise ValueError(f"{_spell(name, value)} is not supported: {flag.why}")
             if flag.refuse_unless is not None and not flag.refuse_unless(value):
-                raise ValueError(f"{name} {value} is not supported: {flag.refusal}")
+                raise ValueError(f"{_spell(name, value)} is not supported: {flag.refusal}")
     out = argparse.Namespace(**vars(args))
     if args.tokenizer_type is None and args.vocab_file and args.merge_file:
         out.tokenizer_type = "GPT2BPETokenizer"  # Megatron-LM's and DeepSpeed's pretrain_gpt.py default
@@ -232,6 +278,20 @@ def translate(args: argparse.Namespace, given: FrozenSet[str]) -> argparse.Names
                          "--position-embedding-type rope (a model needs positions)")
     if _given(args, "--checkpoint-activations"):
         _set_flag(out, given, "recompute_granularity", "full", "--checkpoint-activations")
+    scale = _given(args, "--loss-scale")
+    if scale is not None and args.fp16 and not _given(args, "--deepspeed"):
+        raise ValueError(f"--loss-scale {scale} is not supported: a static fp16 loss scale is not offered here; "
+                         f"drop it (megatron-core's dynamic scaler) or use --bf16")
+    if _given(args, "--recompute-activations"):
+        if _given(args, "--checkpoint-activations"):
+            raise ValueError("--recompute-activations (selective) and --checkpoint-activations (full) disagree: "
+                             "give one of them")
+        _set_flag(out, given, "recompute_granularity", "selective", "--recompute-activations")
+    method = _given(args, "--activations-checkpoint-method")
+    if method is not None:
+        if method not in ("uniform", "block"):
+            raise ValueError(f"--activations-checkpoint-method {method}: use uniform or block")
+        _set_flag(out, given, "recompute_method", method, f"--activations-checkpoint-method {method}")
     if _given(args, "--checkpoint-in-cpu"):
         if out.recompute_granularity != "full":
             raise ValueError("--checkpoint-in-cpu keeps checkpointed layer inputs in host memory: it needs "

@@ -17,11 +17,13 @@ that means "work it out later".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional, Tuple
 
 from fpdt_ext.core.config import FPDTConfig, check_heads
 from fpdt_ext.mcore.parallel_state import ParallelLayout
+from megatron.training.batch_schedule import BatchSchedule
 
 
 def _set(obj, **values) -> None:
@@ -102,6 +104,9 @@ class ModelConfig:
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     qk_layernorm: bool = False
+    # Megatron's --apply-layernorm-1p (megatron-core's layernorm_zero_centered_gamma): every norm
+    # stores w, initialised to zero, and scales by 1 + w
+    apply_layernorm_1p: bool = False
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
@@ -207,6 +212,10 @@ class TrainingConfig:
     train_iters: Optional[int] = None  # set by RunConfig from train_samples / train_tokens when given
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None  # micro batch x data-parallel size (set by RunConfig)
+    # Megatron's batch ramp-up (batch_schedule.py): the global batch grows with the samples consumed,
+    # to global_batch_size (the final batch)
+    rampup_batch_size: Optional[Tuple[int, ...]] = None  # START INCREMENT SAMPLES
+    step_batch_size_schedule: Optional[str] = None  # "THRESHOLD:BATCH ...", thresholds in tokens
     lr: float = 1e-4
     min_lr: float = 0.0
     # Megatron-LM's --decoupled-lr / --decoupled-min-lr: the peak and final LR of the input
@@ -267,6 +276,11 @@ class TrainingConfig:
         if self.bf16 and self.fp16:
             raise ValueError("choose one of --bf16 and --fp16")
         _check_schedule_units(self)
+        if self.rampup_batch_size is not None:
+            _set(self, rampup_batch_size=tuple(self.rampup_batch_size))
+        batches = self.batch_schedule  # checked here
+        if batches is not None and self.global_batch_size is None:
+            _set(self, global_batch_size=batches.final)  # a step schedule ends at the final batch
         if self.lr_decay_iters is None and self.train_iters is not None and self.train_samples is None:
             _set(self, lr_decay_iters=self.train_iters)
         if self.min_lr > self.lr:
@@ -283,8 +297,16 @@ class TrainingConfig:
             raise ValueError("--offload-recompute-inputs needs --recompute-granularity full")
 
     def lr_schedule(self, global_batch_size: int) -> "LRSchedule":
-        """The run's length and LR schedule in iterations of ``global_batch_size`` sequences."""
+        """The run's length and LR schedule: in iterations of ``global_batch_size`` sequences, or in
+        samples with a batch ramp-up."""
         return lr_schedule(self, global_batch_size)
+
+    @functools.cached_property
+    def batch_schedule(self) -> Optional[BatchSchedule]:
+        """The global batch's ramp-up, None for a constant batch."""
+        return BatchSchedule.from_flags(rampup_batch_size=self.rampup_batch_size,
+                                        step_batch_size_schedule=self.step_batch_size_schedule,
+                                        global_batch_size=self.global_batch_size, seq_length=self.seq_length)
 
     @property
     def decoupled_lr_range(self):
@@ -323,12 +345,20 @@ def _check_schedule_units(t: "TrainingConfig") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """A run's length and LR schedule in iterations (warmup and decay may be fractional: Megatron-LM
-    counts them in samples, stepping by the global batch, which is the same schedule)."""
+    """A run's length and LR schedule in the scheduler's steps: iterations with a constant global
+    batch (warmup and decay may be fractional: Megatron-LM counts them in samples, stepping by the
+    global batch, which is the same schedule), samples with a batch ramp-up (the scheduler steps by
+    each iteration's batch, as Megatron-LM's)."""
 
     train_iters: int
-    warmup_iters: float
-    decay_iters: float
+    warmup_steps: float
+    decay_steps: float
+    unit: str = "iterations"  # or "samples"
+    total_steps: float = 0.0  # the whole run in the unit (megatron-core's wd_incr_steps)
+
+    def increment(self, global_batch_size: int) -> int:
+        """The scheduler's step after an iteration of ``global_batch_size`` sequences."""
+        return global_batch_size if self.unit == "samples" else 1
 
 
 def lr_schedule(t: TrainingConfig, global_batch_size: int) -> LRSchedule:
@@ -338,6 +368,8 @@ def lr_schedule(t: TrainingConfig, global_batch_size: int) -> LRSchedule:
     iteration-based forms alike. DeepSpeed's tokens are samples x seq_length: --lr-warmup-tokens
     and --lr-decay-tokens replace the warmup and the decay, and --train-tokens ends the run at the
     first iteration that reaches it (if before the iterations or samples)."""
+    if t.batch_schedule is not None:
+        return _lr_schedule_in_samples(t, t.batch_schedule)
     tokens_per_iter = global_batch_size * t.seq_length
     if t.train_samples is not None:
         iters = t.train_samples // global_batch_size
@@ -358,19 +390,52 @@ def lr_schedule(t: TrainingConfig, global_batch_size: int) -> LRSchedule:
         warmup = t.lr_warmup_fraction * decay
     elif t.lr_warmup_tokens is not None:
         warmup = t.lr_warmup_tokens / tokens_per_iter
-    if iters < 1:
+    return _checked(t, LRSchedule(train_iters=iters, warmup_steps=warmup, decay_steps=decay, total_steps=iters),
+                    f"iterations of {global_batch_size} sequences", global_batch_size)
+
+
+def _lr_schedule_in_samples(t: TrainingConfig, batches: BatchSchedule) -> LRSchedule:
+    """Megatron-LM's get_optimizer_param_scheduler with a batch ramp-up: the scheduler counts
+    samples; sample lengths as given, iteration lengths x the final global batch, tokens / seq."""
+    final = batches.final
+    if t.train_samples is not None:
+        iters, total = batches.iterations_for_samples(t.train_samples), t.train_samples
+        decay = t.lr_decay_samples if t.lr_decay_samples is not None else t.train_samples
+        warmup = float(t.lr_warmup_samples)
+    else:
+        iters = t.train_iters
+        total = decay = (t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters or 0) * final
+        warmup = float(t.lr_warmup_iters * final)
+    if t.train_tokens is not None:
+        by_tokens = batches.iterations_to_reach(-(-t.train_tokens // t.seq_length))
+        iters = by_tokens if iters is None else min(iters, by_tokens)
+        if t.train_samples is None and t.train_iters is None and t.lr_decay_tokens is None:
+            total = decay = batches.samples_in(iters)
+    if t.lr_decay_tokens is not None:
+        decay = t.lr_decay_tokens / t.seq_length
+    if t.lr_warmup_fraction is not None:
+        warmup = t.lr_warmup_fraction * decay
+    elif t.lr_warmup_tokens is not None:
+        warmup = t.lr_warmup_tokens / t.seq_length
+    return _checked(t, LRSchedule(train_iters=iters, warmup_steps=warmup, decay_steps=decay, unit="samples",
+                                  total_steps=total or decay), "samples", final)
+
+
+def _checked(t: TrainingConfig, schedule: LRSchedule, unit: str, global_batch_size: int) -> LRSchedule:
+    """``schedule``, refused when the run has no iteration or the warmup does not end before the decay."""
+    if schedule.train_iters < 1:
         given = (f"--train-samples {t.train_samples}" if t.train_samples is not None
                  else f"--train-tokens {t.train_tokens}")
         raise ValueError(f"{given} is less than one global batch ({global_batch_size} sequences of "
                          f"{t.seq_length} tokens): give more, or a smaller --global-batch-size")
+    warmup, decay = schedule.warmup_steps, schedule.decay_steps
     if not decay > 0:
         raise ValueError("the LR decay is shorter than one sample: give a longer --lr-decay-samples/"
                          "--lr-decay-tokens/--lr-decay-iters")
     if warmup and warmup >= decay:
-        raise ValueError(f"the LR warmup ({warmup:g} iterations of {global_batch_size} sequences) must be "
-                         f"shorter than the decay ({decay:g} iterations): shorten --lr-warmup-* or lengthen "
-                         f"--lr-decay-* (the decay defaults to the whole run)")
-    return LRSchedule(train_iters=iters, warmup_iters=warmup, decay_iters=decay)
+        raise ValueError(f"the LR warmup ({warmup:g} {unit}) must be shorter than the decay ({decay:g} {unit}): "
+                         f"shorten --lr-warmup-* or lengthen --lr-decay-* (the decay defaults to the whole run)")
+    return schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +562,12 @@ class RunConfig:
             if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
                 raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
         micro_dp = training.micro_batch_size * parallel.data_parallel_size
+        batches = training.batch_schedule
+        # a resumed run checks the batches from its checkpoint's position on (Trainer: it may have
+        # more data-parallel ranks than the ramp-up's first batches split over)
+        problem = batches.indivisible(micro_dp) if batches is not None and not self.checkpoint.load else None
+        if problem:
+            raise ValueError(problem)
         if training.global_batch_size is None:
             _set(self, training=dataclasses.replace(training, global_batch_size=micro_dp))
         elif training.global_batch_size % micro_dp:
@@ -524,7 +595,23 @@ class RunConfig:
 
     @property
     def num_microbatches(self) -> int:
-        return self.training.global_batch_size // (self.training.micro_batch_size * self.parallel.data_parallel_size)
+        """Micro batches per step of the (final) global batch."""
+        return self.num_microbatches_of(self.training.global_batch_size)
+
+    def num_microbatches_of(self, global_batch_size: int) -> int:
+        return global_batch_size // (self.training.micro_batch_size * self.parallel.data_parallel_size)
+
+    def global_batch_at(self, consumed_samples: int) -> int:
+        """The global batch of the iteration after ``consumed_samples`` samples (a ramp-up's, or constant)."""
+        batches = self.training.batch_schedule
+        return batches.at(consumed_samples) if batches is not None else self.training.global_batch_size
+
+    @property
+    def train_samples_total(self) -> int:
+        """Samples the whole run reads."""
+        batches = self.training.batch_schedule
+        t = self.training
+        return batches.samples_in(t.train_iters) if batches is not None else t.train_iters * t.global_batch_size
 
     @property
     def fpdt_num_chunks(self) -> Optional[int]:

@@ -137,7 +137,7 @@ def build_datasets(config, tokenizer):
     """(train, valid, test) datasets sized for the whole run, as Megatron-LM sizes them."""
     t, data = config.training, config.data
     num_evals = t.train_iters // t.eval_interval + 1
-    sizes = [t.train_iters * t.global_batch_size, num_evals * t.eval_iters * t.global_batch_size,
+    sizes = [config.train_samples_total, num_evals * t.eval_iters * t.global_batch_size,
              t.eval_iters * t.global_batch_size]
     dataset = dataset_config(config, tokenizer)
     if not data.mock_data:
@@ -151,8 +151,9 @@ def build_datasets(config, tokenizer):
 class MicroBatches:
     """Micro batches of one data-parallel rank, resumable from ``consumed_samples``.
 
-    Global batch n covers samples [n*G, (n+1)*G); within it, micro batch m of
-    data-parallel rank d is samples n*G + (m*D + d)*b ... + b - 1.
+    A global batch of G samples starting after c consumed covers samples [c, c+G); within it,
+    micro batch m of data-parallel rank d is samples c + (m*D + d)*b ... + b - 1 (Megatron's
+    pretraining sampler's order, so a batch ramp-up only changes where batches end).
     """
 
     def __init__(self, dataset, *, micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples=0):
@@ -161,11 +162,13 @@ class MicroBatches:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
 
-    def global_batch(self) -> Iterator[Dict[str, torch.Tensor]]:
-        """The micro batches of the next global batch, as ``[b, S]`` tensors."""
+    def global_batch(self, global_batch_size: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        """The micro batches of the next global batch (of ``global_batch_size`` samples, default the
+        constant one), as ``[b, S]`` tensors."""
+        size = global_batch_size or self.global_
         start = self.consumed_samples
-        self.consumed_samples += self.global_
-        for m in range(self.global_ // (self.micro * self.dp_size)):
+        self.consumed_samples += size
+        for m in range(size // (self.micro * self.dp_size)):
             first = start + (m * self.dp_size + self.dp_rank) * self.micro
             samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.micro)]
             yield {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS}

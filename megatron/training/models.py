@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer import transformer_block
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpdt_ext import runtime
 from fpdt_ext.mcore.model import FPDTGPTModel
+from fpdt_ext.mcore.norm import TorchNorm
 from fpdt_ext.mcore.spec import get_fpdt_layer_spec
 from fpdt_ext.memory.offload import MemoryTiers
 from megatron.training.baseline import baseline_layer_spec
@@ -139,6 +143,7 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         sequence_parallel=parallel.sequence_parallel,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
+        layernorm_zero_centered_gamma=model.apply_layernorm_1p,
         gated_linear_unit=model.swiglu,
         activation_func=activation(model),
         add_bias_linear=model.add_bias_linear,
@@ -164,6 +169,15 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         recompute_method=training.recompute_method if recompute else None,
         recompute_num_layers=training.recompute_num_layers if recompute else None,
     )
+
+
+def with_final_norm(layer_spec, tcfg: TransformerConfig):
+    """The decoder's spec: the layer's, with megatron-core's final norm (TENorm or apex's, which take
+    zero-centred gamma from the config), except that with --apply-layernorm-1p where megatron-core's
+    would be WrappedTorchNorm (which refuses it), TorchNorm."""
+    if not tcfg.layernorm_zero_centered_gamma or transformer_block.LayerNormImpl is not WrappedTorchNorm:
+        return layer_spec
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * tcfg.num_layers, layer_norm=TorchNorm)
 
 
 def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tiers: Optional[MemoryTiers] = None,
@@ -197,10 +211,11 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
         tiers = tiers or MemoryTiers(config.training.offload_dir)
         spec = get_fpdt_layer_spec(config.fpdt, tiers=tiers, tp_group=groups.tp, normalization=model.normalization,
                                    qk_layernorm=model.qk_layernorm)
-        built = FPDTGPTModel(transformer_layer_spec=spec, fpdt_config=config.fpdt, **common)
+        built = FPDTGPTModel(transformer_layer_spec=with_final_norm(spec, tcfg), fpdt_config=config.fpdt, **common)
     else:
-        spec = layer_spec or baseline_layer_spec(normalization=model.normalization, qk_layernorm=model.qk_layernorm)
-        built = GPTModel(transformer_layer_spec=spec, **common)
+        spec = layer_spec or baseline_layer_spec(normalization=model.normalization, qk_layernorm=model.qk_layernorm,
+                                                 zero_centered_gamma=model.apply_layernorm_1p)
+        built = GPTModel(transformer_layer_spec=with_final_norm(spec, tcfg), **common)
     if model.rotary:
         # GPTModel builds megatron-core's RotaryEmbedding, whose Llama 3.1 scaling has fixed
         # parameters and which has no YaRN: ours instead (it holds no parameters or state)

@@ -289,16 +289,15 @@ class RunObserver:
         self.profiler.before_iteration(iteration)
 
     def after_iteration(self, iteration: int, *, loss: float, grad_norm: Optional[float], lr: float,
-                        loss_scale: float, consumed_samples: int) -> None:
+                        loss_scale: float, consumed_samples: int, global_batch_size: int) -> None:
         self.profiler.after_iteration(iteration)
         c, w = self.config, self.writers
         if not w.active or iteration % c.tensorboard_log_interval:
             return
-        t = self.run_config.training
         if w.wandb is not None:
             w.wandb.log({"samples vs steps": consumed_samples}, step=iteration)
         w.scalar("learning-rate", lr, iteration, consumed_samples)
-        w.scalar("batch-size", t.global_batch_size, iteration, consumed_samples)
+        w.scalar("batch-size", global_batch_size, iteration, consumed_samples)
         w.scalar("lm loss", loss, iteration, consumed_samples)
         if c.log_loss_scale_to_tensorboard:
             w.scalar("loss-scale", loss_scale, iteration, consumed_samples)

@@ -13,8 +13,9 @@ loop uses: ``step() -> (ok, grad_norm, num_zeros)``, ``zero_grad()``,
 ``reload_model_params()`` (master weights from the model, after a weights-only load).
 
 Weight decay is not applied to biases and norm weights (1-D parameters), as in
-Megatron. The schedule is megatron-core's ``OptimizerParamScheduler``, stepped once per
-iteration through ``RunConfig.lr_schedule`` (sample- and token-based lengths in iterations).
+Megatron. The schedule is megatron-core's ``OptimizerParamScheduler`` with the lengths of
+``RunConfig.lr_schedule``: stepped once per iteration (sample- and token-based lengths in
+iterations), or by each iteration's global batch in samples with a batch ramp-up.
 """
 
 from __future__ import annotations
@@ -273,14 +274,15 @@ def build_optimizer(config, model, groups):
                               eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
                               shard_group=groups.dp_sp if distributed else None,
                               decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None)
-    # stepped once per iteration: Megatron-LM's sample-based lengths are iterations of the global
-    # batch here (config.lr_schedule), the same schedule
+    # stepped by schedule.increment(batch) after each iteration: once with a constant global batch
+    # (Megatron-LM's sample-based lengths are iterations of the global batch here, the same
+    # schedule), by the iteration's batch in samples with a batch ramp-up (config.lr_schedule)
     schedule = config.lr_schedule
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if schedule.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=schedule.decay_iters,
+        optimizer, init_lr=0.0 if schedule.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=schedule.warmup_steps, lr_decay_steps=schedule.decay_steps,
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=schedule.train_iters, wd_incr_style="constant",
+        wd_incr_steps=schedule.total_steps, wd_incr_style="constant",
         override_opt_param_scheduler=t.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler)
     return optimizer, scheduler

@@ -156,6 +156,11 @@ class Trainer:
         self.num_chunks = config.fpdt_num_chunks
         if start is not None:
             load_checkpoint(self, start)
+        batches = t.batch_schedule
+        problem = batches.indivisible(t.micro_batch_size * self.groups.layout.data_parallel_size,
+                                      self.state.consumed_samples) if batches is not None else None
+        if problem:  # checked from the checkpoint's position on (RunConfig checks a run from the start)
+            raise ArgumentError(problem)
         self.flops_per_token = flops_per_token(config, self.tokenizer.vocab_size)
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -175,7 +180,10 @@ class Trainer:
         return (losses.float() * mask).sum(), tokens
 
     def train_step(self):
+        """One iteration: (loss, gradient norm, its global batch)."""
         config = self.config
+        global_batch = config.global_batch_at(self.state.consumed_samples)
+        num_microbatches = config.num_microbatches_of(global_batch)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         sp_size = self.groups.layout.fpdt_parallel_size
@@ -185,12 +193,12 @@ class Trainer:
         # megatron-core's mixed-precision optimizers unscale the gradients by their loss scale.
         loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
         self.timers.start("forward-backward")
-        for i, batch in enumerate(self.train_data.global_batch()):
+        for i, batch in enumerate(self.train_data.global_batch(global_batch)):
             # DDP's gradient reduction may start only in the last micro batch's backward
-            last = i == config.num_microbatches - 1
+            last = i == num_microbatches - 1
             with contextlib.nullcontext() if last else self.model.no_sync():
                 local_sum, tokens = self._loss_terms(batch)
-                (local_sum * sp_size / tokens.clamp(min=1) / config.num_microbatches * loss_scale).backward()
+                (local_sum * sp_size / tokens.clamp(min=1) / num_microbatches * loss_scale).backward()
             loss_sum += local_sum.detach().double()
             token_sum += tokens.detach().double() / sp_size
         # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
@@ -212,14 +220,14 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         self.timers.stop("optimizer")
         if ok:
-            self.scheduler.step(increment=1)
+            self.scheduler.step(increment=config.lr_schedule.increment(global_batch))
         else:
             self.state.skipped_iterations += 1
         if check and grad_norm is not None and not math.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm at iteration {iteration} is {grad_norm}")
         self.state.iteration += 1
-        self.state.consumed_samples += config.training.global_batch_size
-        return loss, grad_norm
+        self.state.consumed_samples += global_batch
+        return loss, grad_norm, global_batch
 
     @torch.no_grad()
     def evaluate(self):
@@ -243,35 +251,39 @@ class Trainer:
                      f"(TP shards counted once per rank x TP), world {par.world_size} = TP "
                      f"{par.tensor_model_parallel_size} x FPDT {par.fpdt_parallel_size} x DP "
                      f"{par.data_parallel_size}; {what}{offload}{' to ' + t.offload_dir if t.offload_dir else ''}; "
-                     f"seq {t.seq_length}, global batch {t.global_batch_size} ({config.num_microbatches} micro batches)")
+                     f"seq {t.seq_length}, global batch {t.global_batch_size} ({config.num_microbatches} micro batches)"
+                     + (f"; ramp-up: {t.batch_schedule.describe()}" if t.batch_schedule else ""))
         log_file = open(t.loss_log_file, "a") if t.loss_log_file and dist.get_rank() == 0 else None
-        tokens_per_iter = t.global_batch_size * t.seq_length
         run_start = interval_start = time.perf_counter()
-        interval_iters = 0
+        interval_iters = interval_tokens = run_tokens = 0
         losses, last = [], {}
         observer = RunObserver(self.observability, config, timers=self.timers, first_iteration=self.state.iteration,
                                memory=self.memory)
         while self.state.iteration < t.train_iters:
             observer.before_iteration(self.state.iteration + 1)
-            loss, grad_norm = self.train_step()
+            loss, grad_norm, global_batch = self.train_step()
             observer.after_iteration(self.state.iteration, loss=loss, grad_norm=grad_norm,
                                      lr=self.optimizer.param_groups[0]["lr"], loss_scale=loss_scale_of(self.optimizer),
-                                     consumed_samples=self.state.consumed_samples)
+                                     consumed_samples=self.state.consumed_samples, global_batch_size=global_batch)
             losses.append(loss)
             interval_iters += 1
+            interval_tokens += global_batch * t.seq_length
+            run_tokens += global_batch * t.seq_length
             it = self.state.iteration
             if it % t.log_interval == 0 or it == t.train_iters:
-                elapsed = (time.perf_counter() - interval_start) / interval_iters
-                tflops = self.flops_per_token * tokens_per_iter / elapsed / par.world_size / 1e12
+                seconds = time.perf_counter() - interval_start
+                elapsed = seconds / interval_iters
+                tflops = self.flops_per_token * interval_tokens / seconds / par.world_size / 1e12
                 last = dict(iteration=it, lm_loss=loss, grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                            ms_per_iter=elapsed * 1e3, tokens_per_s=tokens_per_iter / elapsed,
+                            global_batch_size=global_batch, consumed_samples=self.state.consumed_samples,
+                            ms_per_iter=elapsed * 1e3, tokens_per_s=interval_tokens / seconds,
                             tflops_per_device=tflops, mfu=tflops / self.peak_tflops if self.peak_tflops else None,
                             peak_mem_gib=self.runtime.peak_memory_bytes() / 2**30)
                 if t.offload_dir:
                     last["peak_disk_gib"] = self.memory.peak_disk_bytes() / 2**30
                 self._log(last)
                 observer.at_log_interval(it, last, interval_iters)
-                interval_start, interval_iters = time.perf_counter(), 0
+                interval_start, interval_iters, interval_tokens = time.perf_counter(), 0, 0
             exit_reason = self._exit_reason(it, run_start)
             # evaluation first: a checkpoint of this iteration holds the validation position after it
             if t.eval_iters and (it % t.eval_interval == 0 or it == t.train_iters):
@@ -300,7 +312,7 @@ class Trainer:
             print_rank_0(f"summary: nothing to train (at iteration {self.state.iteration} of {t.train_iters})")
             return dict(last, losses=[])
         summary = dict(last, losses=losses, first_loss=losses[0], final_loss=losses[-1],
-                       mean_tokens_per_s=tokens_per_iter * len(losses) / run_seconds)
+                       mean_tokens_per_s=run_tokens / run_seconds)
         print_rank_0(f"summary: {len(losses)} iterations in {run_seconds:.0f}s | lm loss {losses[0]:.3f} -> "
                      f"{losses[-1]:.3f} | {summary['mean_tokens_per_s']:.0f} tokens/s overall"
                      + (f" | validation loss {last['val_loss']:.3f}" if "val_loss" in last else "")
@@ -334,7 +346,7 @@ class Trainer:
         print_rank_0(
             f" iteration {m['iteration']:8d}/{self.config.training.train_iters:8d} | consumed samples: "
             f"{self.state.consumed_samples:12d} | elapsed time per iteration (ms): {m['ms_per_iter']:.1f} | "
-            f"learning rate: {m['lr']:.6E} | global batch size: {self.config.training.global_batch_size:5d} | "
+            f"learning rate: {m['lr']:.6E} | global batch size: {m['global_batch_size']:5d} | "
             f"lm loss: {m['lm_loss']:.6E} | grad norm: {grad_norm} | number of skipped iterations: "
             f"{self.state.skipped_iterations:3d} | number of nan iterations: {self.state.nan_iterations:3d} | "
             f"tokens/s: {m['tokens_per_s']:.0f} | TFLOP/s/device: {m['tflops_per_device']:.3f} | MFU: {mfu} | "
@@ -361,9 +373,11 @@ def describe_plan(config: RunConfig) -> str:
         f"{model.ffn_hidden_size}, vocab {vocab} padded to {padded})",
         f"  batch: {t.global_batch_size} sequences of {t.seq_length} tokens = {config.num_microbatches} micro "
         f"batches of {t.micro_batch_size} per data-parallel rank",
-        f"  schedule: {t.train_iters} iterations; LR {t.lr_decay_style}, warmup {config.lr_schedule.warmup_iters:g} "
-        f"and decay {config.lr_schedule.decay_iters:g} iterations",
+        f"  schedule: {t.train_iters} iterations; LR {t.lr_decay_style}, warmup {config.lr_schedule.warmup_steps:g} "
+        f"and decay {config.lr_schedule.decay_steps:g} {config.lr_schedule.unit}",
     ]
+    if t.batch_schedule is not None:
+        lines.insert(4, f"  ramp-up: {t.batch_schedule.describe()}; {config.train_samples_total} samples in all")
     if config.fpdt:
         u = config.fpdt_num_chunks
         lines.append(f"  FPDT: {t.seq_length // sp} tokens per rank in {u} chunks of {t.seq_length // u} "

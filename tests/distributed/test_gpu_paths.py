@@ -146,7 +146,7 @@ def test_gpu_training_path_builds_megatron_optimizer_and_matches_the_cpu_path(ex
         assert r["ddp_distributed_optimizer"] == ("--use-distributed-optimizer" in extra)
     assert cpu[0]["optimizer"] == "HostAdamW"
     tol = 1e-6 if not extra else 1e-3
-    for (g_loss, g_norm), (c_loss, c_norm) in zip(gpu[0]["history"], cpu[0]["history"]):
+    for (g_loss, g_norm, _), (c_loss, c_norm, _) in zip(gpu[0]["history"], cpu[0]["history"]):
         assert g_loss == pytest.approx(c_loss, rel=tol)
         assert g_norm == pytest.approx(c_norm, rel=max(tol, 1e-4))
     for name, value in cpu[0]["params"].items():

@@ -64,7 +64,7 @@ def trainer_worker(rank, world_size, flags):
 
     trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
     batches = micro_batches()
-    trainer.train_data = types.SimpleNamespace(global_batch=lambda: iter(batches))
+    trainer.train_data = types.SimpleNamespace(global_batch=lambda size=None: iter(batches))
     params = dict(trainer.model.module.named_parameters())
     sp_group = trainer.groups.sp if world_size > 1 else None
 
@@ -90,7 +90,7 @@ def trainer_worker(rank, world_size, flags):
         all_sums.append(totals[2].item())
         grad_sums.append(grads)
 
-    loss, grad_norm = trainer.train_step()
+    loss, grad_norm, _ = trainer.train_step()
     return {"loss": loss, "grad_norm": grad_norm, "loss_sums": loss_sums, "token_counts": token_counts,
             "local_counts": local_counts, "grad_sums": grad_sums, "all_sums": all_sums,
             "grads": {n: p.main_grad.detach().double().clone() for n, p in params.items()}}

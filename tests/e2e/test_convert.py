@@ -72,9 +72,9 @@ def _tokens():
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def _convert(model_type, loader, saver, load_dir, save_dir):
+def _convert(model_type, loader, saver, load_dir, save_dir, *flags):
     proc = subprocess.run([sys.executable, TOOL, "--model-type", model_type, "--loader", loader, "--saver", saver,
-                           "--load-dir", str(load_dir), "--save-dir", str(save_dir)],
+                           "--load-dir", str(load_dir), "--save-dir", str(save_dir), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # results on stdout; progress (a log here: stderr is not a terminal) on stderr, one last line per phase
@@ -144,6 +144,54 @@ def test_ours_to_hf_loads_in_transformers_with_the_same_logits(kind, tmp_root):
     assert getattr(back.config, field) == getattr(model.config, field)
     if kind.startswith("llama"):
         assert back.config.rope_parameters == model.config.rope_parameters
+
+
+def layernorm_1p_worker(rank, world_size, checkpoint_dir, tokens):
+    """Our model from the checkpoint: (its logits, its norm weights as loaded, its 1p setting)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.training.checkpointing import model_config_from_args
+    from tools.checkpoint import convert
+
+    path = os.path.join(checkpoint_dir, "iter_0000000")
+    common = dist_checkpointing.load_common_state_dict(path)
+    config = model_config_from_args(common["model_args"])
+    _, model, _ = convert._single_process_model(config, common["true_vocab_size"])
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., :VOCAB]
+    stored = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("layernorm.weight")}
+    return logits, stored, config.apply_layernorm_1p
+
+
+def test_layernorm_1p_imports_weights_less_one_and_exports_them_plus_one(tmp_path):
+    """--apply-layernorm-1p: import (--loader hf --apply-layernorm-1p) stores Hugging Face's norm
+    weights less 1 in a checkpoint for 1p runs, whose model gives transformers' logits; its export
+    writes the stored weights plus 1, which transformers loads with the original logits."""
+    model = _hf_model("llama")
+    hf_dir, mcore_dir, back_dir = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    model.save_pretrained(str(hf_dir))
+    _convert("llama", "hf", "mcore", hf_dir, mcore_dir, "--apply-layernorm-1p")
+    tokens = _tokens()
+    ours, stored, one_p = run_world(1, layernorm_1p_worker, str(mcore_dir), tokens)[0]
+    assert one_p is True
+    names = {"decoder.final_layernorm.weight": "model.norm.weight"}
+    for i in range(2):
+        names[f"decoder.layers.{i}.input_layernorm.weight"] = f"model.layers.{i}.input_layernorm.weight"
+        names[f"decoder.layers.{i}.pre_mlp_layernorm.weight"] = f"model.layers.{i}.post_attention_layernorm.weight"
+    assert stored.keys() == names.keys()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert (ours - expected).abs().max().item() < 1e-4
+    _convert("llama", "mcore", "hf", mcore_dir, back_dir)
+    back = transformers.LlamaForCausalLM.from_pretrained(str(back_dir)).eval()
+    hf_weights, back_weights = dict(model.named_parameters()), dict(back.named_parameters())
+    for ours_name, hf_name in names.items():
+        torch.testing.assert_close(stored[ours_name], hf_weights[hf_name].detach() - 1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(back_weights[hf_name].detach(), stored[ours_name] + 1, rtol=0, atol=0)
+    with torch.no_grad():
+        assert (back(tokens).logits - expected).abs().max().item() < 1e-4
 
 
 def test_export_writes_the_training_dtype_or_the_one_asked(tmp_root, tmp_path):

@@ -43,7 +43,7 @@ def gpt3_175b(assets, tmp_path):
                       "--seq-length", "128", "--max-position-embeddings", "128",  # shrunk
                       "--attention-backend", "auto"]
     training_args = ["--micro-batch-size", "2", "--global-batch-size", "4",  # shrunk
-                     # dropped: --step-batch-size-schedule (refused: test_refused_flags_stop_with_one_line)
+                     "--step-batch-size-schedule", "0:2 256:4",  # shrunk: its thresholds and batches
                      "--train-iters", "3",  # shrunk
                      "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--init-method-std",
                      "0.006", "--clip-grad", "1.0",
@@ -70,7 +70,7 @@ def llama3_8b(tmp_path):
                   "--position-embedding-type", "rope", "--rotary-base", "1000000", "--rotary-percent", "1.0",
                   "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--swiglu", "--normalization", "RMSNorm",
                   "--init-method-std", "0.0134", "--attention-backend", "fused",
-                  # dropped: --apply-layernorm-1p (refused)
+                  "--apply-layernorm-1p",
                   "--untie-embeddings-and-output-weights", "--disable-bias-linear"]
     training_args = ["--micro-batch-size", "2", "--global-batch-size", "4",  # shrunk
                      "--train-samples", "12", "--lr-decay-samples", "11", "--lr-warmup-samples", "2",  # shrunk
@@ -166,7 +166,8 @@ DS_NOTES = ["--hysteresis", "--num-workers", "--no-async-tensor-model-parallel-a
 def test_dry_run(assets, tmp_path, name):
     flags, script, notes, expect = {
         "gpt3": (gpt3_175b(assets, tmp_path), "pretrain_gpt.py", GPT3_NOTES,
-                 ["GPT2BPETokenizer", "schedule: 3 iterations; LR cosine, warmup 0.003 and decay 3 iterations"]),
+                 ["GPT2BPETokenizer", "ramp-up: global batch 2 from 0, 4 from 2 samples consumed",
+                  "schedule: 3 iterations; LR cosine, warmup 0.012 and decay 12 samples"]),
         "llama3": (llama3_8b(tmp_path), "pretrain_gpt.py", LLAMA_NOTES,
                    ["heads 4/kv 2", "schedule: 3 iterations; LR cosine, warmup 0.5 and decay 2.75 iterations"]),
         "deepspeed_fpdt": (deepspeed_fpdt_6_7b(assets, tmp_path), "pretrain_gpt.py", DS_NOTES,
@@ -191,6 +192,8 @@ def test_short_run_trains(assets, tmp_path, name, nproc):
     _notes_once(out, notes)
     assert [r["iteration"] for r in rows] == [1, 2, 3], out[-3000:]
     assert all(r["lm_loss"] > 0 for r in rows)
+    if name == "gpt3":  # its step schedule: 2 sequences, then 4 from 256 tokens (2 samples) on
+        assert [(r["global_batch_size"], r["consumed_samples"]) for r in rows] == [(2, 2), (4, 6), (4, 10)]
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine after the warmup
 
 
@@ -220,3 +223,28 @@ def test_decoupled_lr_trains_the_embedding_and_output_weights_at_their_own_rate(
         ("other", ["--decoupled-lr", "1e-1"]))}
     assert len(runs["plain"]) == 3 and runs["same"] == runs["plain"]
     assert runs["other"][0] == runs["plain"][0] and runs["other"][1:] != runs["plain"][1:]
+
+
+def test_batch_rampup_reads_each_batch_and_resumes_exactly(tmp_path):
+    """A step schedule on DP 2: the first iteration (batch 2) is a constant-batch-2 run's, bit for
+    bit; a run stopped after iteration 2 and resumed across the batch change (2 -> 4 -> 8) gives the
+    straight run's losses, gradient norms and LRs exactly."""
+    base = [*TINY, "--micro-batch-size", "1", "--lr", "1e-2", "--min-lr", "1e-3", "--lr-decay-style", "cosine",
+            "--lr-warmup-fraction", "0.2"]
+    ramp = [*base, "--train-samples", "24", "--step-batch-size-schedule", "0:2 512:4 1024:8", "--global-batch-size",
+            "8"]
+    straight, _ = run_pretrain(tmp_path, "straight", 2, ramp)
+    assert [(r["global_batch_size"], r["consumed_samples"]) for r in straight] == [(2, 2), (2, 4), (4, 8), (8, 16),
+                                                                                 (8, 24)]
+    constant, _ = run_pretrain(tmp_path, "constant", 2, [*base, "--global-batch-size", "2", "--train-iters", "1",
+                                                         "--save", str(tmp_path / "constant_ckpt")])
+    assert constant[0]["lm_loss"] == straight[0]["lm_loss"]
+    assert constant[0]["grad_norm"] == straight[0]["grad_norm"]
+    save = ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
+    first, _ = run_pretrain(tmp_path, "first", 2, [*ramp, *save, "--exit-interval", "2"])
+    second, out = run_pretrain(tmp_path, "second", 2, [*ramp, *save])
+    key = ("lm_loss", "grad_norm", "lr", "global_batch_size", "consumed_samples")
+    assert [[r[k] for k in key] for r in first + second] == [[r[k] for k in key] for r in straight], out[-3000:]
+    # the constant-batch run's checkpoint counts its LR schedule in iterations: a ramp-up run refuses it
+    _, out = run_pretrain(tmp_path, "mixed", 2, [*ramp, "--load", str(tmp_path / "constant_ckpt")], expect_rc=1)
+    assert "LR schedule counts iterations and this run's counts samples" in out, out[-3000:]

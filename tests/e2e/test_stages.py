@@ -45,7 +45,7 @@ def _fresh_model_with_loaded_weights(rank, world_size, flags, checkpoint, steps)
     trainer.optimizer.reload_model_params()
     history = []
     for iteration in range(1, steps + 1):
-        loss, grad_norm = trainer.train_step()
+        loss, grad_norm, _ = trainer.train_step()
         val_loss = trainer.evaluate() if iteration % 2 == 0 or iteration == steps else None
         history.append((loss, grad_norm, trainer.optimizer.param_groups[0]["lr"], val_loss))
     return history

@@ -61,7 +61,7 @@ def megatron_lrs(*, train_samples=None, train_iters=None, lr_decay_samples=None,
 
 def our_lrs(config, style="cosine"):
     schedule = config.lr_schedule
-    scheduler = _scheduler(lr_warmup_steps=schedule.warmup_iters, lr_decay_steps=schedule.decay_iters,
+    scheduler = _scheduler(lr_warmup_steps=schedule.warmup_steps, lr_decay_steps=schedule.decay_steps,
                            lr_decay_style=style, wd_incr_steps=schedule.train_iters)
     return config.training.train_iters, lrs(scheduler, config.training.train_iters, 1)
 
@@ -82,7 +82,7 @@ def test_sample_based_schedule_is_megatron_lms(flags, megatron, style):
     iters, expected = megatron_lrs(**megatron, style=style)
     ours_iters, ours = our_lrs(config, style)
     assert ours_iters == iters
-    if style == "inverse-square-root" and config.lr_schedule.warmup_iters < 1:
+    if style == "inverse-square-root" and config.lr_schedule.warmup_steps < 1:
         return  # Megatron clamps the warmup to one step of its unit (a sample here, an iteration there)
     assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
@@ -145,11 +145,11 @@ def test_translations():
     assert m.normalization == "RMSNorm"
     assert (t.recompute_granularity, t.offload_recompute_inputs) == ("full", True)
     assert config.parallel.use_distributed_optimizer
+    t = config_of("--train-iters", "5", "--recompute-activations", "--activations-checkpoint-method", "block").training
+    assert (t.recompute_granularity, t.recompute_method) == ("selective", "block")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--rampup-batch-size", "16", "16", "100"],
-     "--rampup-batch-size 16 16 100 is not supported: the global batch is constant"),
     (["--zero-stage", "3"], "--zero-stage 3 (ZeRO-3"),
     (["--num-experts", "8"], "--num-experts 8 is not supported: no mixture-of-experts"),
     (["--ckpt-format", "torch"], "--ckpt-format torch is not supported"),
@@ -163,6 +163,14 @@ def test_translations():
     (["--calculate-per-token-loss", "--eod-mask-loss"], "--calculate-per-token-loss with --eod-mask-loss"),
     (["--no-position-embedding"], "--no-position-embedding with learned absolute positions is not supported"),
     (["--expert-model-parallel-size", "8"], "--expert-model-parallel-size 8 is not supported: no mixture-of-experts"),
+    # Megatron-DeepSpeed's dense scripts pass --num-experts 1 (noted); more experts are MoE
+    (["--num-experts", "1", "4"], "--num-experts 1 4 is not supported: no mixture-of-experts"),
+    (["--optimizer", "sgd"], "--optimizer sgd is not supported: Adam is the only optimizer here"),
+    (["--recompute-modules", "core_attn", "mlp"], "--recompute-modules core_attn mlp is not supported"),
+    (["--use-megatron-fsdp"], "--use-megatron-fsdp is not supported: parameter and gradient sharding is not offered"),
+    (["--recompute-activations", "--checkpoint-activations"], "disagree"),
+    (["--loss-scale", "4096", "--fp16"], "--loss-scale 4096 is not supported: a static fp16 loss scale"),
+    (["--activations-checkpoint-method", "every"], "--activations-checkpoint-method every: use uniform or block"),
 ])
 def test_refusals_name_the_flag(flags, message):
     assert message in refusal("--train-iters", "5", *flags)
@@ -176,7 +184,8 @@ def test_every_flag_of_the_table_parses_and_gets_its_verdict():
             value = (["x"] if flag.nargs else "x") if flag.value else True
             assert compat.given_flags(args, flag) == [(name, value)]
             if flag.verdict == compat.NOTED:
-                value = next(v for v in ("single", "mmap", "torch_dist", "2", "auto", "local", "1", "x")
+                value = next(v for v in ("single", "mmap", "torch_dist", "2", "auto", "local", "1", "adam",
+                                         "core_attn", "x")
                              if flag.refuse_unless is None or flag.refuse_unless(v)) if flag.value else None
                 extra = ["--position-embedding-type", "rope"] if name == "--no-position-embedding" else []
                 args = parse_args([*TINY, "--train-iters", "5", *extra, name, *([value] if value else [])])

@@ -104,7 +104,8 @@ def test_wandb_gets_megatron_names_on_the_last_rank(monkeypatch, tmp_path):
                                        fpdt=None)
     observer = RunObserver(config, run_config, timers=StepTimers(), first_iteration=0)
     assert fake.init_kwargs == dict(dir=str(tmp_path / "wb"), name="run1", project="proj", config={}, entity="team")
-    observer.after_iteration(1, loss=2.5, grad_norm=0.75, lr=1e-4, loss_scale=1.0, consumed_samples=4)
+    observer.after_iteration(1, loss=2.5, grad_norm=0.75, lr=1e-4, loss_scale=1.0, consumed_samples=4,
+                             global_batch_size=4)
     observer.at_log_interval(1, dict(ms_per_iter=100.0, tflops_per_device=1.0, tokens_per_s=512.0, mfu=None,
                                      peak_mem_gib=1.0), 1)
     observer.validation(1, 2.25, 4)

@@ -43,6 +43,9 @@ The mapping, both ways (megatron-core local-spec names):
     norms                         input_layernorm, pre_mlp_layernorm, decoder.final_layernorm
     lm_head (untied)              output_layer.weight
 GPT-2's Conv1D weights are stored transposed ([in, out]); they are transposed on the way.
+A checkpoint trained with --apply-layernorm-1p stores each norm weight as w with the norm scaling by
+1 + w; Hugging Face stores the full 1 + w: export adds 1 to every norm weight, and import with
+``--apply-layernorm-1p`` (a checkpoint for runs with that flag) subtracts it.
 """
 
 from __future__ import annotations
@@ -199,7 +202,32 @@ def _pad_rows(weight, rows):
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
 
 
+class _ShiftedNormWeights(Mapping):
+    """``sd`` (our names) with ``shift`` added to every norm weight, in at least float32: between
+    zero-centred weights (--apply-layernorm-1p) and Hugging Face's full ones."""
+
+    def __init__(self, sd: Mapping, shift: float):
+        self.sd, self.shift = sd, shift
+
+    def __getitem__(self, name):
+        tensor = self.sd[name]
+        if not name.endswith("layernorm.weight"):
+            return tensor
+        return tensor.to(torch.promote_types(tensor.dtype, torch.float32)) + self.shift
+
+    def __iter__(self):
+        return iter(self.sd)
+
+    def __len__(self):
+        return len(self.sd)
+
+
 def hf_to_megatron(model_type, hf, a, padded_vocab):
+    out = _hf_to_megatron(model_type, hf, a, padded_vocab)
+    return dict(_ShiftedNormWeights(out, -1.0).items()) if a.get("apply_layernorm_1p") else out
+
+
+def _hf_to_megatron(model_type, hf, a, padded_vocab):
     heads, groups = a["num_attention_heads"], a["num_query_groups"]
     out = {}
     if model_type == "llama":
@@ -241,8 +269,11 @@ def hf_to_megatron(model_type, hf, a, padded_vocab):
 def iter_megatron_to_hf(model_type, sd, a, vocab):
     """(Hugging Face name, tensor) for our state dict ``sd`` (any mapping: a dict, or
     :class:`~tools.checkpoint.stream.CheckpointTensors` reading each tensor from disk when asked),
-    one at a time in the file order: embeddings, each layer's, the final norm, the output layer."""
+    one at a time in the file order: embeddings, each layer's, the final norm, the output layer.
+    Zero-centred norm weights (--apply-layernorm-1p) come out as Hugging Face's: 1 + w."""
     heads, groups = a["num_attention_heads"], a["num_query_groups"]
+    if a.get("apply_layernorm_1p"):
+        sd = _ShiftedNormWeights(sd, 1.0)
     if model_type == "llama":
         yield "model.embed_tokens.weight", sd["embedding.word_embeddings.weight"][:vocab]
         for i in range(a["num_layers"]):
@@ -321,13 +352,15 @@ class _Float32Weights(Mapping):
         return len(self.weights)
 
 
-def hf_to_mcore(model_type, load_dir, save_dir, progress=False):
+def hf_to_mcore(model_type, load_dir, save_dir, progress=False, apply_layernorm_1p=False):
     """Import a Hugging Face folder as a weights-only checkpoint in ``save_dir``; with ``progress``,
-    the weights read (bytes) and mapped (tensors) on stderr."""
+    the weights read (bytes) and mapped (tensors) on stderr; with ``apply_layernorm_1p``, for runs
+    with --apply-layernorm-1p (norm weights stored less 1)."""
     from megatron.training.checkpointing import model_args_dict, write_checkpoint
 
     hf_config = read_hf_config(load_dir)
     model_config = model_config_from_hf(model_type, hf_config, os.path.join(load_dir, "config.json"))
+    model_config = dataclasses.replace(model_config, apply_layernorm_1p=apply_layernorm_1p)
     vocab = hf_config["vocab_size"]
     files = hf_weight_files(load_dir)
     with Progress(sum(os.path.getsize(f) for f in files), "import read", unit="B", enabled=progress) as bar:
@@ -439,6 +472,9 @@ def main(argv=None) -> int:
                         help="--saver hf: the largest safetensors file (Hugging Face's spelling: 5GB, 500MB, 2GiB); "
                              "a model larger than one is written as model-0000i-of-0000N.safetensors with "
                              "model.safetensors.index.json. Export streams: its memory is about one shard")
+    parser.add_argument("--apply-layernorm-1p", action="store_true",
+                        help="--loader hf: a checkpoint for runs with --apply-layernorm-1p (zero-centred norm "
+                             "weights: Hugging Face's less 1). Export reads it from the checkpoint")
     for flag, what in (("--tokenizer-model", "tokenizer.model or Hugging Face tokenizer folder"),
                        ("--vocab-file", "GPT-2 vocab.json"), ("--merge-file", "GPT-2 merges.txt")):
         parser.add_argument(flag, default=None, help=f"--saver hf: the run's {what}, where it is now (default: the "
@@ -450,6 +486,8 @@ def main(argv=None) -> int:
     quiet_known_notices()
     if args.loader == args.saver:
         parser.error("--loader and --saver must differ")
+    if args.apply_layernorm_1p and args.loader != "hf":
+        parser.error("--apply-layernorm-1p is for --loader hf: export reads it from the checkpoint")
     try:
         return _convert(args)
     except ConversionError as e:
@@ -471,7 +509,8 @@ def _convert(args) -> int:
                   f"directory, or pass --overwrite to write the converted weights beside them.")
             return 0
     if args.loader == "hf":
-        written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir, progress=not args.no_progress)
+        written = hf_to_mcore(args.model_type, args.load_dir, args.save_dir, progress=not args.no_progress,
+                              apply_layernorm_1p=args.apply_layernorm_1p)
     else:
         overrides = {k: getattr(args, k) for k in ("tokenizer_model", "vocab_file", "merge_file") if getattr(args, k)}
         written, files = mcore_to_hf(args.model_type, args.load_dir, args.save_dir, args.dtype, args.max_shard_size,
