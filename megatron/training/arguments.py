@@ -117,6 +117,9 @@ def _add_parallel_args(p):
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="split optimizer state over the data x FPDT ranks (megatron-core's distributed optimizer on "
                         "GPU; on the CPU a ZeRO-1 split of HostAdamW by whole parameters)")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the data x FPDT ranks (torch FSDP2, "
+                        "ZeRO-3)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="GPU: reduce gradient buckets during the last micro batch's backward (megatron-core's DDP); "
                         "the CPU reduces after it")

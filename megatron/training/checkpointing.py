@@ -192,6 +192,10 @@ def optimizer_format(optimizer) -> str:
 def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
     """The training state (``optimizer=False``: without the optimizer state and the LR schedule)."""
     model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
+    if trainer.config.parallel.use_torch_fsdp2:
+        from megatron.training.sharding import checkpoint_layout
+
+        model_state = checkpoint_layout(model_state, trainer.groups.dp_sp)
     optimizer_state = {"optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                                          metadata=SHARDED_STATE_METADATA),
                        "scheduler": trainer.scheduler.state_dict()} if optimizer else {}
@@ -552,7 +556,7 @@ def load_checkpoint(trainer, start: Start) -> int:
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
     if common.get("kind") == "weights" or start.finetune:
         state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
-        trainer.model.module.load_state_dict(state["model"])
+        trainer.model.module.load_state_dict(sharded_like(trainer.model.module, state["model"]))
         trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
         if start.finetune:
             trainer.state.finetuned_from = os.path.realpath(ckpt.load)
@@ -580,7 +584,7 @@ def load_checkpoint(trainer, start: Start) -> int:
     if load_optim:
         prepare_for_loading(trainer.optimizer)
     state = dist_checkpointing.load(_sharded_state(trainer, loading=True, optimizer=load_optim), path)
-    trainer.model.module.load_state_dict(state["model"])
+    trainer.model.module.load_state_dict(sharded_like(trainer.model.module, state["model"]))
     if load_optim:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -605,6 +609,16 @@ def load_checkpoint(trainer, start: Start) -> int:
         set_seed(trainer.config.training.seed + iteration, tp_rank=trainer.groups.tp_rank)
     _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
     return iteration
+
+
+def sharded_like(module, state: dict) -> dict:
+    """``state`` (a loaded model state) with this rank's shards of FSDP2-sharded parameters made
+    DTensors laid out as ``module``'s (--use-torch-fsdp2); unchanged otherwise."""
+    from megatron.training.sharding import is_sharded, like
+
+    current = module.state_dict()
+    return {k: like(current[k], v) if is_sharded(current.get(k)) and not is_sharded(v) else v
+            for k, v in state.items()}
 
 
 def _print0(message: str) -> None:

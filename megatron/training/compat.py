@@ -63,8 +63,8 @@ _HONOURED = (
          "--offload-recompute-inputs (with full recompute)"),
     Flag(("--recompute-activations",), HONOURED, "Megatron-LM's: --recompute-granularity selective"),
     Flag(("--activations-checkpoint-method",), HONOURED, "the old name of --recompute-method", value=True),
-    Flag(("--zero-stage",), HONOURED, "DeepSpeed's ZeRO stage: 0 none, 1 --use-distributed-optimizer; 2 and 3 "
-         "refused", value=True),
+    Flag(("--zero-stage",), HONOURED, "DeepSpeed's ZeRO stage: 0 none, 1 --use-distributed-optimizer, 2 and 3 "
+         "--use-torch-fsdp2 (parameters, gradients and optimizer state sharded)", value=True),
     Flag(("--deepspeed_config", "--deepspeed-config"), HONOURED, "DeepSpeed's JSON config: its batch, "
          "clipping, precision and ZeRO fields become our flags (read_deepspeed_config)", value=True),
     _FLASH,
@@ -162,11 +162,11 @@ _REFUSED = (
     Flag(("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), REFUSED, "FP8 needs "
          "TransformerEngine's FP8 layers, not used here: use --bf16", value=True),
     Flag(("--fp8-param-gather",), REFUSED, "FP8 needs TransformerEngine's FP8 layers, not used here: use --bf16"),
-    Flag(("--use-megatron-fsdp", "--use-torch-fsdp2"), REFUSED, "parameter and gradient sharding is not "
-         "offered yet: use --use-distributed-optimizer (the optimizer state sharded, ZeRO-1), --fpdt-offload and "
-         "--offload-recompute-inputs"),
-    Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not "
-         "offered yet: use --use-distributed-optimizer (ZeRO-1)", value=True),
+    Flag(("--use-megatron-fsdp",), REFUSED, "Megatron-FSDP is not offered yet (it needs CUDA throughout): use "
+         "--use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients and optimizer "
+         "state sharded)"),
+    Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not offered yet: use "
+         "--use-distributed-optimizer (optim) or --use-torch-fsdp2 (optim_grads_params)", value=True),
     Flag(("--cpu-optimizer",), REFUSED, "DeepSpeed's CPU Adam is not used here: use --use-distributed-optimizer "
          "to shard the optimizer state"),
     Flag(("--universal-checkpoint",), REFUSED, "DeepSpeed universal checkpoints are not read: torch_dist "
@@ -309,15 +309,15 @@ def translate(args: argparse.Namespace, given: FrozenSet[str]) -> argparse.Names
 
 
 def _apply_zero_stage(out, given, stage: int, source: str) -> None:
-    if stage in (2, 3):
-        raise ValueError(f"{source} (ZeRO-{stage}: gradients{' and parameters' if stage == 3 else ''} sharded) is "
-                         f"not supported yet (sharding beyond the optimizer state is being built separately); use "
-                         f"ZeRO-1, --use-distributed-optimizer, or --fpdt-offload / --offload-recompute-inputs for "
-                         f"memory")
-    if stage not in (0, 1):
+    """ZeRO-1: the distributed optimizer; ZeRO-2 and 3: FSDP2 (sharding.py), which shards the
+    parameters too, re-gathering each layer for its backward with ZeRO-3 only."""
+    if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: ZeRO stages are 0 to 3")
     if stage == 1:
         _set_flag(out, given, "use_distributed_optimizer", True, source)
+    elif stage in (2, 3):
+        _set_flag(out, given, "use_torch_fsdp2", True, source)
+        out.fsdp_reshard_after_forward = stage == 3
 
 
 def read_deepspeed_config(path: str) -> dict:

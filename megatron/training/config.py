@@ -183,6 +183,10 @@ class ParallelConfig:
     sequence_parallel: bool = False  # Megatron-SP, within the TP group
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  # megatron-core DDP's bucketed reduction during backward (GPU)
+    # parameters, gradients and optimizer state sharded over data x FPDT ranks (torch FSDP2; sharding.py)
+    use_torch_fsdp2: bool = False
+    fsdp_reshard_after_forward: bool = True  # ZeRO-3; False (ZeRO-2 given to DeepSpeed's flags) keeps layers
+    # gathered from their forward to their backward
     distributed_timeout_minutes: int = 30
 
     def __post_init__(self):
@@ -190,6 +194,13 @@ class ParallelConfig:
             raise ValueError("--pipeline-model-parallel-size > 1 is not supported by this training loop yet; "
                              "use tensor parallelism and FPDT instead")
         self.layout  # validates the sizes
+        if self.use_torch_fsdp2:
+            if self.tensor_model_parallel_size != 1:
+                raise ValueError("--use-torch-fsdp2 with tensor parallelism is not supported yet: use "
+                                 "--tensor-model-parallel-size 1 (FSDP shards over data x FPDT ranks)")
+            if self.use_distributed_optimizer:
+                raise ValueError("--use-torch-fsdp2 shards the optimizer state already: drop "
+                                 "--use-distributed-optimizer")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             _set(self, sequence_parallel=False)  # as Megatron: meaningless without TP
 

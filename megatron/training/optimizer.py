@@ -29,6 +29,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
 from fpdt_ext import runtime
+from megatron.training.sharding import is_sharded, like, local
 
 
 def _param_groups(model, decoupled=None):
@@ -79,7 +80,7 @@ class HostAdamW:
     """
 
     def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None,
-                 decoupled_lr=None):
+                 decoupled_lr=None, fsdp_group=None, masters_are_params=False):
         param_groups = _param_groups(model, decoupled_lr)
         self.model_params = [p for g in param_groups for p in g["params"]]
         self.shard_group = shard_group if shard_group is not None and dist.get_world_size(shard_group) > 1 else None
@@ -92,11 +93,19 @@ class HostAdamW:
             mine = [p for p in g["params"] if id(p) in owned]
             master = [p.detach().float().clone().requires_grad_() if p.dtype != torch.float32 else p for p in mine]
             groups.append(dict(g, params=master, model_params=mine))
+        # fused: no whole-model temporaries (the foreach path makes several); FSDP2's DTensor
+        # parameters take the per-tensor path
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "model_params"} for g in groups],
             lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-            fused=True)  # no whole-model temporaries (the foreach path makes several)
+            **(dict(foreach=False) if fsdp_group is not None else dict(fused=True)))
+        # --use-torch-fsdp2: each rank holds a shard of every gradient; the norm sums over the group
+        self.fsdp_group = fsdp_group
         self._pairs = [(m, p) for g in groups for m, p in zip(g["params"], g["model_params"])]
+        # which fp32 master weights a checkpoint holds ("optimizer.master"): those kept apart from a
+        # bf16/fp16 parameter, and with FSDP2's mixed precision (masters_are_params) the float32
+        # shards themselves, so a checkpoint has the same entries sharded or not
+        self._masters = [i for i, (master, param) in enumerate(self._pairs) if master is not param or masters_are_params]
         self.clip_grad = clip_grad
         self.tp_group = tp_group
 
@@ -118,9 +127,11 @@ class HostAdamW:
             if grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group):
                 # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
                 # float64: no float64 copy of a whole gradient
-                total += torch.linalg.vector_norm(grad.float()).double() ** 2
+                total += torch.linalg.vector_norm(local(grad).float()).double() ** 2
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(total, group=self.tp_group)
+        if self.fsdp_group is not None:
+            dist.all_reduce(total, group=self.fsdp_group)
         return math.sqrt(total.item())
 
     def step(self):
@@ -159,14 +170,16 @@ class HostAdamW:
         if is_loading:
             prime_adam_state(self.optimizer)
         state = self.optimizer.state_dict()
-        state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # torch shares the live dicts
+        # torch shares the live dicts; FSDP2's DTensor state is saved as this rank's shard, as the
+        # model's parameters are (megatron-core's sharded_state_dict keeps their local tensors)
+        state["state"] = {i: {k: local(v) for k, v in entry.items()} for i, entry in state["state"].items()}
         steps = {float(entry.pop("step")) for entry in state["state"].values()}
-        by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, [p for _, p in self._pairs])
+        by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, [local(p) for _, p in self._pairs])
         if self.shard_group is not None:  # the owner is the one copy that is saved and loaded
             by_index = {i: _main_replica(t) for i, t in by_index.items()}
         optim_state_to_sharding_state(state, by_index, exclude_keys=("step",))
-        masters = {i: make_sharded_optimizer_tensor(by_index[i], master, "optimizer.master")
-                   for i, (master, param) in enumerate(self._pairs) if master is not param}
+        masters = {i: make_sharded_optimizer_tensor(by_index[i], local(self._pairs[i][0]), "optimizer.master")
+                   for i in self._masters}
         return {"adam": state, "step": max(steps, default=0.0), "master": masters}
 
     def reload_model_params(self):
@@ -179,13 +192,19 @@ class HostAdamW:
 
     def load_state_dict(self, state):
         adam = state["adam"]
-        for entry in adam["state"].values():
+        for i, entry in adam["state"].items():
             entry["step"] = torch.tensor(state["step"])
+            master = self._pairs[i][0]
+            if is_sharded(master):  # this rank's shards, back into the parameter's DTensor layout
+                for key, value in entry.items():
+                    if key != "step" and not is_sharded(value):
+                        entry[key] = like(master, value)
         self.optimizer.load_state_dict(adam)
         with torch.no_grad():
-            for i, (master, param) in enumerate(self._pairs):
+            for i in self._masters:
+                master, param = self._pairs[i]
+                local(master).copy_(local(state["master"][i]))
                 if master is not param:
-                    master.copy_(state["master"][i])
                     param.copy_(master)
 
 
@@ -254,7 +273,8 @@ def build_optimizer(config, model, groups):
     run ``config`` (:class:`~megatron.training.config.RunConfig`)."""
     t = config.training
     distributed = config.parallel.use_distributed_optimizer
-    if runtime.current().cuda:
+    fsdp = config.parallel.use_torch_fsdp2
+    if runtime.current().cuda and not fsdp:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         optimizer_config = OptimizerConfig(
@@ -273,7 +293,9 @@ def build_optimizer(config, model, groups):
         optimizer = HostAdamW(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
                               eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
                               shard_group=groups.dp_sp if distributed else None,
-                              decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None)
+                              decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None,
+                              fsdp_group=groups.dp_sp if fsdp else None,
+                              masters_are_params=fsdp and t.params_dtype != "float32")
     # stepped by schedule.increment(batch) after each iteration: once with a constant global batch
     # (Megatron-LM's sample-based lengths are iterations of the global batch here, the same
     # schedule), by the iteration's batch in samples with a batch ramp-up (config.lr_schedule)

@@ -41,6 +41,7 @@ from megatron.training.models import build_model, padded_vocab_size, transformer
 from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
                                              observability_config)
 from megatron.training.optimizer import build_optimizer
+from megatron.training.sharding import ShardedModel
 from megatron.training.tokenizer import build_tokenizer
 
 
@@ -141,11 +142,20 @@ class Trainer:
         # optimizer needs DDP's buffers laid out for it.
         # --overlap-grad-reduce: buckets reduced during the last micro batch's backward (GPU only:
         # on the CPU the reduction stays in finalize_model_grads)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=config.parallel.overlap_grad_reduce and self.runtime.cuda,
-            use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
-        self.model = DistributedDataParallel(transformer_config(config), ddp_config, model,
-                                             pg_collection=self.groups.pg_collection)
+        if config.parallel.use_torch_fsdp2:  # parameters, gradients and optimizer state sharded (sharding.py)
+            try:
+                self.model = ShardedModel(model, self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
+                                          compute_dtype=getattr(torch, config.params_dtype),
+                                          reshard_after_forward=config.parallel.fsdp_reshard_after_forward)
+            except ValueError as e:  # sizes FSDP2 cannot shard evenly: a usage error
+                raise ArgumentError(str(e)) from None
+        else:
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=config.parallel.overlap_grad_reduce and self.runtime.cuda,
+                use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
+            self.model = DistributedDataParallel(transformer_config(config), ddp_config, model,
+                                                 pg_collection=self.groups.pg_collection)
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.groups)
         train_ds, valid_ds, _ = build_datasets(config, self.tokenizer)
         self.state = RunState()
@@ -205,7 +215,8 @@ class Trainer:
         # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
         self.timers.stop("forward-backward")
         self.timers.start("all-grads-sync")
-        finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
+        if not config.parallel.use_torch_fsdp2:  # FSDP2 reduce-scatters each layer's gradients in backward
+            finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
         self.timers.stop("all-grads-sync")
         totals = torch.stack([loss_sum, token_sum])
         dist.all_reduce(totals, group=self.groups.dp_sp)

@@ -147,10 +147,15 @@ def test_translations():
     assert config.parallel.use_distributed_optimizer
     t = config_of("--train-iters", "5", "--recompute-activations", "--activations-checkpoint-method", "block").training
     assert (t.recompute_granularity, t.recompute_method) == ("selective", "block")
+    for stage, reshard in (("2", False), ("3", True)):  # DeepSpeed's ZeRO-2/3: FSDP2 (megatron/training/sharding.py)
+        parallel = config_of("--train-iters", "5", "--zero-stage", stage).parallel
+        assert parallel.use_torch_fsdp2 and not parallel.use_distributed_optimizer
+        assert parallel.fsdp_reshard_after_forward == reshard
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--zero-stage", "3"], "--zero-stage 3 (ZeRO-3"),
+    (["--zero-stage", "4"], "--zero-stage 4: ZeRO stages are 0 to 3"),
+    (["--zero-stage", "3", "--use-distributed-optimizer"], "--use-torch-fsdp2 shards the optimizer state already"),
     (["--num-experts", "8"], "--num-experts 8 is not supported: no mixture-of-experts"),
     (["--ckpt-format", "torch"], "--ckpt-format torch is not supported"),
     (["--num-key-value-heads", "1", "--num-query-groups", "2", "--group-query-attention"],
@@ -167,7 +172,7 @@ def test_translations():
     (["--num-experts", "1", "4"], "--num-experts 1 4 is not supported: no mixture-of-experts"),
     (["--optimizer", "sgd"], "--optimizer sgd is not supported: Adam is the only optimizer here"),
     (["--recompute-modules", "core_attn", "mlp"], "--recompute-modules core_attn mlp is not supported"),
-    (["--use-megatron-fsdp"], "--use-megatron-fsdp is not supported: parameter and gradient sharding is not offered"),
+    (["--use-megatron-fsdp"], "--use-megatron-fsdp is not supported: Megatron-FSDP is not offered yet"),
     (["--recompute-activations", "--checkpoint-activations"], "disagree"),
     (["--loss-scale", "4096", "--fp16"], "--loss-scale 4096 is not supported: a static fp16 loss scale"),
     (["--activations-checkpoint-method", "every"], "--activations-checkpoint-method every: use uniform or block"),
@@ -251,7 +256,8 @@ def test_deepspeed_fp16_template_fields_are_noted(tmp_path):
     (dict(gradient_clipping=0.5), ["--clip-grad", "1.0"], "gradient_clipping 0.5 and --clip-grad 1.0 disagree"),
     ({}, ["--fp16"], "bf16.enabled true and --fp16 disagree"),
     ({}, ["--zero-stage", "0"], "zero_optimization.stage 1 and --zero-stage 0 disagree"),
-    (dict(zero_optimization={"stage": 2}), [], "zero_optimization.stage 2 (ZeRO-2"),
+    (dict(zero_optimization={"stage": 3}), ["--use-distributed-optimizer"],
+     "--use-torch-fsdp2 shards the optimizer state already"),
     (dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}), [],
      "zero_optimization.offload_optimizer is not supported here"),
     (dict(optimizer={"type": "Adam"}), [], "optimizer is not supported here"),

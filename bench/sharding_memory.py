@@ -1,0 +1,96 @@
+"""Per-rank model state under each sharding: unsharded (megatron-core DDP, Adam state on every
+rank), ZeRO-1 (--use-distributed-optimizer) and FSDP2 (--use-torch-fsdp2), FPDT over N ranks.
+
+    python bench/sharding_memory.py                        # llama-tiny, FPDT 2 and 4, 2048 tokens
+    python bench/sharding_memory.py --model llama-wide --nproc 2 --bf16
+
+After one training step, each rank counts the bytes of the tensors it holds for parameters,
+gradients and optimizer state (Adam's moments and float32 master weights), and its resident
+memory (VmRSS) above what it held before the model was built. The expected factors (the
+planner's accounting, tools/memory_planner.py): unsharded 1; ZeRO-1 divides the optimizer state
+by N; FSDP2 divides all three by N. Ratios are against the unsharded run in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.train_step import MODEL, setup_config  # noqa: E402
+
+SETUPS = ("unsharded", "zero1", "fsdp2")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _bytes(tensors) -> int:
+    from megatron.training.sharding import local
+
+    return sum(local(t).numel() * t.element_size() for t in tensors if t is not None)
+
+
+def census_worker(rank, world_size, config):
+    import gc
+
+    from megatron.training.initialize import initialize
+    from megatron.training.training import Trainer
+
+    groups = initialize(config)
+    gc.collect()
+    before = _rss_bytes()
+    trainer = Trainer(config, groups)
+    trainer.train_step()
+    gc.collect()
+    module, opt = trainer.model.module, trainer.optimizer
+    params = list(module.parameters())
+    sharded = config.parallel.use_torch_fsdp2
+    grads = [p.grad if sharded else getattr(p, "main_grad", None) for p in params]
+    state = [v for s in opt.optimizer.state.values() for k, v in s.items() if k != "step"]
+    masters = [m for m, p in opt._pairs if m is not p]
+    return {"params": _bytes(params), "grads": _bytes(grads), "optimizer": _bytes(state) + _bytes(masters),
+            "rss": _rss_bytes() - before}
+
+
+def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool) -> dict:
+    from fpdt_ext.testing.spawn import run_world
+
+    config = setup_config("fpdt", model, seq, nproc, chunk=seq // 2, bf16=bf16, offload=False)
+    parallel = dataclasses.replace(config.parallel, use_distributed_optimizer=setup == "zero1",
+                                   use_torch_fsdp2=setup == "fsdp2")
+    results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel))
+    return {k: max(r[k] for r in results) for k in results[0]}  # the largest rank
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODEL), default="llama-tiny")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args(argv)
+    mib = 2**20
+    print(f"{args.model}, {args.seq} tokens, FPDT over N ranks, {'bf16' if args.bf16 else 'fp32'}; per rank "
+          f"(the largest), MiB, and the ratio to the unsharded run")
+    print("| N | setup | parameters | gradients | optimizer state | sum | ratio (expected) | RSS growth |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.nproc:
+        rows = {s: measure(s, args.model, args.seq, n, args.bf16) for s in SETUPS}
+        base = rows["unsharded"]
+        total = base["params"] + base["grads"] + base["optimizer"]
+        for setup, r in rows.items():
+            own = r["params"] + r["grads"] + r["optimizer"]
+            expected = {"unsharded": 1.0, "zero1": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
+                        "fsdp2": 1.0 / n}[setup]
+            print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
+                  f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""--use-torch-fsdp2 (megatron/training/sharding.py): parameters, gradients and optimizer state
+sharded over data x FPDT ranks, against the unsharded run (megatron-core's DDP), fp32 on gloo.
+
+Per iteration, the loss and every parameter's full gradient (gathered from the shards) equal
+the unsharded run's; after the iterations, every parameter does. Each rank holds 1/N of the
+parameters, gradients and Adam state. The decoupled LR groups (megatron-core's marks on the
+parameters) survive the sharding, so the embedding and output layer train at their own rate.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fpdt_ext.testing.spawn import run_world
+from tests.helpers import TINY
+
+STEPS = 3
+FLAGS = TINY + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(STEPS), "--lr", "1e-3",
+                "--attention-dropout", "0", "--hidden-dropout", "0", "--seed", "11", "--untie-embeddings-and-output-weights",
+                "--decoupled-lr", "3e-3", "--decoupled-min-lr", "2e-4", "--lr-decay-style", "cosine", "--min-lr", "1e-4"]
+FPDT = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--fpdt-offload",
+        "--recompute-granularity", "full", "--offload-recompute-inputs"]
+
+
+def _full(tensor):
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().double().clone()
+
+
+def worker(rank, world_size, flags):
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.sharding import local
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
+    module = trainer.model.module
+    sharded = "--use-torch-fsdp2" in flags
+    grads, losses = [], []
+    step = trainer.optimizer.step
+
+    def recording_step():  # the reduced gradients, as the optimizer is about to use them
+        grads.append({n: _full(p.grad if sharded else p.main_grad) for n, p in module.named_parameters()})
+        return step()
+
+    trainer.optimizer.step = recording_step
+    for _ in range(STEPS):
+        losses.append(trainer.train_step()[0])
+    opt = trainer.optimizer.optimizer
+    return {"losses": losses, "grads": grads,
+            "params": {n: _full(p) for n, p in module.named_parameters()},
+            "lrs": sorted({g["lr"] for g in opt.param_groups}),
+            "marked": sorted(n for n, p in module.named_parameters()
+                             if getattr(p, "is_embedding_or_output_parameter", False)),
+            "held": {"params": sum(local(p).numel() for p in module.parameters()),
+                     "adam": sum(local(v).numel() for s in opt.state.values() for k, v in s.items() if k != "step"),
+                     "full": sum(p.numel() for p in module.parameters())}}
+
+
+@functools.lru_cache(maxsize=None)
+def run(world, flags):
+    return run_world(world, worker, list(flags))
+
+
+@pytest.mark.parametrize("layout, world, extra", [
+    ("dp2", 2, ()),
+    ("fpdt2", 2, tuple(FPDT)),
+    pytest.param("fpdt2_dp2", 4, tuple(FPDT), marks=pytest.mark.slow),
+])
+def test_sharded_training_equals_the_unsharded_run(layout, world, extra):
+    plain = run(world, tuple(FLAGS) + extra)
+    sharded = run(world, tuple(FLAGS) + extra + ("--use-torch-fsdp2",))
+    ref, got = plain[0], sharded[0]
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    for step, (want, have) in enumerate(zip(ref["grads"], got["grads"])):
+        assert want.keys() == have.keys()
+        scale = max(g.abs().max().item() for g in want.values())
+        for name in want:
+            assert (have[name] - want[name]).abs().max().item() <= 1e-5 * scale, (step, name)
+    for name, want in ref["params"].items():  # Adam's updates from those gradients
+        assert (got["params"][name] - want).abs().max().item() <= 1e-5, name
+    # the decoupled LR's groups: the same marked parameters, the same LRs
+    assert got["marked"] == ref["marked"] and len(ref["marked"]) == 2
+    assert got["lrs"] == pytest.approx(ref["lrs"]) and len(ref["lrs"]) == 2
+    # every rank holds 1/N of the parameters and Adam state (N = data x FPDT ranks)
+    for r in sharded:
+        held = r["held"]
+        assert held["params"] == pytest.approx(held["full"] / world, rel=0.01)
+        assert held["adam"] == pytest.approx(2 * held["full"] / world, rel=0.01)
+    assert ref["held"]["params"] == ref["held"]["full"]
+
+
+def test_sharded_checkpoints_resume_exactly_and_load_unsharded_and_back(tmp_path):
+    """A sharded run saved at iteration 2 resumes (sharded, or unsharded on 1 or 2 processes) with
+    the uninterrupted unsharded run's losses and LRs; an unsharded checkpoint resumes sharded."""
+    from tests.helpers import run_pretrain
+
+    flags = [*FLAGS, *FPDT, "--train-iters", "4", "--bf16"]
+    key = ("lm_loss", "grad_norm", "lr")
+
+    def rows(name, nproc, *extra, **kwargs):
+        return [[r[k] for k in key] for r in run_pretrain(tmp_path, name, nproc, [*flags, *extra], **kwargs)[0]]
+
+    straight = rows("straight", 2, "--use-torch-fsdp2")
+    sharded = str(tmp_path / "sharded")
+    assert rows("first", 2, "--use-torch-fsdp2", "--save", sharded, "--exit-interval", "2") == straight[:2]
+    assert rows("resumed", 2, "--use-torch-fsdp2", "--load", sharded) == straight[2:]
+    plain = [[r[k] for k in key] for r in run_pretrain(tmp_path, "plain", 2, flags)[0]]
+    # bf16: sharded compute casts float32 shards per layer, the unsharded run keeps bf16 weights
+    # with float32 masters; the same schedule, and losses to bf16's precision
+    assert [r[2] for r in plain] == [r[2] for r in straight]
+    assert [r[0] for r in plain] == pytest.approx([r[0] for r in straight], rel=1e-3)
+    unsharded = str(tmp_path / "unsharded")
+    rows("plain_first", 2, "--save", unsharded, "--exit-interval", "2")
+    assert [r[0] for r in rows("into_sharded", 2, "--use-torch-fsdp2", "--load", unsharded)] == pytest.approx(
+        [r[0] for r in plain[2:]], rel=1e-3)
+    assert [r[0] for r in rows("into_unsharded", 2, "--load", sharded)] == pytest.approx(
+        [r[0] for r in plain[2:]], rel=1e-3)
+
+
+def test_sizes_fsdp_cannot_shard_evenly_are_refused_in_one_line(tmp_path):
+    from tests.helpers import assert_no_worker_traceback, run_pretrain
+
+    _, out = run_pretrain(tmp_path, "odd", 2, [*TINY, "--train-iters", "1", "--ffn-hidden-size", "129",
+                                              "--use-torch-fsdp2"], script="pretrain_gpt.py", expect_rc=2)
+    assert "needs every parameter's first dimension divisible by 2; not so: decoder.layers.0.mlp.linear_fc1.weight " \
+           "(129, 64)" in out, out[-3000:]
+    assert_no_worker_traceback(out)
