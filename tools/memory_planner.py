@@ -77,6 +77,7 @@ class Plan:
     baseline: bool = False
     device: str = "cuda"
     distributed_optimizer: bool = True
+    fsdp: bool = False  # --use-torch-fsdp2: parameters, gradients and optimizer state sharded over data x FPDT
     disk: bool = False  # --offload-dir: what offload moves off the device goes to a file, not host memory
 
     @property
@@ -96,10 +97,22 @@ class Plan:
         norms = (2 * m.layers + 1) * m.hidden
         return (total - norms) / self.tp + norms
 
+    def layer_and_root_params(self):
+        """Parameters of one transformer layer and of the rest (embeddings, output layer, final norm)."""
+        m = self.model
+        per_layer = (self.params_per_rank() - self.root_params()) / m.layers
+        return per_layer, self.root_params()
+
+    def root_params(self):
+        m = self.model
+        return m.vocab * m.hidden * (1 if m.tied else 2) / self.tp + m.hidden
+
     def static_terms(self):
         """(name, device bytes, host bytes, disk bytes) of what does not depend on the sequence length."""
         n = self.params_per_rank()
         runtime = ("runtime buffers", self.RUNTIME[self.device], 0, 0)
+        if self.fsdp:
+            return self._fsdp_terms(n) + [runtime]
         shard = self.dp * self.fpdt if self.distributed_optimizer else 1
         if self.device == "cpu":  # fp32 params and grad buffer; HostAdamW's moments split by whole
             # tensors (ZeRO-1), about 1/shard of them on each rank
@@ -107,6 +120,24 @@ class Plan:
                     ("Adam moments (fp32)", 8 * n / shard, 0, 0), runtime]
         return [("parameters (bf16)", 2 * n, 0, 0), ("gradient buffer (fp32)", 4 * n, 0, 0),
                 ("fp32 master + Adam moments", 12 * n / shard, 0, 0), runtime]
+
+    def _fsdp_terms(self, n):
+        """FSDP2 (megatron/training/sharding.py) over N = data x FPDT ranks: float32 shards of the
+        parameters (the master weights), of the gradients and of Adam's moments, 1/N each
+        (measured: bench/sharding_memory.py); plus what is gathered: two layers at a time in the
+        compute dtype (the one computing, the one prefetched), one layer's unsharded gradient
+        before its reduce-scatter (compute dtype and float32), and the root unit (embeddings,
+        output layer, final norm), which FSDP2 keeps gathered from its forward to its backward,
+        with its unsharded gradient. The gathered terms follow FSDP2's design; not measured."""
+        shard = self.dp * self.fpdt
+        layer, root = self.layer_and_root_params()
+        a = self.act_bytes
+        return [("fp32 parameter shards (master weights)", 4 * n / shard, 0, 0),
+                ("fp32 gradient shards", 4 * n / shard, 0, 0),
+                ("Adam moments (fp32 shards)", 8 * n / shard, 0, 0),
+                ("FSDP gathered layers (current + prefetched)", 2 * a * layer, 0, 0),
+                ("FSDP layer gradient before reduce-scatter", (a + 4) * layer, 0, 0),
+                ("FSDP root unit gathered + its gradient (embeddings, output)", (a + 4) * root, 0, 0)]
 
     def loss_rows(self):
         """Tokens per rank in one loss chunk, as the chunked loss sizes them."""
@@ -285,6 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true", help="plan megatron-core's standard spec instead")
     p.add_argument("--no-distributed-optimizer", action="store_true",
                    help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
+    p.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="parameters, gradients and optimizer state sharded over the data x FPDT ranks (FSDP2)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--gpu-mem-gib", type=positive_float, default=80.0)
     p.add_argument("--host-mem-gib", type=positive_float, default=1000.0, help="host memory per node")
@@ -302,7 +335,9 @@ def main(argv=None) -> int:
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
-                distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk)
+                distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk, fsdp=a.use_torch_fsdp2)
+    if plan.fsdp and a.tp > 1:
+        p.error("--use-torch-fsdp2 with --tp > 1 is not offered by the training code yet: use --tp 1")
     try:
         check_layout(model, plan, a.seq_length)
     except ValueError as e:
@@ -315,6 +350,7 @@ def main(argv=None) -> int:
     name = "baseline (megatron-core standard spec)" if a.baseline else f"FPDT {plan.fpdt}, chunk {plan.chunk_size}"
     print(f"{a.preset or 'model'}: {plan.params_per_rank() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
           f"FPDT {plan.fpdt} x DP {plan.dp}; {name}; offload {'on' if plan.offload else 'off'}"
+          f"{'; FSDP2 over ' + str(plan.fpdt * plan.dp) + ' ranks' if plan.fsdp else ''}"
           f"{' (to disk)' if plan.disk else ''}")
     print(f"at {seq} tokens, per GPU: device {dev / GiB:.1f} GiB of {a.gpu_mem_gib:g}, host {host / GiB:.1f} GiB "
           f"of {host_limit / GiB:.0f}")

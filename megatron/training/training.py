@@ -389,6 +389,12 @@ def describe_plan(config: RunConfig) -> str:
     ]
     if t.batch_schedule is not None:
         lines.insert(4, f"  ramp-up: {t.batch_schedule.describe()}; {config.train_samples_total} samples in all")
+    ranks = par.data_parallel_size * sp
+    if par.use_torch_fsdp2:
+        lines.append(f"  sharding: FSDP2 over {ranks} data x FPDT ranks (parameters, gradients and optimizer state; "
+                     f"ZeRO-{3 if par.fsdp_reshard_after_forward else 2} gathers)")
+    elif par.use_distributed_optimizer:
+        lines.append(f"  sharding: the optimizer state over {ranks} data x FPDT ranks (distributed optimizer)")
     if config.fpdt:
         u = config.fpdt_num_chunks
         lines.append(f"  FPDT: {t.seq_length // sp} tokens per rank in {u} chunks of {t.seq_length // u} "

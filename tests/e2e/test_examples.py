@@ -22,7 +22,7 @@ def _llama2(assets):
 @pytest.mark.parametrize("script,env,expect", [
     ("quickstart_cpu.sh", {}, ["world 2 = TP 1 x FPDT 2 x PP 1 x DP 1", "4096 tokens per rank in 4 chunks"]),
     ("llama3_8b_fpdt_2m_4gpu.sh", "llama2", ["world 4 = TP 1 x FPDT 4", "model: 7.",
-                                             "524288 tokens per rank in 32 chunks"]),
+                                             "524288 tokens per rank in 32 chunks", "sharding: FSDP2 over 4"]),
     ("gpt_2.7b_fpdt_2m_4gpu.sh", {}, ["world 4 = TP 1 x FPDT 4", "model: 2.", "GPT2BPETokenizer"]),
     ("llama3_70b_fpdt_4m_32gpu.sbatch", "llama2", ["world 32 = TP 8 x FPDT 4", "model: 6",
                                                    "1048576 tokens per rank in 64 chunks"]),

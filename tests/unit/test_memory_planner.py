@@ -86,6 +86,25 @@ def test_distributed_optimizer_splits_adam_state_over_data_x_fpdt_on_the_cpu():
     assert terms[True]["parameters (fp32)"] == terms[False]["parameters (fp32)"]
 
 
+def test_fsdp2_shards_the_model_state_as_measured_and_the_papers_8b_run_fits_80_gb():
+    """--use-torch-fsdp2: parameters, gradients and Adam state 1/N each on every rank; the CPU plan
+    of llama-tiny equals what bench/sharding_memory.py measured (docs/BENCHMARKS.md: 36.8, 36.8
+    and 73.6 MiB per rank over 2 ranks, fp32); Llama-3-8B at 2M tokens on 4 x 80 GB fits (the
+    model state alone did not, unsharded)."""
+    tiny = Plan(Model(*PRESETS["llama-tiny"]), gpus=2, fpdt=2, device="cpu", fsdp=True)
+    terms = dict((t[0], t[1]) for t in tiny.static_terms())
+    mib = 2**20
+    assert terms["fp32 parameter shards (master weights)"] / mib == pytest.approx(36.8, abs=0.05)
+    assert terms["fp32 gradient shards"] / mib == pytest.approx(36.8, abs=0.05)
+    assert terms["Adam moments (fp32 shards)"] / mib == pytest.approx(73.6, abs=0.05)
+    plan = dict(model=Model(*PRESETS["llama3-8b"]), gpus=4, fpdt=4, chunk_size=65536)
+    fsdp, unsharded = Plan(**plan, fsdp=True), Plan(**plan)
+    assert fsdp.fits(2097152, 80 * GiB, 1000 * GiB / 4)
+    assert not unsharded.fits(2097152, 80 * GiB, 1000 * GiB / 4)
+    sharded_state, state = (sum(t[1] for t in p.static_terms()) for p in (fsdp, unsharded))
+    assert sharded_state < 0.6 * state
+
+
 def test_cli_explains_the_dominant_term():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_planner.py"), "--preset", "llama3-8b",
                           "--gpus", "4", "--fpdt", "4", "--seq-length", "2097152", "--chunk-size", "65536",
