@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from fpdt_ext.testing.spawn import run_world
 from tests.helpers import TINY
