@@ -572,6 +572,9 @@ class RunConfig:
             self.fpdt.num_chunks(training.seq_length)  # the sequence splits into P x u sub-chunks
             if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
                 raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
+        if parallel.use_torch_fsdp2 and training.fp16:
+            raise ValueError("--use-torch-fsdp2 with --fp16 is not supported (the sharded optimizer has no loss "
+                             "scaler): use --bf16")
         micro_dp = training.micro_batch_size * parallel.data_parallel_size
         batches = training.batch_schedule
         # a resumed run checks the batches from its checkpoint's position on (Trainer: it may have

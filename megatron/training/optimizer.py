@@ -121,7 +121,10 @@ class HostAdamW:
 
     def _grad_norm(self) -> float:
         # Each TP shard counts once; parameters replicated over TP are counted on TP rank 0 only.
-        total = torch.zeros((), dtype=torch.float64)
+        # on the gradients' device (FSDP2 on GPU: CUDA shards), one host synchronisation at the end
+        grads = [_grad_of(p) for p in self.model_params]
+        device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for param in self.model_params:
             grad = _grad_of(param)
             if grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group):

@@ -156,6 +156,7 @@ def test_translations():
 @pytest.mark.parametrize("flags, message", [
     (["--zero-stage", "4"], "--zero-stage 4: ZeRO stages are 0 to 3"),
     (["--zero-stage", "3", "--use-distributed-optimizer"], "--use-torch-fsdp2 shards the optimizer state already"),
+    (["--use-torch-fsdp2", "--fp16"], "--use-torch-fsdp2 with --fp16 is not supported"),
     (["--num-experts", "8"], "--num-experts 8 is not supported: no mixture-of-experts"),
     (["--ckpt-format", "torch"], "--ckpt-format torch is not supported"),
     (["--num-key-value-heads", "1", "--num-query-groups", "2", "--group-query-attention"],
