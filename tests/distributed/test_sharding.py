@@ -122,7 +122,8 @@ def test_sizes_fsdp_cannot_shard_evenly_are_refused_in_one_line(tmp_path):
     from tests.helpers import assert_no_worker_traceback, run_pretrain
 
     _, out = run_pretrain(tmp_path, "odd", 2, [*TINY, "--train-iters", "1", "--ffn-hidden-size", "129",
-                                              "--use-torch-fsdp2"], script="pretrain_gpt.py", expect_rc=2)
+                                              "--use-torch-fsdp2"], script="pretrain_gpt.py",
+                          expect_rc=1)  # torchrun's exit code for a failed worker (the worker's is 2)
     assert "needs every parameter's first dimension divisible by 2; not so: decoder.layers.0.mlp.linear_fc1.weight " \
            "(129, 64)" in out, out[-3000:]
     assert_no_worker_traceback(out)
