@@ -24,7 +24,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --durations=25
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests/unit

@@ -213,6 +213,7 @@ def test_refused_flags_stop_with_one_line(assets, tmp_path, change, message):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # the groups' LRs are checked step by step in tests/unit/test_flag_compat.py
 def test_decoupled_lr_trains_the_embedding_and_output_weights_at_their_own_rate(tmp_path):
     """--decoupled-lr equal to --lr (and --decoupled-min-lr to --min-lr) is the run without it,
     bit for bit; another value changes the losses from the second iteration on."""
