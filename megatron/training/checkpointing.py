@@ -556,7 +556,7 @@ def load_checkpoint(trainer, start: Start) -> int:
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
     if common.get("kind") == "weights" or start.finetune:
         state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
-        trainer.model.module.load_state_dict(sharded_like(trainer.model.module, state["model"]))
+        trainer.model.module.load_state_dict(_model_state(trainer, state["model"]))
         trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
         if start.finetune:
             trainer.state.finetuned_from = os.path.realpath(ckpt.load)
@@ -584,7 +584,7 @@ def load_checkpoint(trainer, start: Start) -> int:
     if load_optim:
         prepare_for_loading(trainer.optimizer)
     state = dist_checkpointing.load(_sharded_state(trainer, loading=True, optimizer=load_optim), path)
-    trainer.model.module.load_state_dict(sharded_like(trainer.model.module, state["model"]))
+    trainer.model.module.load_state_dict(_model_state(trainer, state["model"]))
     if load_optim:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -611,12 +611,14 @@ def load_checkpoint(trainer, start: Start) -> int:
     return iteration
 
 
-def sharded_like(module, state: dict) -> dict:
-    """``state`` (a loaded model state) with this rank's shards of FSDP2-sharded parameters made
-    DTensors laid out as ``module``'s (--use-torch-fsdp2); unchanged otherwise."""
+def _model_state(trainer, state: dict) -> dict:
+    """``state`` (a loaded model state), with --use-torch-fsdp2 this rank's shards of the sharded
+    parameters made DTensors laid out as the model's; unchanged otherwise."""
+    if not trainer.config.parallel.use_torch_fsdp2:
+        return state
     from megatron.training.sharding import is_sharded, like
 
-    current = module.state_dict()
+    current = trainer.model.module.state_dict()
     return {k: like(current[k], v) if is_sharded(current.get(k)) and not is_sharded(v) else v
             for k, v in state.items()}
 

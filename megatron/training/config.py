@@ -602,9 +602,10 @@ class RunConfig:
                              f"is not supported: megatron-core's GPTModel (the baseline) applies RoPE at 0..S-1 "
                              f"whatever the position ids; use it with learned_absolute positions")
 
-    @property
+    @functools.cached_property
     def lr_schedule(self) -> LRSchedule:
-        """The LR schedule in iterations (what megatron-core's OptimizerParamScheduler steps through)."""
+        """The LR schedule in the scheduler's steps (what megatron-core's OptimizerParamScheduler steps
+        through); made once (with a ramp-up it counts the run's iterations), read every iteration."""
         return self.training.lr_schedule(self.training.global_batch_size)
 
     @property

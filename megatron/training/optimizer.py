@@ -125,8 +125,7 @@ class HostAdamW:
         grads = [_grad_of(p) for p in self.model_params]
         device = next((g.device for g in grads if g is not None), torch.device("cpu"))
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for param in self.model_params:
-            grad = _grad_of(param)
+        for param, grad in zip(self.model_params, grads):
             if grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group):
                 # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
                 # float64: no float64 copy of a whole gradient

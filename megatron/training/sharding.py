@@ -116,7 +116,9 @@ def local(tensor):
 
 
 def is_sharded(tensor) -> bool:
-    return hasattr(tensor, "to_local")
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def like(sharded, local_tensor):

@@ -266,7 +266,8 @@ class Trainer:
                      + (f"; ramp-up: {t.batch_schedule.describe()}" if t.batch_schedule else ""))
         log_file = open(t.loss_log_file, "a") if t.loss_log_file and dist.get_rank() == 0 else None
         run_start = interval_start = time.perf_counter()
-        interval_iters = interval_tokens = run_tokens = 0
+        interval_iters = interval_tokens = 0
+        first_consumed = self.state.consumed_samples
         losses, last = [], {}
         observer = RunObserver(self.observability, config, timers=self.timers, first_iteration=self.state.iteration,
                                memory=self.memory)
@@ -279,7 +280,6 @@ class Trainer:
             losses.append(loss)
             interval_iters += 1
             interval_tokens += global_batch * t.seq_length
-            run_tokens += global_batch * t.seq_length
             it = self.state.iteration
             if it % t.log_interval == 0 or it == t.train_iters:
                 seconds = time.perf_counter() - interval_start
@@ -323,7 +323,7 @@ class Trainer:
             print_rank_0(f"summary: nothing to train (at iteration {self.state.iteration} of {t.train_iters})")
             return dict(last, losses=[])
         summary = dict(last, losses=losses, first_loss=losses[0], final_loss=losses[-1],
-                       mean_tokens_per_s=run_tokens / run_seconds)
+                       mean_tokens_per_s=(self.state.consumed_samples - first_consumed) * t.seq_length / run_seconds)
         print_rank_0(f"summary: {len(losses)} iterations in {run_seconds:.0f}s | lm loss {losses[0]:.3f} -> "
                      f"{losses[-1]:.3f} | {summary['mean_tokens_per_s']:.0f} tokens/s overall"
                      + (f" | validation loss {last['val_loss']:.3f}" if "val_loss" in last else "")
