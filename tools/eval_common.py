@@ -35,10 +35,15 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--load, the TP x FPDT layout to score with, and the tokenizer flags (default: the run's)."""
+def add_model_flags(p: argparse.ArgumentParser, pipeline: bool = False) -> None:
+    """--load, the TP x FPDT (x PP with ``pipeline``) layout to score with, and the tokenizer flags
+    (default: the run's)."""
     p.add_argument("--load", required=True, help="checkpoint directory (newest usable checkpoint is used)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    if pipeline:
+        p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                       help="pipeline stages (any size whose stages split the layers evenly: checkpoints load at "
+                            "any pipeline size)")
     p.add_argument("--fpdt", action="store_true")
     p.add_argument("--fpdt-parallel-size", type=int, default=1)
     p.add_argument("--fpdt-chunk-size", type=int, default=None)
@@ -56,8 +61,8 @@ def first_line(e: BaseException) -> str:
 
 def check_model_flags(opts, script: str) -> None:
     """Mistakes in the layout flags and the paths they name, before anything is loaded."""
-    for name in ("fpdt_chunk_size", "tensor_model_parallel_size", "fpdt_parallel_size"):
-        value = getattr(opts, name)
+    for name in ("fpdt_chunk_size", "tensor_model_parallel_size", "fpdt_parallel_size", "pipeline_model_parallel_size"):
+        value = getattr(opts, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be positive")
     if not opts.fpdt and (opts.fpdt_parallel_size != 1 or opts.fpdt_chunk_size or opts.fpdt_offload):
@@ -65,10 +70,12 @@ def check_model_flags(opts, script: str) -> None:
     if opts.fpdt_chunk_size and opts.fpdt_chunk_size % opts.fpdt_parallel_size:
         raise UsageError(f"--fpdt-chunk-size {opts.fpdt_chunk_size} is not a multiple of --fpdt-parallel-size "
                          f"{opts.fpdt_parallel_size} (each chunk is split over the FPDT ranks)")
-    ranks = opts.tensor_model_parallel_size * opts.fpdt_parallel_size
+    pp = pipeline_size(opts)
+    ranks = opts.tensor_model_parallel_size * opts.fpdt_parallel_size * pp
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != ranks:
-        raise UsageError(f"{script} runs one sequence at a time on TP x FPDT = {ranks} processes; launch {ranks}, "
+        layout = "TP x FPDT" + (" x PP" if hasattr(opts, "pipeline_model_parallel_size") else "")
+        raise UsageError(f"{script} runs one sequence at a time on {layout} = {ranks} processes; launch {ranks}, "
                          f"not {world}")
     if not os.path.isdir(opts.load):
         raise UsageError(f"--load {opts.load} " + ("is a file; give the checkpoint directory"
@@ -77,6 +84,10 @@ def check_model_flags(opts, script: str) -> None:
         path = getattr(opts, flag)
         if path is not None and not os.path.exists(path):
             raise UsageError(f"--{flag.replace('_', '-')} {path} does not exist")
+
+
+def pipeline_size(opts) -> int:
+    return getattr(opts, "pipeline_model_parallel_size", 1)
 
 
 def check_output(flag: str, path: str) -> None:
@@ -135,14 +146,15 @@ def sequence_multiple(opts) -> int:
 
 def build_eval_model(opts, ckpt: Checkpoint, longest: int):
     """The checkpoint's model, in eval mode, for sequences of up to ``longest`` tokens (a multiple
-    of :func:`sequence_multiple`) on the TP x FPDT layout of the flags: (model, groups)."""
+    of :func:`sequence_multiple`) on the TP x FPDT (x PP) layout of the flags: (model, groups);
+    under a pipeline, this rank's stage (run it with :func:`stage_output`)."""
     from megatron.core import dist_checkpointing
 
     from fpdt_ext.core.config import FPDTConfig
     from megatron.training.checkpointing import CheckpointError, model_config_from_args, model_for_checkpoint
     from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
     from megatron.training.initialize import initialize
-    from megatron.training.models import build_model
+    from megatron.training.models import build_model_chunks
 
     sp = opts.fpdt_parallel_size if opts.fpdt else 1
     model = model_config_from_args(ckpt.model_args)
@@ -160,7 +172,8 @@ def build_eval_model(opts, ckpt: Checkpoint, longest: int):
                            data=DataConfig(mock_data=True),
                            parallel=ParallelConfig(world_size=dist.get_world_size(),
                                                    tensor_model_parallel_size=opts.tensor_model_parallel_size,
-                                                   fpdt_parallel_size=sp),
+                                                   fpdt_parallel_size=sp,
+                                                   pipeline_model_parallel_size=pipeline_size(opts)),
                            tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=ckpt.vocab),
                            fpdt=fpdt)
     except ValueError as e:
@@ -169,8 +182,13 @@ def build_eval_model(opts, ckpt: Checkpoint, longest: int):
         padded = model_for_checkpoint(ckpt.common, ckpt.path, config.model, ckpt.vocab, opts.tensor_model_parallel_size)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
+    if pipeline_size(opts) > 1:
+        try:
+            config.parallel.stage_layers(model.num_layers)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     groups = initialize(config)
-    built = build_model(config, groups, ckpt.vocab, padded_vocab=padded)
+    built, = build_model_chunks(config, groups, ckpt.vocab, padded_vocab=padded)
     built.load_state_dict(dist_checkpointing.load({"model": built.sharded_state_dict()}, ckpt.path)["model"])
     built.eval()
     return built, groups
@@ -189,6 +207,23 @@ def local_batch(opts, groups, inputs, labels, length: int) -> dict:
         batch = fpdt_shard_batch(batch, sp_rank=groups.sp_rank, sp_size=opts.fpdt_parallel_size,
                                  num_chunks=local_chunks(opts, length))
     return batch
+
+
+def stage_output(model, groups, opts, batch: dict, length: int) -> torch.Tensor:
+    """The model's per-token loss on ``batch`` (this rank's piece, with labels): ``[1, length/P]``;
+    under a pipeline, run through the stages and returned on each."""
+    device = next(model.parameters()).device
+
+    def forward(chunk):
+        return chunk(*(batch[k].to(device) for k in ("tokens", "position_ids")), None,
+                     labels=batch["labels"].to(device))
+
+    if pipeline_size(opts) == 1:
+        with torch.no_grad():
+            return forward(model)
+    from megatron.training.pipeline import forward_through_stages
+
+    return forward_through_stages(model, forward, seq_length=length, micro_batch_size=1, groups=groups)
 
 
 def local_chunks(opts, length: int) -> int:

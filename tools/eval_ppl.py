@@ -14,11 +14,14 @@ Output (JSON lines): one line per document ``{"doc", "tokens", "nll", "ppl"}``
 (plus ``"id"`` when the input has one), then a summary line with the totals and
 the perplexity per context-position bucket (the standard long-context curve:
 buckets [0, B), [B, 2B), ... with ``--bucket-size B``, or powers of two by
-default). Works on 1 or more processes (world = TP x FPDT).
+default). Works on 1 or more processes (world = TP x FPDT x PP): with
+``--pipeline-model-parallel-size`` each document passes through the stages
+(megatron-core's forward-only schedule); a checkpoint loads at any pipeline size.
 
 Mistakes in the flags and the input (a missing --load directory or no usable checkpoint in
 it, a missing or malformed input line, a token id outside the model's vocabulary, an FPDT
-chunk size its parallel size does not divide, a process count other than TP x FPDT) are
+chunk size its parallel size does not divide, a process count other than TP x FPDT x PP, layers
+the stages do not split evenly) are
 one line on stderr, printed by rank 0 only, and exit code 2, before the model is built
 (and before the checkpoint is read, but for what needs its vocabulary or tokenizer).
 """
@@ -38,13 +41,13 @@ import torch.distributed as dist  # noqa: E402
 
 from tools.eval_common import (Parser, UsageError, add_model_flags, build_eval_model, check_model_flags,  # noqa: E402
                                check_output, finish, first_line, local_batch, local_chunks, open_checkpoint, run_tool,
-                               sequence_multiple, text_tokenizer)
+                               sequence_multiple, stage_output, text_tokenizer)
 from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 
 def _parse(argv):
     p = Parser(prog="eval_ppl.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
+    add_model_flags(p, pipeline=True)
     p.add_argument("--input", required=True, help="jsonl with 'text' or 'tokens' per line")
     p.add_argument("--output", required=True, help="where the JSON lines go")
     p.add_argument("--json-key", default="text")
@@ -170,10 +173,7 @@ def _evaluate(opts, records) -> int:
                 continue
             length = -(-n // multiple) * multiple
             batch = local_batch(opts, groups, ids[:-1], ids[1:], length)
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                losses = model(*(batch[k].to(device) for k in ("tokens", "position_ids")), None,
-                               labels=batch["labels"].to(device)).float().cpu()  # [1, length/P]
+            losses = stage_output(model, groups, opts, batch, length).float().cpu()  # [1, length/P]
             if opts.fpdt and sp > 1:
                 pieces = [torch.empty_like(losses) for _ in range(sp)]
                 dist.all_gather(pieces, losses, group=groups.sp)

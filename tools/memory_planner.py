@@ -6,7 +6,7 @@
     python tools/memory_planner.py --preset llama3-70b --gpus 32 --tp 8 --fpdt 4 --gpu-mem-gib 141 \\
         --host-mem-gib 2000 --seq-length 4194304
 
-For the model (a preset or shape flags), layout (TP x FPDT x DP over --gpus), chunk size and
+For the model (a preset or shape flags), layout (TP x FPDT x PP x DP over --gpus), chunk size and
 offload setting it prints the device and host bytes per GPU at --seq-length broken into
 terms, which term dominates, the longest trainable sequence under the device and host
 limits, and a recommended chunk size. ``--baseline`` plans megatron-core's standard spec
@@ -23,6 +23,10 @@ logits for the baseline, one loss chunk for FPDT) and the backward of one recomp
 (FPDT keeps a few whole-local-sequence tensors there: the layer's residual and norm output,
 the QKV input gradient and residual-stream gradients, plus its stored attention chunks,
 which go to the host with offload; q/k/v, rotary and norm temporaries are chunk-sized).
+With pipeline stages (``--pp``, ``--vp``, ``--microbatches``) a GPU holds one stage's share of
+the model state (its layers and one vocabulary matrix), the loss backward is the last stage's
+and the layer backward's peak the first stage's, which holds its layers' checkpointed inputs
+for every micro batch in flight (min(PP, M) under 1F1B; measured: tests/distributed/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -79,17 +83,47 @@ class Plan:
     distributed_optimizer: bool = True
     fsdp: bool = False  # --use-torch-fsdp2: parameters, gradients and optimizer state sharded over data x FPDT
     disk: bool = False  # --offload-dir: what offload moves off the device goes to a file, not host memory
+    pp: int = 1  # pipeline stages (megatron-core's schedules)
+    vp: int = 1  # virtual stages per pipeline rank (the interleaved schedule)
+    microbatches: int = 0  # per iteration and data-parallel rank; 0: the pipeline's size (the fewest that fill it)
 
     @property
     def dp(self):
-        return self.gpus // (self.tp * self.fpdt)
+        return self.gpus // (self.tp * self.fpdt * self.pp)
+
+    def held_layer_inputs(self, stage: str) -> float:
+        """Checkpointed layer inputs a stage holds at its peak: its layers' for each micro batch in
+        flight. Under 1F1B the first stage has min(PP, M) micro batches in flight and the last one;
+        under the interleaved schedule the first rank's warm-up is megatron-core's (PP - 1) x 2 +
+        (V - 1) x PP micro-batch chunks (plus the one computing), each of L / (PP x V) layers."""
+        m = self.model.layers
+        if self.pp == 1:
+            return m
+        micro = self.microbatches or self.pp
+        if stage == "last":
+            return m / self.pp / self.vp
+        if self.vp == 1:
+            return min(self.pp, micro) * m / self.pp
+        in_flight = min((self.pp - 1) * 2 + (self.vp - 1) * self.pp + 1, micro * self.vp)
+        return in_flight * m / (self.pp * self.vp)
 
     @property
     def act_bytes(self):
         return 4 if self.device == "cpu" else 2  # float32 on the CPU, bf16 on GPUs
 
     def params_per_rank(self):
-        """The training code's count (megatron/training/flops.py); all but the norms split over TP."""
+        """The training code's count (megatron/training/flops.py); all but the norms split over TP.
+        Under a pipeline, the larger of the first and last stage's: its share of the layers and one
+        vocabulary matrix (the embedding on the first, the output layer, or a tied embedding's copy,
+        on the last)."""
+        total = self.model_params()
+        if self.pp == 1:
+            return total
+        per_layer = (total - self.root_params()) / self.model.layers
+        return per_layer * self.model.layers / self.pp + self.model.vocab * self.model.hidden / self.tp + self.model.hidden
+
+    def model_params(self):
+        """The whole model's parameters on one TP rank."""
         m = self.model
         total = parameter_count(num_layers=m.layers, hidden_size=m.hidden, num_heads=m.heads, num_kv_heads=m.kv_heads,
                                 head_dim=m.head_dim, ffn_hidden_size=m.ffn, vocab_size=m.vocab, gated=m.gated,
@@ -100,7 +134,7 @@ class Plan:
     def layer_and_root_params(self):
         """Parameters of one transformer layer and of the rest (embeddings, output layer, final norm)."""
         m = self.model
-        per_layer = (self.params_per_rank() - self.root_params()) / m.layers
+        per_layer = (self.model_params() - self.root_params()) / m.layers
         return per_layer, self.root_params()
 
     def root_params(self):
@@ -195,7 +229,12 @@ class Plan:
             host = on_host and host_split
             return (name, 0 if host else nbytes, nbytes if host else 0, 0)
 
-        common = [term("checkpointed layer inputs", m.layers * n * h * a, on_host=self.offload_checkpoints)]
+        def inputs(stage):
+            return [term("checkpointed layer inputs", self.held_layer_inputs(stage) * n * h * a,
+                         on_host=self.offload_checkpoints)]
+
+        # the stages' sends and receives: an output and an input gradient per stage boundary
+        p2p = [term("pipeline send/receive buffers", 2 * n * h * a)] if self.pp > 1 else []
         loss = [term("final hidden states, loss input and gradient", self.FINAL_STATES[kind] * n * h * a),
                 term("output-layer weight gradient (fp32)", m.vocab / t * h * 4)]
         if self.baseline:  # whole-sequence logits; on GPUs bf16 logits + fp32 softmax/gradient
@@ -218,7 +257,11 @@ class Plan:
                           term("FPDT attention chunks (resident: 2 of each kind)", 2 * chunk_rows * stored)]
             else:
                 layer.append(term("FPDT attention chunks", n * stored))
-        return {"loss backward": common + loss, "layer backward": common + layer}
+        if self.pp == 1:
+            return {"loss backward": inputs("first") + loss, "layer backward": inputs("first") + layer}
+        # the loss is the last stage's; the first stage holds the most checkpointed inputs
+        return {"loss backward, last stage": inputs("last") + loss + p2p,
+                "layer backward, first stage": inputs("first") + layer + p2p}
 
     def peak_phase(self, seq, phases=None):
         """The phase whose device memory is the step's peak at ``seq`` tokens."""
@@ -318,6 +361,11 @@ def main(argv=None) -> int:
                    help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
     p.add_argument("--use-torch-fsdp2", action="store_true",
                    help="parameters, gradients and optimizer state sharded over the data x FPDT ranks (FSDP2)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline stages")
+    p.add_argument("--vp", type=positive_int, default=1, help="virtual stages per pipeline rank (interleaved)")
+    p.add_argument("--microbatches", type=positive_int, default=None,
+                   help="micro batches per iteration and data-parallel rank (default: --pp, the fewest that fill "
+                        "the pipeline); the first stage holds up to --pp of them in flight")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--gpu-mem-gib", type=positive_float, default=80.0)
     p.add_argument("--host-mem-gib", type=positive_float, default=1000.0, help="host memory per node")
@@ -330,12 +378,17 @@ def main(argv=None) -> int:
         model = Model(a.layers, a.hidden, a.ffn, a.heads, a.kv_heads or a.heads, a.vocab, True, False)
     else:
         p.error("give --preset or all of --layers --hidden --ffn --heads --vocab")
-    if a.gpus % (a.tp * a.fpdt):
-        p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt = {a.tp * a.fpdt}")
+    if a.gpus % (a.tp * a.fpdt * a.pp):
+        p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt x --pp = {a.tp * a.fpdt * a.pp}")
+    if model.layers % (a.pp * a.vp):
+        p.error(f"the model's {model.layers} layers do not split over --pp {a.pp} x --vp {a.vp} stages evenly")
+    if a.use_torch_fsdp2 and a.pp > 1:
+        p.error("--use-torch-fsdp2 with --pp > 1 is not offered by the training code yet")
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
-                distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk, fsdp=a.use_torch_fsdp2)
+                distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk, fsdp=a.use_torch_fsdp2, pp=a.pp,
+                vp=a.vp, microbatches=a.microbatches or 0)
     if plan.fsdp and a.tp > 1:
         p.error("--use-torch-fsdp2 with --tp > 1 is not offered by the training code yet: use --tp 1")
     try:
@@ -348,9 +401,12 @@ def main(argv=None) -> int:
     seq = a.seq_length or plan.max_sequence(device_limit, host_limit) or (1024 if a.baseline else plan.chunk_size)
     dev, host, terms = plan.totals(seq)
     name = "baseline (megatron-core standard spec)" if a.baseline else f"FPDT {plan.fpdt}, chunk {plan.chunk_size}"
-    print(f"{a.preset or 'model'}: {plan.params_per_rank() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
-          f"FPDT {plan.fpdt} x DP {plan.dp}; {name}; offload {'on' if plan.offload else 'off'}"
-          f"{'; FSDP2 over ' + str(plan.fpdt * plan.dp) + ' ranks' if plan.fsdp else ''}"
+    print(f"{a.preset or 'model'}: {plan.model_params() * a.tp / 1e9:.2f}B parameters; {a.gpus} GPUs = TP {a.tp} x "
+          f"FPDT {plan.fpdt} x {f'PP {plan.pp} x ' if plan.pp > 1 else ''}DP {plan.dp}; {name}; offload "
+          f"{'on' if plan.offload else 'off'}"
+          + (f"; {plan.vp} virtual stages per rank" if plan.vp > 1 else "")
+          + (f"; {plan.microbatches or plan.pp} micro batches per iteration" if plan.pp > 1 else "")
+          + f"{'; FSDP2 over ' + str(plan.fpdt * plan.dp) + ' ranks' if plan.fsdp else ''}"
           f"{' (to disk)' if plan.disk else ''}")
     print(f"at {seq} tokens, per GPU: device {dev / GiB:.1f} GiB of {a.gpu_mem_gib:g}, host {host / GiB:.1f} GiB "
           f"of {host_limit / GiB:.0f}")

@@ -13,6 +13,11 @@ the CPU once four assumptions are redirected; :func:`install` does exactly that:
    on "cuda"; it is built on the CPU instead.
 4. Synchronisation: dist_checkpointing calls ``torch.cuda.synchronize()`` after copying tensors
    to host memory; on the CPU there is nothing to wait for.
+
+One more is scoped rather than installed, for the pipeline: megatron-core's schedules create a
+few tensors with a literal ``device="cuda"`` (a token counter), and a pipelined model's last
+stage moves its copy of a tied embedding with ``.cuda()`` before it syncs it with the first
+stage; :func:`cuda_tensors_on_cpu` keeps them on the CPU while a schedule runs or a model is built.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fpdt_ext import runtime
 
@@ -111,3 +117,26 @@ def install() -> None:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # (3) where the local core attention looks it up
     torch.cuda.synchronize = lambda device=None: None  # (4)
     _SHIMS_INSTALLED = True
+
+
+class _CudaToCPU(TorchFunctionMode):
+    """Tensor factories asked for a CUDA device make CPU tensors; ``tensor.cuda()`` is the tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_tensors_on_cpu():
+    """While it is open, ``torch.zeros(..., device="cuda")`` and the like make CPU tensors and
+    ``tensor.cuda()`` changes nothing (for megatron-core's pipeline code on a machine without CUDA)."""
+    if runtime.current().on_gpu:
+        raise RuntimeError("cuda_tensors_on_cpu is for processes that compute on the CPU")
+    with _CudaToCPU():
+        yield

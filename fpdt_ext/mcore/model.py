@@ -8,8 +8,12 @@ the forward differs in two places:
 * with labels, logits and loss come from :func:`chunked_lm_loss`, so no
   ``[s, vocab]`` tensor exists.
 
-It returns the per-token loss ``[b, s/P]`` like GPTModel. Pipeline parallelism is not
-supported by this forward (one stage holds the whole model).
+It returns the per-token loss ``[b, s/P]`` like GPTModel. Under a pipeline each stage is one
+of these built with megatron-core's ``pre_process``/``post_process``: the first embeds, the
+others take the previous stage's ``[s/P, b, h]`` output (``set_input_tensor``, as GPTModel),
+the last computes the loss and the others return their hidden states. Every stage computes its
+rotary frequencies from the positions of the FPDT layout, which it reads with the batch:
+nothing but the hidden states passes between stages.
 """
 
 from __future__ import annotations
@@ -25,9 +29,6 @@ from fpdt_ext.mcore.loss import chunked_lm_loss
 class FPDTGPTModel(GPTModel):
     def __init__(self, *args, fpdt_config: FPDTConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        if not (self.pre_process and self.post_process):
-            raise ValueError("FPDTGPTModel runs the whole model on one pipeline stage; use "
-                             "--pipeline-model-parallel-size 1")
         self.fpdt_config = fpdt_config
         self._rotary_cache = {}
 
@@ -43,8 +44,9 @@ class FPDTGPTModel(GPTModel):
         return table[position_ids.t()].view(s, b, 1, table.shape[-1])
 
     def final_hidden(self, input_ids, position_ids, decoder_input=None) -> torch.Tensor:
-        """The decoder's output (after the final norm) at this rank's tokens: [s/P, b, h]."""
-        if decoder_input is None:
+        """The decoder's output (after the final norm on the last stage) at this rank's tokens:
+        [s/P, b, h]. A stage after the first starts from its input tensor (set_input_tensor)."""
+        if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s/P, b, h]
         # YaRN is built as "rope" with YaRN's frequencies (megatron.training.models.build_model)
         rotary = self._rotary_at(position_ids) if self.position_embedding_type == "rope" else None
@@ -63,6 +65,8 @@ class FPDTGPTModel(GPTModel):
         if unsupported:
             raise ValueError(f"FPDTGPTModel.forward does not support {sorted(unsupported)}")
         hidden = self.final_hidden(input_ids, position_ids, decoder_input)
+        if not self.post_process:  # a stage before the last: its hidden states go to the next
+            return hidden
         weight = self.output_weight()
         if labels is None:  # full logits: for short inputs only
             logits, _ = self.output_layer(hidden, weight=weight)

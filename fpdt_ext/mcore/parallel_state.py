@@ -89,9 +89,11 @@ def initialize_fpdt_parallel(
     fpdt_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     *,
+    virtual_pipeline_model_parallel_size=None,
     timeout_minutes: int = 30,
 ) -> ParallelGroups:
-    """Create every group (the process group must be initialised) and return them."""
+    """Create every group (the process group must be initialised) and return them;
+    ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (interleaved schedule)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -109,6 +111,7 @@ def initialize_fpdt_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=fpdt_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     pgs = ProcessGroupCollection.use_mpu_process_groups()

@@ -111,7 +111,16 @@ def _add_model_args(p):
 def _add_parallel_args(p):
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (megatron-core's 1F1B schedule; interleaved with virtual stages)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="Megatron-LM's: layers per virtual stage (the interleaved schedule)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="Megatron-LM's: model chunks per pipeline rank (the interleaved schedule)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (the others share the rest evenly)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers on the last pipeline stage")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -277,6 +286,27 @@ def _fields(cls, args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
+def _virtual_stages(args) -> Optional[int]:
+    """Model chunks per pipeline rank from Megatron-LM's two spellings (None: not interleaved)."""
+    per_stage, per_rank = args.num_layers_per_virtual_pipeline_stage, args.num_virtual_stages_per_pipeline_rank
+    if per_stage is not None and per_rank is not None:
+        raise ValueError("give one of --num-layers-per-virtual-pipeline-stage and "
+                         "--num-virtual-stages-per-pipeline-rank (Megatron-LM takes one)")
+    if per_rank is not None:
+        return per_rank
+    if per_stage is None:
+        return None
+    pp = args.pipeline_model_parallel_size
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    if first is not None or last is not None:
+        raise ValueError("with --decoder-first/last-pipeline-num-layers give the virtual stages as "
+                         "--num-virtual-stages-per-pipeline-rank")
+    if per_stage < 1 or args.num_layers % (pp * per_stage):
+        raise ValueError(f"--num-layers {args.num_layers} is not a multiple of --pipeline-model-parallel-size {pp} "
+                         f"x --num-layers-per-virtual-pipeline-stage {per_stage}")
+    return args.num_layers // pp // per_stage
+
+
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> RunConfig:
     """The run configuration the flags describe, every combination checked (the parts check
     themselves; here: what only flags can get wrong, and the files they name). ``args`` is not
@@ -317,7 +347,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             tokenizer["tokenizer_type"] = "NullTokenizer"
         model = ModelConfig(**{**_fields(ModelConfig, args), "num_query_groups": args.num_query_groups
                                if args.group_query_attention else None})
-        parallel = ParallelConfig(**{**_fields(ParallelConfig, args), "world_size": world_size})
+        parallel = ParallelConfig(**{**_fields(ParallelConfig, args), "world_size": world_size,
+                                     "virtual_pipeline_model_parallel_size": _virtual_stages(args)})
         training = TrainingConfig(**_fields(TrainingConfig, args))
         fpdt = FPDTConfig(fpdt_parallel_size=args.fpdt_parallel_size, fpdt_chunk_size=args.fpdt_chunk_size,
                           fpdt_offload=args.fpdt_offload,

@@ -168,8 +168,12 @@ def _set_rng_state(state: dict) -> None:
 
 def _layout(trainer) -> dict:
     par = trainer.config.parallel
-    return {"world_size": par.world_size, "tensor_model_parallel_size": par.tensor_model_parallel_size,
-            "fpdt_parallel_size": par.fpdt_parallel_size, "data_parallel_size": par.data_parallel_size}
+    layout = {"world_size": par.world_size, "tensor_model_parallel_size": par.tensor_model_parallel_size,
+              "fpdt_parallel_size": par.fpdt_parallel_size, "data_parallel_size": par.data_parallel_size}
+    if par.pipeline_model_parallel_size > 1:  # (absent without a pipeline: as checkpoints before it)
+        layout.update(pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                      model_chunks=par.model_chunks, stage_layers=par.stage_layers(trainer.config.model.num_layers))
+    return layout
 
 
 # How megatron-core's optimizers lay out their state in a checkpoint (the GPU path; HostAdamW's
@@ -189,9 +193,30 @@ def optimizer_format(optimizer) -> str:
     return "HostAdamW" if isinstance(optimizer, HostAdamW) else MEGATRON_OPTIMIZER
 
 
+def model_sharded_state(trainer) -> dict:
+    """The model's sharded state: the GPTModel's own names (not DDP's "module."); with virtual
+    pipeline stages every chunk's under "chunk<i>." in one dict. The saved tensors are keyed by
+    global layer numbers (megatron-core's offsets), so a checkpoint loads at any pipeline size."""
+    chunks = [m.module for m in trainer.models]
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}.{k}": v for i, c in enumerate(chunks) for k, v in c.sharded_state_dict().items()}
+
+
+def _load_model_state(trainer, state: dict) -> None:
+    """Loaded tensors (:func:`model_sharded_state`'s layout) into the model chunks."""
+    chunks = [m.module for m in trainer.models]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(_model_state(trainer, state))
+        return
+    for i, chunk in enumerate(chunks):
+        prefix = f"chunk{i}."
+        chunk.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
     """The training state (``optimizer=False``: without the optimizer state and the LR schedule)."""
-    model_state = trainer.model.module.sharded_state_dict()  # the GPTModel's own names, not DDP's "module."
+    model_state = model_sharded_state(trainer)
     if trainer.config.parallel.use_torch_fsdp2:
         from megatron.training.sharding import checkpoint_layout
 
@@ -555,8 +580,8 @@ def load_checkpoint(trainer, start: Start) -> int:
     path, common, ckpt = start.path, start.common, trainer.config.checkpoint
     iteration = int(_ITER_DIR.match(os.path.basename(path)).group(1))
     if common.get("kind") == "weights" or start.finetune:
-        state = dist_checkpointing.load({"model": trainer.model.module.sharded_state_dict()}, path)
-        trainer.model.module.load_state_dict(_model_state(trainer, state["model"]))
+        state = dist_checkpointing.load({"model": model_sharded_state(trainer)}, path)
+        _load_model_state(trainer, state["model"])
         trainer.optimizer.reload_model_params()  # fp32 master weights were made from the initial ones
         if start.finetune:
             trainer.state.finetuned_from = os.path.realpath(ckpt.load)
@@ -584,7 +609,7 @@ def load_checkpoint(trainer, start: Start) -> int:
     if load_optim:
         prepare_for_loading(trainer.optimizer)
     state = dist_checkpointing.load(_sharded_state(trainer, loading=True, optimizer=load_optim), path)
-    trainer.model.module.load_state_dict(_model_state(trainer, state["model"]))
+    _load_model_state(trainer, state["model"])
     if load_optim:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -606,7 +631,8 @@ def load_checkpoint(trainer, start: Start) -> int:
         why = ("--no-load-rng" if ckpt.no_load_rng else
                f"checkpoint layout {state['layout']} differs from this run's {_layout(trainer)}")
         _print0(f" note: {why}; RNG streams re-seeded from --seed and the iteration")
-        set_seed(trainer.config.training.seed + iteration, tp_rank=trainer.groups.tp_rank)
+        set_seed(trainer.config.training.seed + iteration, tp_rank=trainer.groups.tp_rank,
+                 pp_rank=trainer.groups.pp_rank)
     _print0(f" loaded checkpoint {path} (iteration {iteration}, {state['consumed_samples']} samples consumed)")
     return iteration
 

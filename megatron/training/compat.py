@@ -57,7 +57,7 @@ _HONOURED = (
          "--num-query-groups N", value=True),
     Flag(("--use-rotary-position-embeddings",), HONOURED, "DeepSpeed's: --position-embedding-type rope"),
     Flag(("--rotary-position-embeddings-theta",), HONOURED, "DeepSpeed's: --rotary-base", value=True),
-    Flag(("--no-pipeline-parallel",), HONOURED, "DeepSpeed's: no pipeline (the only layout here)"),
+    Flag(("--no-pipeline-parallel",), HONOURED, "DeepSpeed's: no pipeline (--pipeline-model-parallel-size 1)"),
     Flag(("--checkpoint-activations",), HONOURED, "Megatron-DeepSpeed's: --recompute-granularity full"),
     Flag(("--checkpoint-in-cpu",), HONOURED, "DeepSpeed's: checkpointed layer inputs in host memory: "
          "--offload-recompute-inputs (with full recompute)"),
@@ -171,8 +171,9 @@ _REFUSED = (
          "to shard the optimizer state"),
     Flag(("--universal-checkpoint",), REFUSED, "DeepSpeed universal checkpoints are not read: torch_dist "
          "checkpoints load at any TP/FPDT/DP size, and tools/checkpoint/convert.py converts from Hugging Face"),
-    Flag(("--enable-zbh1-pipeline", "--enable-zbh1-exact-semantics"), REFUSED, "no pipeline parallelism here: "
-         "tensor parallelism and FPDT"),
+    Flag(("--enable-zbh1-pipeline", "--enable-zbh1-exact-semantics"), REFUSED, "DeepSpeed's zero-bubble schedule "
+         "is not offered: --pipeline-model-parallel-size runs megatron-core's 1F1B, or its interleaved schedule with "
+         "--num-virtual-stages-per-pipeline-rank"),
     Flag(("--kd", "--mos", "--random-ltd", "--data-efficiency-curriculum-learning", "--reset-iteration",
           "--create-moe-param-group", "--disable-moe-token-dropping"), REFUSED, "DeepSpeed's distillation, "
          "compression, data-efficiency and MoE options are not offered here: drop it"),

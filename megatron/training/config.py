@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from fpdt_ext.core.config import FPDTConfig, check_heads
 from fpdt_ext.mcore.parallel_state import ParallelLayout
@@ -180,6 +180,12 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     fpdt_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Megatron-LM's interleaved schedule: model chunks per pipeline rank (from --num-virtual-stages-per-
+    # pipeline-rank or --num-layers-per-virtual-pipeline-stage); None: one chunk (1F1B)
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    # Megatron-LM's uneven split: the first / last stage's layers; the others share the rest evenly
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
     sequence_parallel: bool = False  # Megatron-SP, within the TP group
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  # megatron-core DDP's bucketed reduction during backward (GPU)
@@ -190,10 +196,20 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 30
 
     def __post_init__(self):
-        if self.pipeline_model_parallel_size != 1:
-            raise ValueError("--pipeline-model-parallel-size > 1 is not supported by this training loop yet; "
-                             "use tensor parallelism and FPDT instead")
         self.layout  # validates the sizes
+        pp = self.pipeline_model_parallel_size
+        if pp == 1 and (self.virtual_pipeline_model_parallel_size or self.decoder_first_pipeline_num_layers
+                        is not None or self.decoder_last_pipeline_num_layers is not None):
+            raise ValueError("virtual pipeline stages and uneven stage sizes need --pipeline-model-parallel-size "
+                             "> 1")
+        if self.virtual_pipeline_model_parallel_size == 1:
+            _set(self, virtual_pipeline_model_parallel_size=None)  # one chunk per rank: plain 1F1B
+        if self.virtual_pipeline_model_parallel_size is not None and self.virtual_pipeline_model_parallel_size < 1:
+            raise ValueError(f"virtual pipeline stages per rank must be positive, got "
+                             f"{self.virtual_pipeline_model_parallel_size}")
+        if pp > 1 and self.use_torch_fsdp2:
+            raise ValueError("--use-torch-fsdp2 with --pipeline-model-parallel-size > 1 is not supported yet: "
+                             "use --use-distributed-optimizer with the pipeline, or FSDP2 without it")
         if self.use_torch_fsdp2:
             if self.tensor_model_parallel_size != 1:
                 raise ValueError("--use-torch-fsdp2 with tensor parallelism is not supported yet: use "
@@ -213,6 +229,42 @@ class ParallelConfig:
     @property
     def data_parallel_size(self) -> int:
         return self.layout.data_parallel_size
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks on each rank: the virtual stages per pipeline rank (1 without interleaving)."""
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    def stage_layers(self, num_layers: int) -> List[int]:
+        """Layers of each pipeline stage, in order (Megatron-LM's split: the first and last stage
+        as given, the rest evenly); raises ValueError with what to change when they do not split."""
+        pp, vp = self.pipeline_model_parallel_size, self.model_chunks
+        first, last = self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+        given = [n for n in (first, last) if n is not None]
+        if any(n < 0 for n in given):
+            raise ValueError("--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers must not be "
+                             "negative")
+        middle_stages = pp - len(given)
+        rest = num_layers - sum(given)
+        if rest < 0 or (middle_stages == 0 and rest != 0) or (middle_stages and rest % middle_stages):
+            raise ValueError(
+                f"--num-layers {num_layers} does not split over {pp} pipeline stages"
+                + (f" with {' and '.join(f'{n} on the {w} stage' for n, w in zip((first, last), ('first', 'last')) if n is not None)}"
+                   if given else "")
+                + f": use a number of layers that {middle_stages or 1} stage(s) share evenly, or change "
+                  f"--pipeline-model-parallel-size / --decoder-first-pipeline-num-layers / "
+                  f"--decoder-last-pipeline-num-layers")
+        per = rest // middle_stages if middle_stages else 0
+        layers = [per] * pp
+        if first is not None:
+            layers[0] = first
+        if last is not None:
+            layers[-1] = last
+        if vp > 1 and any(n % vp for n in layers):
+            raise ValueError(f"each pipeline stage's layers ({layers}) must split into the {vp} virtual stages per "
+                             f"rank evenly: change --num-layers-per-virtual-pipeline-stage / "
+                             f"--num-virtual-stages-per-pipeline-rank")
+        return layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,6 +642,16 @@ class RunConfig:
                 f"{training.micro_batch_size} x data-parallel size {parallel.data_parallel_size}; use a multiple "
                 f"of {micro_dp}")
         training = self.training
+        if parallel.pipeline_model_parallel_size > 1:
+            parallel.stage_layers(model.num_layers)  # raises with what to change
+            smallest = min(self.num_microbatches_of(b) for _, b in (batches.batches() if batches is not None else
+                                                                     [(0, training.global_batch_size)]))
+            if parallel.model_chunks > 1 and smallest < parallel.pipeline_model_parallel_size:
+                raise ValueError(
+                    f"the interleaved pipeline schedule needs at least --pipeline-model-parallel-size "
+                    f"({parallel.pipeline_model_parallel_size}) micro batches per iteration, and this run has "
+                    f"{smallest}: raise --global-batch-size (or lower --micro-batch-size), or drop the virtual "
+                    f"stages")
         schedule = training.lr_schedule(training.global_batch_size)
         if schedule.train_iters != training.train_iters:
             _set(self, training=dataclasses.replace(training, train_iters=schedule.train_iters))

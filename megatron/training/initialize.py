@@ -28,14 +28,17 @@ def initialize(config) -> ParallelGroups:
         parallel.tensor_model_parallel_size,
         parallel.fpdt_parallel_size,
         parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         timeout_minutes=parallel.distributed_timeout_minutes,
     )
-    set_seed(config.training.seed, tp_rank=groups.tp_rank)
+    set_seed(config.training.seed, tp_rank=groups.tp_rank, pp_rank=groups.pp_rank)
     return groups
 
 
-def set_seed(seed: int, *, tp_rank: int) -> None:
-    """Megatron's seeding: one default stream, plus a model-parallel stream offset by the TP rank."""
+def set_seed(seed: int, *, tp_rank: int, pp_rank: int = 0) -> None:
+    """Megatron's seeding: one default stream, offset by 100 per pipeline stage (so the stages'
+    layers differ), plus a model-parallel stream offset by the TP rank."""
+    seed += 100 * pp_rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

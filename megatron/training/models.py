@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -16,6 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpdt_ext import runtime
+from fpdt_ext.mcore import cpu_shims
 from fpdt_ext.mcore.model import FPDTGPTModel
 from fpdt_ext.mcore.norm import TorchNorm
 from fpdt_ext.mcore.spec import get_fpdt_layer_spec
@@ -140,6 +142,21 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         kv_channels=model.kv_channels,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
+        # what the stages send each other: activations in the training dtype
+        pipeline_dtype=DTYPES[config.params_dtype] if parallel.pipeline_model_parallel_size > 1 else None,
+        # the interleaved schedule's sends as Megatron-LM's defaults (--overlap-p2p-communication):
+        # separate isend/irecv ordered by even and odd ranks. Batched, two stages' forward and
+        # backward messages to one peer pair up in the wrong order (Megatron-LM refuses that with
+        # PP 2); the 1F1B schedule keeps megatron-core's batched default
+        overlap_p2p_comm=parallel.model_chunks > 1,
+        batch_p2p_comm=parallel.model_chunks == 1,
+        # as Megatron-LM: a stage's output is freed once sent (its backward needs only its graph);
+        # not on the CPU with the interleaved schedule's overlapped sends, where gloo may still be
+        # reading the tensor when megatron-core swaps its storage out (the next stage got wrong values)
+        deallocate_pipeline_outputs=parallel.pipeline_model_parallel_size > 1 and (cuda or parallel.model_chunks == 1),
         sequence_parallel=parallel.sequence_parallel,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
@@ -182,10 +199,39 @@ def with_final_norm(layer_spec, tcfg: TransformerConfig):
 
 def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tiers: Optional[MemoryTiers] = None,
                 padded_vocab: Optional[int] = None):
-    """The model on this rank: FPDTGPTModel with the FPDT spec (its offloaded chunks in ``tiers``,
-    new ones by default), or GPTModel with the baseline spec (or with ``layer_spec``, e.g.
-    megatron-core's local spec for reference runs). Its vocabulary is padded as Megatron pads it
-    for the run's TP size, or to ``padded_vocab`` (that of a checkpoint to load)."""
+    """The model on this rank, for runs without a pipeline (:func:`build_model_chunks` otherwise)."""
+    chunks = build_model_chunks(config, groups, vocab_size, layer_spec, tiers, padded_vocab)
+    if len(chunks) != 1:
+        raise ValueError("this tool runs the whole model in one process: use --pipeline-model-parallel-size 1 "
+                         "(checkpoints load at any pipeline size)")
+    return chunks[0]
+
+
+def build_model_chunks(config: RunConfig, groups, vocab_size: int, layer_spec=None,
+                       tiers: Optional[MemoryTiers] = None, padded_vocab: Optional[int] = None) -> list:
+    """The model chunks on this rank, one per virtual pipeline stage (one without interleaving; the
+    whole model without a pipeline): FPDTGPTModel with the FPDT spec (its offloaded chunks in
+    ``tiers``, new ones by default), or GPTModel with the baseline spec (or with ``layer_spec``,
+    e.g. megatron-core's local spec for reference runs). Each holds its stage's layers (megatron-
+    core's split; the embedding on the first stage, the output layer and loss on the last). The
+    vocabulary is padded as Megatron pads it for the run's TP size, or to ``padded_vocab`` (that of
+    a checkpoint to load)."""
+    n, stages = config.parallel.model_chunks, config.parallel.pipeline_model_parallel_size
+    pp_rank = groups.pp_rank if stages > 1 else 0
+    chunks = []
+    # a pipeline's last stage syncs its copy of a tied embedding with the first through .cuda()
+    on_cpu = stages > 1 and not runtime.current().on_gpu
+    for vp_stage in range(n):
+        with cpu_shims.cuda_tensors_on_cpu() if on_cpu else contextlib.nullcontext():
+            chunks.append(_build_stage(config, groups, vocab_size, layer_spec, tiers, padded_vocab,
+                                       pre_process=pp_rank == 0 and vp_stage == 0,
+                                       post_process=pp_rank == stages - 1 and vp_stage == n - 1,
+                                       vp_stage=vp_stage if n > 1 else None))
+    return chunks
+
+
+def _build_stage(config: RunConfig, groups, vocab_size: int, layer_spec, tiers, padded_vocab, *, pre_process: bool,
+                 post_process: bool, vp_stage: Optional[int]):
     model = config.model
     tcfg = transformer_config(config)
     if padded_vocab is None:
@@ -195,8 +241,9 @@ def build_model(config: RunConfig, groups, vocab_size: int, layer_spec=None, tie
         config=tcfg,
         vocab_size=padded_vocab,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         # YaRN: RoPE with ScaledRotaryEmbedding's frequencies; attention applies its factor (YarnTransformerConfig)
         position_embedding_type="rope" if model.rotary else model.position_embedding_type,

@@ -80,7 +80,7 @@ class HostAdamW:
     """
 
     def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None,
-                 decoupled_lr=None, fsdp_group=None, masters_are_params=False):
+                 decoupled_lr=None, fsdp_group=None, masters_are_params=False, pp_group=None):
         param_groups = _param_groups(model, decoupled_lr)
         self.model_params = [p for g in param_groups for p in g["params"]]
         self.shard_group = shard_group if shard_group is not None and dist.get_world_size(shard_group) > 1 else None
@@ -108,6 +108,8 @@ class HostAdamW:
         self._masters = [i for i, (master, param) in enumerate(self._pairs) if master is not param or masters_are_params]
         self.clip_grad = clip_grad
         self.tp_group = tp_group
+        # under a pipeline each stage holds its layers' gradients: the norm sums over the stages
+        self.pp_group = pp_group if pp_group is not None and dist.get_world_size(pp_group) > 1 else None
 
     @property
     def param_groups(self):
@@ -126,7 +128,9 @@ class HostAdamW:
         device = next((g.device for g in grads if g is not None), torch.device("cpu"))
         total = torch.zeros((), dtype=torch.float64, device=device)
         for param, grad in zip(self.model_params, grads):
-            if grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group):
+            # the last stage's copy of a tied embedding (megatron-core marks it ``shared``) counts once
+            if (grad is not None and param_is_not_tensor_parallel_duplicate(param, self.tp_group)
+                    and not getattr(param, "shared", False)):
                 # per-tensor norm in fp32 (as megatron-core's multi_tensor_l2norm), summed in
                 # float64: no float64 copy of a whole gradient
                 total += torch.linalg.vector_norm(local(grad).float()).double() ** 2
@@ -134,6 +138,8 @@ class HostAdamW:
             dist.all_reduce(total, group=self.tp_group)
         if self.fsdp_group is not None:
             dist.all_reduce(total, group=self.fsdp_group)
+        if self.pp_group is not None:
+            dist.all_reduce(total, group=self.pp_group)
         return math.sqrt(total.item())
 
     def step(self):
@@ -271,8 +277,10 @@ def _main_replica(sharded):
 
 
 def build_optimizer(config, model, groups):
-    """The optimizer for ``model`` (DDP-wrapped) and megatron-core's LR/WD scheduler, for the
-    run ``config`` (:class:`~megatron.training.config.RunConfig`)."""
+    """The optimizer for ``model`` (DDP-wrapped, or a list of such model chunks: the pipeline's
+    virtual stages) and megatron-core's LR/WD scheduler, for the run ``config``
+    (:class:`~megatron.training.config.RunConfig`)."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     t = config.training
     distributed = config.parallel.use_distributed_optimizer
     fsdp = config.parallel.use_torch_fsdp2
@@ -288,16 +296,17 @@ def build_optimizer(config, model, groups):
         )
         # with explicit process groups megatron-core takes no gloo side groups (it raises otherwise);
         # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)
-        optimizer = get_megatron_optimizer(optimizer_config, [model], pg_collection=groups.pg_collection,
+        optimizer = get_megatron_optimizer(optimizer_config, chunks, pg_collection=groups.pg_collection,
                                            use_gloo_process_groups=False)
         _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
-        optimizer = HostAdamW(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
-                              eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
+        optimizer = HostAdamW(chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks), lr=t.lr,
+                              weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
                               shard_group=groups.dp_sp if distributed else None,
                               decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None,
                               fsdp_group=groups.dp_sp if fsdp else None,
-                              masters_are_params=fsdp and t.params_dtype != "float32")
+                              masters_are_params=fsdp and t.params_dtype != "float32",
+                              pp_group=getattr(groups, "pp", None))
     # stepped by schedule.increment(batch) after each iteration: once with a constant global batch
     # (Megatron-LM's sample-based lengths are iterations of the global batch here, the same
     # schedule), by the iteration's batch in samples with a batch ramp-up (config.lr_schedule)

@@ -37,7 +37,8 @@ from megatron.training.data import (MicroBatches, build_datasets, largest_token_
                                     tokens_beyond_vocabulary)
 from megatron.training.flops import device_peak_tflops, flops_per_token
 from megatron.training.initialize import initialize
-from megatron.training.models import build_model, padded_vocab_size, transformer_config
+from megatron.training.models import build_model_chunks, padded_vocab_size
+from megatron.training.pipeline import PipelineSchedule
 from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
                                              observability_config)
 from megatron.training.optimizer import build_optimizer
@@ -136,17 +137,17 @@ class Trainer:
                                                               self.tokenizer.vocab_size, tp)
             except CheckpointError as e:  # the flags do not describe the checkpoint's model: a usage error
                 raise ArgumentError(str(e)) from None
-        model = build_model(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory,
-                            padded_vocab=self.padded_vocab_size)
+        chunks = build_model_chunks(config, self.groups, self.tokenizer.vocab_size, tiers=self.memory,
+                                    padded_vocab=self.padded_vocab_size)
         # On the CPU HostAdamW splits its own state (ZeRO-1); on GPU megatron-core's distributed
         # optimizer needs DDP's buffers laid out for it.
         # --overlap-grad-reduce: buckets reduced during the last micro batch's backward (GPU only:
         # on the CPU the reduction stays in finalize_model_grads)
         if config.parallel.use_torch_fsdp2:  # parameters, gradients and optimizer state sharded (sharding.py)
             try:
-                self.model = ShardedModel(model, self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
-                                          compute_dtype=getattr(torch, config.params_dtype),
-                                          reshard_after_forward=config.parallel.fsdp_reshard_after_forward)
+                self.models = [ShardedModel(chunks[0], self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
+                                            compute_dtype=getattr(torch, config.params_dtype),
+                                            reshard_after_forward=config.parallel.fsdp_reshard_after_forward)]
             except ValueError as e:  # sizes FSDP2 cannot shard evenly: a usage error
                 raise ArgumentError(str(e)) from None
         else:
@@ -154,9 +155,13 @@ class Trainer:
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=config.parallel.overlap_grad_reduce and self.runtime.cuda,
                 use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
-            self.model = DistributedDataParallel(transformer_config(config), ddp_config, model,
-                                                 pg_collection=self.groups.pg_collection)
-        self.optimizer, self.scheduler = build_optimizer(config, self.model, self.groups)
+            # as Megatron-LM: one bucket set for the first virtual stage's chunk, none for the others
+            self.models = [DistributedDataParallel(chunk.config, ddp_config, chunk, pg_collection=self.groups.pg_collection,
+                                                   disable_bucketing=i > 0)
+                           for i, chunk in enumerate(chunks)]
+        self.model = self.models[0]  # the whole model without a pipeline
+        self.pipeline = None if config.parallel.pipeline_model_parallel_size == 1 else PipelineSchedule(self)
+        self.optimizer, self.scheduler = build_optimizer(config, self.models, self.groups)
         train_ds, valid_ds, _ = build_datasets(config, self.tokenizer)
         self.state = RunState()
         batches = dict(micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
@@ -173,7 +178,11 @@ class Trainer:
             raise ArgumentError(problem)
         self.flops_per_token = flops_per_token(config, self.tokenizer.vocab_size)
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
-        self.num_parameters = sum(p.numel() for p in model.parameters())
+        # the whole model's, over the pipeline stages (each rank holds its stage's)
+        self.num_parameters = sum(p.numel() for c in chunks for p in c.parameters())
+        if self.pipeline is not None:
+            self.pipeline.setup()
+            self.num_parameters = self.pipeline.total_parameters(self.num_parameters)
 
     # -- one micro batch ----------------------------------------------------------
     def _loss_terms(self, batch):
@@ -194,32 +203,37 @@ class Trainer:
         config = self.config
         global_batch = config.global_batch_at(self.state.consumed_samples)
         num_microbatches = config.num_microbatches_of(global_batch)
-        self.model.zero_grad_buffer()
+        for m in self.models:
+            m.zero_grad_buffer()
         self.optimizer.zero_grad()
         sp_size = self.groups.layout.fpdt_parallel_size
-        # summed on the device: no host synchronisation per micro batch
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        token_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         # megatron-core's mixed-precision optimizers unscale the gradients by their loss scale.
         loss_scale = self.optimizer.get_loss_scale() if hasattr(self.optimizer, "get_loss_scale") else 1.0
         self.timers.start("forward-backward")
-        for i, batch in enumerate(self.train_data.global_batch(global_batch)):
-            # DDP's gradient reduction may start only in the last micro batch's backward
-            last = i == num_microbatches - 1
-            with contextlib.nullcontext() if last else self.model.no_sync():
-                local_sum, tokens = self._loss_terms(batch)
-                (local_sum * sp_size / tokens.clamp(min=1) / num_microbatches * loss_scale).backward()
-            loss_sum += local_sum.detach().double()
-            token_sum += tokens.detach().double() / sp_size
-        # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, plus
-        # the sums over TP of replicated parameters that see only this rank's heads (q/k layernorm)
+        if self.pipeline is not None:  # megatron-core's schedule; the sums come from the last stage
+            loss_sum, token_sum = self.pipeline.run(list(self.train_data.global_batch(global_batch)),
+                                                    forward_only=False)
+        else:
+            # summed on the device: no host synchronisation per micro batch
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            token_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, batch in enumerate(self.train_data.global_batch(global_batch)):
+                # DDP's gradient reduction may start only in the last micro batch's backward
+                last = i == num_microbatches - 1
+                with contextlib.nullcontext() if last else self.model.no_sync():
+                    local_sum, tokens = self._loss_terms(batch)
+                    (local_sum * sp_size / tokens.clamp(min=1) / num_microbatches * loss_scale).backward()
+                loss_sum += local_sum.detach().double()
+                token_sum += tokens.detach().double() / sp_size
+        # megatron-core's gradient finalisation: the DDP reduction over data x FPDT ranks, the sums
+        # over TP of replicated parameters that see only this rank's heads (q/k layernorm), and
+        # under a pipeline the tied embedding's gradient between the first and last stage
         self.timers.stop("forward-backward")
         self.timers.start("all-grads-sync")
         if not config.parallel.use_torch_fsdp2:  # FSDP2 reduce-scatters each layer's gradients in backward
-            finalize_model_grads([self.model], pg_collection=self.groups.pg_collection)
+            finalize_model_grads(self.models, pg_collection=self.groups.pg_collection)
         self.timers.stop("all-grads-sync")
-        totals = torch.stack([loss_sum, token_sum])
-        dist.all_reduce(totals, group=self.groups.dp_sp)
+        totals = self._reported(torch.stack([loss_sum, token_sum]))
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         check = config.training.check_for_nan_in_loss_and_grad
         iteration = self.state.iteration + 1
@@ -240,16 +254,29 @@ class Trainer:
         self.state.consumed_samples += global_batch
         return loss, grad_norm, global_batch
 
+    def _reported(self, totals: torch.Tensor) -> torch.Tensor:
+        """[loss sum, tokens] summed over data x FPDT ranks, and under a pipeline sent from the last
+        stage (the others hold zeros) to every stage."""
+        dist.all_reduce(totals, group=self.groups.dp_sp)
+        if self.pipeline is not None:
+            dist.all_reduce(totals, group=self.groups.pp)
+        return totals
+
     @torch.no_grad()
     def evaluate(self):
-        self.model.eval()
+        for m in self.models:
+            m.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.config.training.eval_iters):
+            if self.pipeline is not None:
+                totals += self.pipeline.run(list(self.valid_data.global_batch()), forward_only=True)
+                continue
             for batch in self.valid_data.global_batch():
                 local_sum, tokens = self._loss_terms(batch)
                 totals += torch.stack([local_sum.double(), tokens.double() / self.groups.layout.fpdt_parallel_size])
-        self.model.train()
-        dist.all_reduce(totals, group=self.groups.dp_sp)
+        for m in self.models:
+            m.train()
+        totals = self._reported(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     # -- the loop ------------------------------------------------------------------
@@ -260,7 +287,8 @@ class Trainer:
         offload = ", offload" if config.fpdt and config.fpdt.fpdt_offload else ""
         print_rank_0(f"> {self.num_parameters * par.tensor_model_parallel_size / 1e6:.2f}M parameters "
                      f"(TP shards counted once per rank x TP), world {par.world_size} = TP "
-                     f"{par.tensor_model_parallel_size} x FPDT {par.fpdt_parallel_size} x DP "
+                     f"{par.tensor_model_parallel_size} x FPDT {par.fpdt_parallel_size} x PP "
+                     f"{par.pipeline_model_parallel_size} x DP "
                      f"{par.data_parallel_size}; {what}{offload}{' to ' + t.offload_dir if t.offload_dir else ''}; "
                      f"seq {t.seq_length}, global batch {t.global_batch_size} ({config.num_microbatches} micro batches)"
                      + (f"; ramp-up: {t.batch_schedule.describe()}" if t.batch_schedule else ""))
@@ -390,6 +418,14 @@ def describe_plan(config: RunConfig) -> str:
     if t.batch_schedule is not None:
         lines.insert(4, f"  ramp-up: {t.batch_schedule.describe()}; {config.train_samples_total} samples in all")
     ranks = par.data_parallel_size * sp
+    if par.pipeline_model_parallel_size > 1:
+        chunks = par.model_chunks
+        lines.append(f"  pipeline: {par.pipeline_model_parallel_size} stages of {par.stage_layers(model.num_layers)} layers; "
+                     + (f"interleaved schedule, {chunks} virtual stages per rank" if chunks > 1 else
+                        f"1F1B schedule, up to {min(par.pipeline_model_parallel_size, config.num_microbatches)} "
+                        f"micro batches in flight on the first stage")
+                     + f"; bubble {(par.pipeline_model_parallel_size - 1) / chunks / config.num_microbatches:.0%} of "
+                       f"the micro batches' time")
     if par.use_torch_fsdp2:
         lines.append(f"  sharding: FSDP2 over {ranks} data x FPDT ranks (parameters, gradients and optimizer state; "
                      f"ZeRO-{3 if par.fsdp_reshard_after_forward else 2} gathers)")

@@ -87,12 +87,12 @@ def _convert(model_type, loader, saver, load_dir, save_dir, *flags):
         assert re.search(r"tensors=(\d+)/\1, shard=1/1\]$", progress[0]), progress[0]
 
 
-def our_logits_worker(rank, world_size, checkpoint_dir, tokens):
+def our_logits_worker(rank, world_size, checkpoint_dir, tokens, iteration=0):
     from megatron.core import dist_checkpointing
 
     from tools.checkpoint import convert
 
-    path = os.path.join(checkpoint_dir, "iter_0000000")
+    path = os.path.join(checkpoint_dir, f"iter_{iteration:07d}")
     common = dist_checkpointing.load_common_state_dict(path)
     from megatron.training.checkpointing import model_config_from_args
 
@@ -277,7 +277,9 @@ def test_a_stage_with_new_rope_settings_exports_with_them(tmp_path):
 @pytest.mark.fault
 @pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size",
                                                        "16", "--fpdt-offload"]),
-                                         (2, ["--tensor-model-parallel-size", "2"])], ids=["1proc", "fpdt2", "tp2"])
+                                         (2, ["--tensor-model-parallel-size", "2"]),
+                                         (2, ["--pipeline-model-parallel-size", "2", "--fpdt"])],
+                         ids=["1proc", "fpdt2", "tp2", "pp2"])
 def test_eval_ppl_matches_transformers_nll(nproc, flags, tmp_root, tmp_path):
     """At TP 2 Megatron would pad the vocabulary of 200 to 208 rows: the checkpoint's 200 are kept."""
     import json

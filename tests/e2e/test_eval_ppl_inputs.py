@@ -71,7 +71,7 @@ def _cases(tmp_path):
         "FPDT flags without --fpdt": ([doc], {"--fpdt-chunk-size": 32}, {},
                                       "--fpdt-parallel-size, --fpdt-chunk-size and --fpdt-offload need --fpdt"),
         "processes not TP x FPDT": ([doc], {"--fpdt": None, "--fpdt-parallel-size": 2}, {},
-                                    "eval_ppl.py runs one sequence at a time on TP x FPDT = 2 processes; launch 2, not 1"),
+                                    "eval_ppl.py runs one sequence at a time on TP x FPDT x PP = 2 processes; launch 2, not 1"),
         "zero bucket": ([doc], {"--bucket-size": 0}, {}, "--bucket-size 0 must be positive"),
         "output folder missing": ([doc], {"--output": tmp_path / "no" / "ppl.jsonl"}, {},
                                   f"--output {tmp_path / 'no' / 'ppl.jsonl'} cannot be written ({tmp_path / 'no'} "

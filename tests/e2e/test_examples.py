@@ -24,8 +24,8 @@ def _llama2(assets):
     ("llama3_8b_fpdt_2m_4gpu.sh", "llama2", ["world 4 = TP 1 x FPDT 4", "model: 7.",
                                              "524288 tokens per rank in 32 chunks", "sharding: FSDP2 over 4"]),
     ("gpt_2.7b_fpdt_2m_4gpu.sh", {}, ["world 4 = TP 1 x FPDT 4", "model: 2.", "GPT2BPETokenizer"]),
-    ("llama3_70b_fpdt_4m_32gpu.sbatch", "llama2", ["world 32 = TP 8 x FPDT 4", "model: 6",
-                                                   "1048576 tokens per rank in 64 chunks"]),
+    ("llama3_70b_fpdt_4m_32gpu.sbatch", "llama2", ["world 32 = TP 1 x FPDT 32", "model: 6",
+                                                   "131072 tokens per rank in 16 chunks", "sharding: FSDP2 over 32"]),
     ("llama3.1_8b_context_extension.sh", "llama2", ["== stage 1", "32768 tokens per rank in 4 chunks", "== stage 2",
                                                     "131072 tokens per rank in 8 chunks", "world 8 = TP 1 x FPDT 8"]),
 ])
@@ -41,5 +41,5 @@ def test_dry_run(assets, script, env, expect):
 def test_dry_run_catches_a_missing_tokenizer_and_a_bad_layout(assets):
     proc = _dry_run("llama3_8b_fpdt_2m_4gpu.sh", TOKENIZER_TYPE="Llama2Tokenizer", TOKENIZER_MODEL="/nope/tok.model")
     assert proc.returncode == 2 and "/nope/tok.model does not exist" in proc.stderr
-    proc = _dry_run("llama3_70b_fpdt_4m_32gpu.sbatch", NNODES="3", **_llama2(assets))  # 24 GPUs: FPDT 3
+    proc = _dry_run("llama3_70b_fpdt_4m_32gpu.sbatch", NNODES="3", **_llama2(assets))  # 24 GPUs: FPDT 24
     assert proc.returncode == 2 and "not divisible" in proc.stderr, proc.stderr

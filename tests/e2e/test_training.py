@@ -38,7 +38,7 @@ def _validate(extra, world_size=2):
     (["--tensor-model-parallel-size", "2", "--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0",
       "--group-query-attention", "--num-query-groups", "1"], 4, "num_query_groups 1 is not divisible"),
     (["--context-parallel-size", "2"], 2, "use --fpdt --fpdt-parallel-size"),
-    (["--pipeline-model-parallel-size", "2"], 2, "not supported by this training loop"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 2 does not split over 3 pipeline stages"),
     (["--global-batch-size", "3"], 2, "use a multiple of 2"),
     (["--fpdt", "--fpdt-parallel-size", "2", "--attention-dropout", "0", "--tensor-model-parallel-size", "2",
       "--sequence-parallel"], 4, "--sequence-parallel"),

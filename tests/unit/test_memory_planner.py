@@ -105,6 +105,34 @@ def test_fsdp2_shards_the_model_state_as_measured_and_the_papers_8b_run_fits_80_
     assert sharded_state < 0.6 * state
 
 
+def test_pipeline_stages_split_the_model_state_and_the_first_stage_holds_the_micro_batches_in_flight():
+    """Each stage holds its layers and one vocabulary matrix; the first stage holds its layers'
+    checkpointed inputs for min(PP, M) micro batches under 1F1B (so at M >= PP as many as without a
+    pipeline), the last for one; interleaved, megatron-core's warm-up. (The held inputs are checked
+    against a run in tests/distributed/test_pipeline.py.)"""
+    model = Model(*PRESETS["llama3-8b"])
+    one, two = Plan(model, gpus=4, fpdt=4), Plan(model, gpus=8, fpdt=4, pp=2)
+    per_layer = (one.model_params() - one.root_params()) / 32
+    assert two.params_per_rank() == pytest.approx(16 * per_layer + 128256 * 4096 + 4096)
+    assert two.dp == 1 and Plan(model, gpus=16, fpdt=4, pp=2).dp == 2
+    assert Plan(model, gpus=8, pp=8, microbatches=16).held_layer_inputs("first") == 32
+    assert Plan(model, gpus=8, pp=8, microbatches=2).held_layer_inputs("first") == 8
+    assert Plan(model, gpus=8, pp=8).held_layer_inputs("last") == 4
+    assert Plan(model, gpus=4, pp=4, vp=2, microbatches=8).held_layer_inputs("first") == (3 * 2 + 4 + 1) * 4
+    phases = two.phase_terms(2097152)
+    assert set(phases) == {"loss backward, last stage", "layer backward, first stage"}
+
+
+def test_the_papers_70b_run_at_4m_fits_32_gpus_of_80_gb_with_fpdt_32_and_fsdp2_not_with_stages():
+    """examples/llama3_70b_fpdt_4m_32gpu.sbatch's layout, and why the pipelined ones do not fit."""
+    model, seq, host = Model(*PRESETS["llama3-70b"]), 4194304, 2000 * GiB / 8
+    fitting = Plan(model, gpus=32, fpdt=32, chunk_size=262144, fsdp=True)
+    assert fitting.fits(seq, 80 * GiB, host)
+    assert 60 * GiB < fitting.totals(seq)[0] < 75 * GiB
+    for layout in (dict(tp=8, fpdt=4), dict(tp=4, fpdt=4, pp=2), dict(tp=8, fpdt=2, pp=2), dict(fpdt=8, pp=4)):
+        assert not Plan(model, gpus=32, **layout).fits(seq, 80 * GiB, host), layout
+
+
 def test_cli_explains_the_dominant_term():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_planner.py"), "--preset", "llama3-8b",
                           "--gpus", "4", "--fpdt", "4", "--seq-length", "2097152", "--chunk-size", "65536",
@@ -145,7 +173,7 @@ def test_loss_rows_are_one_chunk_of_at_most_2_22_logits_and_at_least_128_tokens(
     (["--gpus", "4", "--chunk-size", "0"], "argument --chunk-size: must be positive, got 0"),
     (["--gpus", "4", "--gpu-mem-gib", "-80"], "argument --gpu-mem-gib: must be positive, got -80"),
     (["--gpus", "4", "--tp", "0"], "argument --tp: must be positive, got 0"),
-    (["--gpus", "3", "--fpdt", "2"], "--gpus 3 is not divisible by --tp x --fpdt = 2"),
+    (["--gpus", "3", "--fpdt", "2"], "--gpus 3 is not divisible by --tp x --fpdt x --pp = 2"),
     (["--gpus", "3", "--fpdt", "3"], "--heads 32 is not divisible by --tp x --fpdt = 3"),
     (["--gpus", "16", "--tp", "16"], "--kv-heads 8 is not divisible by --tp 16"),
     (["--gpus", "4", "--fpdt", "4", "--chunk-size", "1026"], "--chunk-size 1026 is not divisible by --fpdt 4"),

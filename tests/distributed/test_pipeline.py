@@ -1,0 +1,180 @@
+"""Pipeline parallelism (megatron/training/pipeline.py): megatron-core's 1F1B and interleaved
+schedules, for the baseline and FPDT, against the single-stage run, fp32 on gloo.
+
+Both runs start from the same weights: every parameter is set from its global name (a layer's
+index in the whole model, whatever stage holds it), because Megatron seeds each stage apart.
+Per iteration the loss and gradient norm, and every parameter's reduced gradient, equal the
+single-stage run's; after the iterations every parameter does (Adam's updates, clipping over
+the stages included). The tied embedding's copy on the last stage gets the same gradient as the
+first stage's, and the two stay equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+
+import pytest
+import torch
+
+from fpdt_ext.testing.spawn import run_world
+from tests.helpers import TINY
+
+STEPS = 3
+FLAGS = TINY + ["--num-layers", "4", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters",
+                str(STEPS), "--lr", "1e-3", "--attention-dropout", "0", "--hidden-dropout", "0", "--seed", "5",
+                "--clip-grad", "0.5"]
+FPDT2 = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--fpdt-offload",
+         "--recompute-granularity", "full", "--offload-recompute-inputs"]
+FPDT1 = ["--fpdt", "--fpdt-chunk-size", "32", "--fpdt-offload"]  # one FPDT rank: chunked attention, offload
+
+
+def global_names(module):
+    """(global name, parameter) of a model chunk: decoder layers by their index in the whole model;
+    the last stage's copy of a tied embedding under the embedding's name."""
+    out = []
+    for name, p in module.named_parameters():
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        if m:
+            name = f"decoder.layers.{module.decoder.layers[int(m.group(1))].layer_number - 1}.{m.group(2)}"
+        elif name == "output_layer.weight" and module.share_embeddings_and_output_weights:
+            name = "embedding.word_embeddings.weight"
+        out.append((name, p))
+    return out
+
+
+def init_from_names(trainer):
+    """Every parameter set from its global name, so every layout starts from the same model."""
+    with torch.no_grad():
+        for m in trainer.models:
+            for name, p in global_names(m.module):
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                value = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.copy_(1 + 0.1 * value if p.ndim == 1 else 0.05 * value)
+    trainer.optimizer.reload_model_params()
+
+
+def worker(rank, world_size, flags):
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
+    init_from_names(trainer)
+    grads, steps = [], []
+    step = trainer.optimizer.step
+    tp = f"@tp{trainer.groups.tp_rank}"  # a TP rank's shard of a parameter
+
+    def recording_step():  # the reduced gradients, as the optimizer is about to use them
+        seen = {}
+        for m in trainer.models:
+            for name, p in global_names(m.module):
+                seen.setdefault(name + tp, []).append(p.main_grad.detach().double().clone())
+        grads.append(seen)
+        return step()
+
+    trainer.optimizer.step = recording_step
+    for _ in range(STEPS):
+        loss, norm, _ = trainer.train_step()
+        steps.append((loss, norm))
+    params = {}
+    for m in trainer.models:
+        for name, p in global_names(m.module):
+            params.setdefault(name + tp, []).append(p.detach().double().clone())
+    return {"steps": steps, "grads": grads, "params": params}
+
+
+@functools.lru_cache(maxsize=None)
+def run(world, flags):
+    return run_world(world, worker, list(flags))
+
+
+def merged(results, key):
+    """The ranks' {global name: [tensors]} merged (a name held on several ranks: every copy)."""
+    out = {}
+    for r in results:
+        for name, values in r[key].items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+def assert_matches(ref, got, tol=2e-6):
+    """``got`` (a pipelined run's ranks) against ``ref`` (the single-stage run's): every rank's
+    losses and norms; every gradient and parameter, each stage's and TP shard's against the same."""
+    want_params = merged(ref, "params")
+    want_grads = [merged([{"grads": r["grads"][step]} for r in ref], "grads") for step in range(STEPS)]
+    for r in got:  # every rank reports the same loss and gradient norm
+        for (loss, norm), (want_loss, want_norm) in zip(r["steps"], ref[0]["steps"]):
+            assert loss == pytest.approx(want_loss, rel=tol) and norm == pytest.approx(want_norm, rel=tol)
+    for step in range(STEPS):
+        have = merged([{"grads": r["grads"][step]} for r in got], "grads")
+        assert have.keys() == want_grads[step].keys()
+        scale = max(g[0].abs().max().item() for g in want_grads[step].values())
+        for name, copies in have.items():
+            for g in copies:  # including the tied embedding's copy on the last stage
+                assert (g - want_grads[step][name][0]).abs().max().item() <= tol * scale, (step, name)
+    # after Adam: its steps are lr-sized (3 of 1e-3 here) whatever the gradient, so a gradient
+    # near zero (some bias entries) carries float32 noise into the update; 5e-5 is 2% of them
+    have = merged(got, "params")
+    assert have.keys() == want_params.keys()
+    for name, copies in have.items():
+        for p in copies:
+            assert (p - want_params[name][0]).abs().max().item() <= 5e-5, name
+
+
+@pytest.mark.parametrize("layout, world, ref_world, extra, ref_extra", [
+    ("pp2", 2, 1, ("--pipeline-model-parallel-size", "2"), ()),
+    ("pp2_interleaved", 2, 1, ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"),
+     ()),
+    ("pp2_uneven_fpdt_chunks", 2, 1, ("--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers",
+                                      "1", "--untie-embeddings-and-output-weights", *FPDT1),
+     ("--untie-embeddings-and-output-weights", *FPDT1)),
+    pytest.param("pp2_fpdt2", 4, 2, ("--pipeline-model-parallel-size", "2", *FPDT2), tuple(FPDT2),
+                 marks=pytest.mark.slow),
+    pytest.param("pp2_tp2", 4, 2, ("--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"),
+                 ("--tensor-model-parallel-size", "2"), marks=pytest.mark.slow),
+    pytest.param("pp2_dp2_interleaved", 4, 2, ("--pipeline-model-parallel-size", "2",
+                                               "--num-virtual-stages-per-pipeline-rank", "2"), (),
+                 marks=pytest.mark.slow),
+])
+def test_pipelined_training_equals_the_single_stage_run(layout, world, ref_world, extra, ref_extra):
+    ref = run(ref_world, tuple(FLAGS) + ref_extra)
+    got = run(world, tuple(FLAGS) + extra)
+    assert_matches(ref, got)
+
+
+def held_inputs_worker(rank, world_size, flags):
+    """The first stage's peak of checkpointed layer inputs in one step: offloaded to the disk tier,
+    whose peak counts exactly what is held."""
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
+    trainer.train_step()
+    return trainer.memory.peak_disk_bytes()
+
+
+@pytest.mark.parametrize("schedule, extra, micro_batches", [
+    ("1f1b", (), 1),
+    ("1f1b", (), 4),
+    ("interleaved", ("--num-virtual-stages-per-pipeline-rank", "2"), 4),
+])
+def test_the_first_stage_holds_the_checkpointed_inputs_the_planner_predicts(schedule, extra, micro_batches):
+    """Under 1F1B the first stage holds its layers' inputs for min(PP, M) micro batches, the last
+    for one; interleaved, megatron-core's warm-up holds more. tools/memory_planner.py's
+    held_layer_inputs is checked against the measured peak (float32, 1024 tokens, h 64)."""
+    from tests.disk_dir import disk_scratch_dir
+    from tools.memory_planner import PRESETS, Model, Plan
+
+    flags = [*TINY, "--num-layers", "4", "--seq-length", "1024", "--micro-batch-size", "1", "--global-batch-size",
+             str(micro_batches), "--train-iters", "1", "--pipeline-model-parallel-size", "2",
+             "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+             "--offload-recompute-inputs", "--offload-dir", disk_scratch_dir(), "--hidden-dropout", "0",
+             "--attention-dropout", "0", *extra]  # (dropout would save its masks beside the inputs)
+    first, last = run_world(2, held_inputs_worker, flags)
+    plan = Plan(Model(4, *PRESETS["llama-tiny"][1:]), gpus=2, pp=2, vp=2 if extra else 1,
+                microbatches=micro_batches, device="cpu")
+    one_layer = 1024 * 64 * 4  # one layer's input: [s, b, h] float32
+    assert first == plan.held_layer_inputs("first") * one_layer
+    assert first == {(1, 1): 2, (1, 4): 4, (2, 4): 5}[(plan.vp, micro_batches)] * one_layer
+    assert plan.held_layer_inputs("last") * one_layer <= last  # (the last stage saves its loss's tensors too)
