@@ -1,5 +1,7 @@
 """Per-rank model state under each sharding: unsharded (megatron-core DDP, Adam state on every
-rank), ZeRO-1 (--use-distributed-optimizer) and FSDP2 (--use-torch-fsdp2), FPDT over N ranks.
+rank), ZeRO-1 (--use-distributed-optimizer) and FSDP2 (--use-torch-fsdp2), FPDT over N ranks;
+and, for comparison, the same N ranks as N pipeline stages (--pipeline-model-parallel-size N,
+FPDT 1: each rank holds its stage's layers and one vocabulary matrix).
 
     python bench/sharding_memory.py                        # llama-tiny, FPDT 2 and 4, 2048 tokens
     python bench/sharding_memory.py --model llama-wide --nproc 2 --bf16
@@ -8,7 +10,8 @@ After one training step, each rank counts the bytes of the tensors it holds for 
 gradients and optimizer state (Adam's moments and float32 master weights), and its resident
 memory (VmRSS) above what it held before the model was built. The expected factors (the
 planner's accounting, tools/memory_planner.py): unsharded 1; ZeRO-1 divides the optimizer state
-by N; FSDP2 divides all three by N. Ratios are against the unsharded run in the same invocation.
+by N; FSDP2 divides all three by N; N stages hold the planner's params_per_rank at PP N over PP 1.
+Ratios are against the unsharded run in the same invocation.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import MODEL, setup_config  # noqa: E402
 
-SETUPS = ("unsharded", "zero1", "fsdp2")
+SETUPS = ("unsharded", "zero1", "fsdp2", "pipeline")
 
 
 def _rss_bytes() -> int:
@@ -64,8 +67,22 @@ def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool) -> dict:
     config = setup_config("fpdt", model, seq, nproc, chunk=seq // 2, bf16=bf16, offload=False)
     parallel = dataclasses.replace(config.parallel, use_distributed_optimizer=setup == "zero1",
                                    use_torch_fsdp2=setup == "fsdp2")
-    results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel))
+    fpdt = config.fpdt
+    if setup == "pipeline":  # the same ranks as stages, one FPDT rank each
+        parallel = dataclasses.replace(parallel, fpdt_parallel_size=1, pipeline_model_parallel_size=nproc)
+        fpdt = dataclasses.replace(fpdt, fpdt_parallel_size=1)
+    results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel, fpdt=fpdt))
     return {k: max(r[k] for r in results) for k in results[0]}  # the largest rank
+
+
+def _stage_share(model: str, stages: int) -> float:
+    """The planner's largest stage's parameters over the whole model's (one TP rank)."""
+    from tools.memory_planner import PRESETS, Model, Plan
+
+    plan = Model(*PRESETS[model]) if model in PRESETS else None
+    if plan is None:
+        return float("nan")
+    return Plan(plan, gpus=stages, pp=stages).params_per_rank() / Plan(plan, gpus=1).params_per_rank()
 
 
 def main(argv=None) -> None:
@@ -87,7 +104,7 @@ def main(argv=None) -> None:
         for setup, r in rows.items():
             own = r["params"] + r["grads"] + r["optimizer"]
             expected = {"unsharded": 1.0, "zero1": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
-                        "fsdp2": 1.0 / n}[setup]
+                        "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n)}[setup]
             print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
                   f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} |", flush=True)
 

@@ -178,3 +178,35 @@ def test_the_first_stage_holds_the_checkpointed_inputs_the_planner_predicts(sche
     assert first == plan.held_layer_inputs("first") * one_layer
     assert first == {(1, 1): 2, (1, 4): 4, (2, 4): 5}[(plan.vp, micro_batches)] * one_layer
     assert plan.held_layer_inputs("last") * one_layer <= last  # (the last stage saves its loss's tensors too)
+
+
+def gpu_path_worker(rank, world_size, flags, cuda_path):
+    """The trainer with its GPU branch (megatron-core's optimizer over the chunks, its DDP), tensors
+    on the CPU (tests/cuda_on_cpu.py), or its CPU branch; the same weights either way."""
+    from fpdt_ext import runtime
+    from megatron.training.arguments import parse_args, validate_args
+    from tests.cuda_on_cpu import cuda_path_on_cpu
+
+    args = validate_args(parse_args(flags), world_size=world_size)
+    with cuda_path_on_cpu() if cuda_path else runtime.using(runtime.current()):
+        from megatron.training.training import Trainer
+
+        trainer = Trainer(args)
+        init_from_names(trainer)
+        return {"optimizer": type(trainer.optimizer).__name__, "steps": [trainer.train_step()[:2] for _ in range(STEPS)]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU stand-in for the CUDA path")
+def test_the_gpu_path_pipelines_as_the_cpu_path():
+    """PP 2 through megatron-core's optimizer (its gradient norm over the model-parallel group, the
+    pipeline stages included, and the tied embedding counted once) gives HostAdamW's losses and
+    norms."""
+    from tests.cuda_on_cpu import MAPPED_BACKEND
+
+    flags = [*FLAGS, "--pipeline-model-parallel-size", "2"]
+    gpu = run_world(2, gpu_path_worker, flags, True, backend=MAPPED_BACKEND)
+    cpu = run_world(2, gpu_path_worker, flags, False)
+    assert gpu[0]["optimizer"] == "ChainedOptimizer" and cpu[0]["optimizer"] == "HostAdamW"
+    for r in gpu:
+        for (loss, norm), (want_loss, want_norm) in zip(r["steps"], cpu[0]["steps"]):
+            assert loss == pytest.approx(want_loss, rel=1e-6) and norm == pytest.approx(want_norm, rel=1e-5)
