@@ -23,13 +23,15 @@ minutes, so each round's ratio compares runs made back to back, and the ratio
 reported is the median of the rounds' ratios. Longer FPDT runs are not made
 on the CPU: attention time grows with the square of the length.
 
-Three setups: the baseline, FPDT in RAM, and ``fpdt-disk``: FPDT with offload on and the
+Three setups by default: the baseline, FPDT in RAM, and ``fpdt-disk``: FPDT with offload on and the
 disk tier (``--fpdt-offload --offload-recompute-inputs --offload-dir DIR``), so the stored
 attention chunks and the checkpointed layer inputs live in a file instead of RAM. On the CPU
 the host is the device's RAM, so the disk is the only tier below it: ``fpdt-disk`` is the CPU's
 counterpart of FPDT offloading to host memory on a GPU. Its peak is still the process's
 resident memory (the file is O_DIRECT, or its pages are dropped from the page cache after each write and read);
-the file's own peak is reported beside it.
+the file's own peak is reported beside it. A fourth, ``fpdt-fsdp2`` (``--setups baseline fpdt
+fpdt-fsdp2``), is FPDT in RAM with the model state sharded by FSDP2 (``--use-torch-fsdp2``)
+instead of the distributed optimizer's split of the Adam state alone; it runs at FPDT's lengths.
 
 A step has two memory peaks: the backward of the logits + loss and the
 backward of one recomputed layer. The points must be measured where the
@@ -57,7 +59,8 @@ from fpdt_ext.runtime import Runtime  # noqa: E402
 from tools.progress import Progress, add_progress_flag  # noqa: E402
 
 
-SETUPS = ("baseline", "fpdt", "fpdt-disk")
+SETUPS = ("baseline", "fpdt", "fpdt-disk", "fpdt-fsdp2")
+DEFAULT_SETUPS = ("baseline", "fpdt", "fpdt-disk")
 DISK_LENS = [24576, 28672, 32768, 36864]
 
 
@@ -98,8 +101,9 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--cap-gib", type=float, default=1.0, help="memory cap per process")
     p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS),
-                   help="which to measure (the baseline always): FPDT in RAM, FPDT with the disk tier")
+    p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(DEFAULT_SETUPS),
+                   help="which to measure (the baseline always): FPDT in RAM, FPDT with the disk tier, FPDT "
+                        "with FSDP2 (not by default)")
     p.add_argument("--baseline-lens", type=int, nargs="+", default=[1024, 2048, 3072, 4096])
     p.add_argument("--fpdt-lens", type=int, nargs="+", default=[32768, 36864, 40960, 45056])
     p.add_argument("--disk-lens", type=int, nargs="+", default=DISK_LENS, help="lengths for fpdt-disk")
@@ -113,7 +117,7 @@ def main(argv=None):
     add_progress_flag(p)
     a = p.parse_args(argv)
     kinds = ["baseline"] + [k for k in SETUPS if k in a.setups and k != "baseline"]
-    lens = {"baseline": a.baseline_lens, "fpdt": a.fpdt_lens, "fpdt-disk": a.disk_lens}
+    lens = {"baseline": a.baseline_lens, "fpdt": a.fpdt_lens, "fpdt-disk": a.disk_lens, "fpdt-fsdp2": a.fpdt_lens}
     if min(len(lens[k]) for k in kinds) < 4:
         p.error("measure at least four lengths for each setup")
     offload_dir = a.offload_dir or (default_offload_dir() if "fpdt-disk" in kinds else None)

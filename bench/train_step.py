@@ -58,14 +58,15 @@ def model_config(model: str, seq: int):
 
 def setup_config(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: bool, offload: bool,
                  offload_dir: Optional[str] = None):
-    """The run config of one setup: "baseline", "fpdt", or "fpdt-disk" (FPDT offloading its chunks
-    and checkpointed inputs to a file in ``offload_dir``, the disk tier). One sequence per step,
-    mock data, full recompute, the optimizer state split over data x FPDT ranks (the baseline's
-    ranks are all TP, so nothing is split there)."""
+    """The run config of one setup: "baseline", "fpdt", "fpdt-disk" (FPDT offloading its chunks
+    and checkpointed inputs to a file in ``offload_dir``, the disk tier) or "fpdt-fsdp2" (FPDT with
+    parameters, gradients and optimizer state sharded by FSDP2). One sequence per step, mock data,
+    full recompute, the optimizer state split over data x FPDT ranks (the baseline's ranks are all
+    TP, so nothing is split there)."""
     from fpdt_ext.core.config import FPDTConfig
     from megatron.training.config import DataConfig, ParallelConfig, RunConfig, TokenizerConfig, TrainingConfig
 
-    fpdt = kind in ("fpdt", "fpdt-disk")
+    fpdt = kind in ("fpdt", "fpdt-disk", "fpdt-fsdp2")
     if kind == "fpdt-disk" and offload_dir is None:
         raise ValueError("the fpdt-disk setup needs a directory on a disk (offload_dir)")
     offload = fpdt and (offload or kind == "fpdt-disk")  # on the CPU the host is the same RAM: offload only copies
@@ -73,7 +74,8 @@ def setup_config(kind: str, model: str, seq: int, nproc: int, chunk: int, bf16: 
     training = TrainingConfig(seq_length=seq, train_iters=100, global_batch_size=1, lr=1e-4, eval_iters=0,
                               log_interval=1000, recompute_granularity="full", offload_recompute_inputs=offload,
                               offload_dir=directory, bf16=bf16)
-    parallel = ParallelConfig(world_size=nproc, use_distributed_optimizer=True,
+    fsdp = kind == "fpdt-fsdp2"
+    parallel = ParallelConfig(world_size=nproc, use_distributed_optimizer=not fsdp, use_torch_fsdp2=fsdp,
                               **({"fpdt_parallel_size": nproc} if fpdt else {"tensor_model_parallel_size": nproc}))
     return RunConfig(model=model_config(model, seq), training=training, data=DataConfig(mock_data=True),
                      parallel=parallel, tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer",
@@ -154,7 +156,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style in (("baseline", "o-"), ("fpdt", "s-"), ("fpdt-disk", "^-")):
+    for kind, style in (("baseline", "o-"), ("fpdt", "s-"), ("fpdt-disk", "^-"), ("fpdt-fsdp2", "d-")):
         rows = sorted((r for r in results if r["kind"] == kind and not r.get("oom")), key=lambda r: r["seq"])
         if not rows:
             continue
@@ -175,7 +177,7 @@ def print_table(results):
     for seq in sorted({r["seq"] for r in results}):
         rows = {r["kind"]: r for r in results if r["seq"] == seq}
         base = rows.get("baseline")
-        for kind in ("baseline", "fpdt", "fpdt-disk"):
+        for kind in ("baseline", "fpdt", "fpdt-disk", "fpdt-fsdp2"):
             r = rows.get(kind)
             if r is None:
                 continue

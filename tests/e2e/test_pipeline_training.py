@@ -18,22 +18,26 @@ FPDT2 = ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--fp
 
 
 def rows(tmp_path, name, nproc, *extra):
-    return [[r[k] for k in KEY] for r in run_pretrain(tmp_path, name, nproc, [*FLAGS, *extra])[0]]
+    """[loss, gradient norm, LR] per iteration, and the validation loss where there is one."""
+    return [[r[k] for k in KEY] + ([r["val_loss"]] if "val_loss" in r else [])
+            for r in run_pretrain(tmp_path, name, nproc, [*FLAGS, *extra])[0]]
 
 
 def close(a, b, rel=1e-5):
     for x, y in zip(a, b):
-        assert x == pytest.approx(y, rel=rel)
+        assert len(x) == len(y) and x == pytest.approx(y, rel=rel)
     assert len(a) == len(b)
 
 
 def test_pipelined_training_follows_the_single_stage_run_and_checkpoints_cross_pipeline_sizes(tmp_path):
     start = str(tmp_path / "start")  # iteration 1 at PP 1: the weights every run below continues from
     rows(tmp_path, "start", 1, "--save", start, "--exit-interval", "1")
-    single = rows(tmp_path, "single", 1, "--load", start)
-    piped = rows(tmp_path, "piped", 2, *PP2, "--load", start)  # a PP 1 checkpoint loads at PP 2
-    assert len(single) == 10
-    close(piped, single)  # 10 iterations: loss, gradient norm, LR
+    validation = ("--eval-iters", "2", "--eval-interval", "5")  # evaluation through the schedule too
+    single = rows(tmp_path, "single", 1, "--load", start, *validation)
+    piped = rows(tmp_path, "piped", 2, *PP2, "--load", start, *validation)  # a PP 1 checkpoint loads at PP 2
+    assert len(single) == 10 and [len(r) for r in single].count(4) == 3  # validation at 5, 10 and 11
+    close(piped, single)  # 10 iterations: loss, gradient norm, LR, and the validation losses
+    single, piped = ([r[:3] for r in x] for x in (single, piped))
     saved = str(tmp_path / "pp2")  # a PP 2 run stopped at iteration 6 ...
     first = rows(tmp_path, "first", 2, *PP2, "--load", start, "--save", saved, "--exit-interval", "6")
     assert first == piped[:5]
