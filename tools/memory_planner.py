@@ -389,8 +389,6 @@ def main(argv=None) -> int:
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
                 distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk, fsdp=a.use_torch_fsdp2, pp=a.pp,
                 vp=a.vp, microbatches=a.microbatches or 0)
-    if plan.fsdp and a.tp > 1:
-        p.error("--use-torch-fsdp2 with --tp > 1 is not offered by the training code yet: use --tp 1")
     try:
         check_layout(model, plan, a.seq_length)
     except ValueError as e:

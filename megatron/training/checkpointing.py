@@ -220,7 +220,7 @@ def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
     if trainer.config.parallel.use_torch_fsdp2:
         from megatron.training.sharding import checkpoint_layout
 
-        model_state = checkpoint_layout(model_state, trainer.groups.dp_sp)
+        model_state = checkpoint_layout(model_state, trainer.groups.dp_sp, trainer.groups.tp)
     optimizer_state = {"optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                                          metadata=SHARDED_STATE_METADATA),
                        "scheduler": trainer.scheduler.state_dict()} if optimizer else {}

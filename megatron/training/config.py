@@ -211,9 +211,6 @@ class ParallelConfig:
             raise ValueError("--use-torch-fsdp2 with --pipeline-model-parallel-size > 1 is not supported yet: "
                              "use --use-distributed-optimizer with the pipeline, or FSDP2 without it")
         if self.use_torch_fsdp2:
-            if self.tensor_model_parallel_size != 1:
-                raise ValueError("--use-torch-fsdp2 with tensor parallelism is not supported yet: use "
-                                 "--tensor-model-parallel-size 1 (FSDP shards over data x FPDT ranks)")
             if self.use_distributed_optimizer:
                 raise ValueError("--use-torch-fsdp2 shards the optimizer state already: drop "
                                  "--use-distributed-optimizer")
@@ -624,6 +621,12 @@ class RunConfig:
             self.fpdt.num_chunks(training.seq_length)  # the sequence splits into P x u sub-chunks
             if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
                 raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
+        shards = parallel.data_parallel_size * parallel.fpdt_parallel_size
+        if (parallel.use_torch_fsdp2 and model.swiglu and parallel.tensor_model_parallel_size > 1 and shards > 1
+                and shards % 2):
+            raise ValueError(f"--use-torch-fsdp2 with --swiglu and tensor parallelism needs an even number of data x "
+                             f"FPDT ranks to shard over, not {shards} (a shard would hold rows of both the gate and "
+                             f"the up projection of its TP rank): change the data-parallel or FPDT size")
         if parallel.use_torch_fsdp2 and training.fp16:
             raise ValueError("--use-torch-fsdp2 with --fp16 is not supported (the sharded optimizer has no loss "
                              "scaler): use --bf16")

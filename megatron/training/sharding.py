@@ -14,10 +14,17 @@ reduce-scattered (averaged, as DDP averages) when its backward ends.
 Checkpoints are the ones an unsharded run writes: megatron-core's ``sharded_state_dict`` gives
 each rank's shards their place in the whole tensors (:func:`checkpoint_layout` fixes the one
 place it does not), so a sharded checkpoint loads unsharded, at another size, and into the
-Hugging Face converter, and the reverse. Not yet: tensor parallelism with FSDP2 (refused),
-megatron-core's own Megatron-FSDP (it needs CUDA throughout; refused), parameters whose first
-dimension the shard count does not divide (refused at start). Tested on the CPU (gloo); the GPU
-path (NCCL, a "cuda" device mesh) is untested on GPU.
+Hugging Face converter, and the reverse.
+
+With tensor parallelism each TP rank's parameters (its TP shards, plain tensors) are sharded
+again over the data x FPDT ranks of that TP rank, as megatron-core's checkpoint offsets for
+"TP + FSDP2" expect; the gradients megatron-core's finalisation sums over TP (the q/k norms,
+which see only a rank's heads, and Megatron-SP's norms) are summed over TP by
+:meth:`ShardedModel.finish_tp_grads` after the backward. Not yet: megatron-core's own
+Megatron-FSDP (it needs CUDA throughout; refused), parameters whose first dimension the shard
+count does not divide (refused at start), SwiGLU with TP over an odd number of data x FPDT ranks
+(a shard would straddle the gate and up halves; RunConfig refuses it). Tested on the CPU (gloo); the GPU path
+(NCCL, a "cuda" device mesh) is untested on GPU.
 """
 
 from __future__ import annotations
@@ -42,12 +49,13 @@ class ShardedModel(torch.nn.Module):
     (ZeRO-2's traffic: one gather per step), True gathers it again for the backward (ZeRO-3)."""
 
     def __init__(self, model: torch.nn.Module, group, device_type: str, *, compute_dtype=None,
-                 reshard_after_forward: bool = True):
+                 reshard_after_forward: bool = True, tp_group=None):
         super().__init__()
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         size = torch.distributed.get_world_size(group)
+        self.tp_group = tp_group if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1 else None
         uneven = [f"{name} {tuple(p.shape)}" for name, p in model.named_parameters() if p.shape[0] % size]
         if uneven:  # FSDP2 would pad them, and the checkpoints' layout assumes equal shards
             raise ValueError(f"--use-torch-fsdp2 over {size} data x FPDT ranks needs every parameter's first "
@@ -76,6 +84,25 @@ class ShardedModel(torch.nn.Module):
     def zero_grad_buffer(self):
         """Gradients are the parameters' own (set to None by the optimizer's zero_grad)."""
 
+    def finish_tp_grads(self) -> None:
+        """With TP: sum over the TP ranks the gradients megatron-core's finalize_model_grads sums
+        there (the q/k norms' with --qk-layernorm, each rank normalising its heads; Megatron-SP's
+        norms and biases with --sequence-parallel). Every TP rank holds the same FSDP shard of those
+        replicated parameters, so this rank's shard is summed as it is."""
+        if self.tp_group is None:
+            return
+        config = self.module.config
+        grads = [local(p.grad) for name, p in self.module.named_parameters() if p.grad is not None and (
+            (config.sequence_parallel and getattr(p, "sequence_parallel", False))
+            or (config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)))]
+        if grads:
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat, group=self.tp_group)
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(summed)
+
     @contextlib.contextmanager
     def no_sync(self):
         """Gradients accumulate unreduced (micro batches before the last)."""
@@ -86,24 +113,41 @@ class ShardedModel(torch.nn.Module):
             self.module.set_requires_gradient_sync(True)
 
 
-def checkpoint_layout(sharded_state: dict, group) -> dict:
+def swiglu_fragment(rank: int, size: int, tp_rank: int = 0, tp_size: int = 1):
+    """(index, count) of the row block of the whole SwiGLU ``fc1`` weight [gate; up] that FSDP rank
+    ``rank`` of ``size`` holds on TP rank ``tp_rank``: FSDP shards the rows of the TP rank's
+    [gate_t; up_t], so with an even ``size`` the first half of the ranks hold gate rows (block
+    t x size/2 + r of the gate's) and the rest up rows; with TP 1 rank r holds block r."""
+    if tp_size == 1:
+        return rank, size
+    half = size // 2
+    if rank < half:
+        return tp_rank * half + rank, tp_size * size
+    return tp_size * half + tp_rank * half + rank - half, tp_size * size
+
+
+def checkpoint_layout(sharded_state: dict, group, tp_group=None) -> dict:
     """megatron-core's ``sharded_state_dict()`` of an FSDP2-sharded model, fixed where it assumes
     its own sharding. Its SwiGLU ``fc1`` factory splits each rank's rows into a gate half and an up
     half, which holds for TP shards and not for FSDP's (rank r holds rows r/N .. (r+1)/N of the
-    whole [gate; up] matrix): those become plain row shards of the same global tensor, so the
-    checkpoint is the one an unsharded run writes and reads. (TP > 1 is refused with FSDP2.)"""
+    TP rank's [gate; up] rows): those become plain row shards of the same global tensor
+    (:func:`swiglu_fragment`), so the checkpoint is the one an unsharded run writes and reads.
+    Over one rank nothing is sharded and megatron-core's factory stays."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    tp_rank, tp_size = ((torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group))
+                        if tp_group is not None else (0, 1))
+    index, count = swiglu_fragment(rank, size, tp_rank, tp_size)
 
     def plain(item):
-        if not isinstance(item, ShardedTensorFactory):
+        if not isinstance(item, ShardedTensorFactory) or size == 1:
             return item
         built = item.build()[0]  # the stacked-layer axes megatron-core prepends, as the factory has them
         n = built.prepend_axis_num
         prepended = [(axis, built.global_offset[axis], built.axis_fragmentations[axis]) for axis in range(n)]
-        return ShardedTensor.from_rank_offsets(item.key, item.data, *prepended, (n, rank, size),
+        return ShardedTensor.from_rank_offsets(item.key, item.data, *prepended, (n, index, count),
                                                replica_id=item.replica_id, prepend_axis_num=n)
 
     return dict_list_map_inplace(plain, sharded_state)

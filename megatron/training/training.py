@@ -147,7 +147,8 @@ class Trainer:
             try:
                 self.models = [ShardedModel(chunks[0], self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
                                             compute_dtype=getattr(torch, config.params_dtype),
-                                            reshard_after_forward=config.parallel.fsdp_reshard_after_forward)]
+                                            reshard_after_forward=config.parallel.fsdp_reshard_after_forward,
+                                            tp_group=self.groups.tp)]
             except ValueError as e:  # sizes FSDP2 cannot shard evenly: a usage error
                 raise ArgumentError(str(e)) from None
         else:
@@ -232,6 +233,8 @@ class Trainer:
         self.timers.start("all-grads-sync")
         if not config.parallel.use_torch_fsdp2:  # FSDP2 reduce-scatters each layer's gradients in backward
             finalize_model_grads(self.models, pg_collection=self.groups.pg_collection)
+        else:
+            self.model.finish_tp_grads()
         self.timers.stop("all-grads-sync")
         totals = self._reported(torch.stack([loss_sum, token_sum]))
         loss = (totals[0] / totals[1].clamp(min=1)).item()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from fpdt_ext.testing.spawn import run_world
 from tests.helpers import TINY
@@ -62,10 +63,15 @@ def run(world, flags):
     return run_world(world, worker, list(flags))
 
 
+TP2 = ("--tensor-model-parallel-size", "2", "--qk-layernorm")  # q/k norms: gradients summed over TP
+
+
 @pytest.mark.parametrize("layout, world, extra", [
     ("dp2", 2, ()),
     ("fpdt2", 2, tuple(FPDT)),
+    ("tp2_fpdt2", 4, TP2 + tuple(FPDT)),
     pytest.param("fpdt2_dp2", 4, tuple(FPDT), marks=pytest.mark.slow),
+    pytest.param("tp2_dp2", 4, TP2, marks=pytest.mark.slow),
 ])
 def test_sharded_training_equals_the_unsharded_run(layout, world, extra):
     plain = run(world, tuple(FLAGS) + extra)
@@ -82,11 +88,12 @@ def test_sharded_training_equals_the_unsharded_run(layout, world, extra):
     # the decoupled LR's groups: the same marked parameters, the same LRs
     assert got["marked"] == ref["marked"] and len(ref["marked"]) == 2
     assert got["lrs"] == pytest.approx(ref["lrs"]) and len(ref["lrs"]) == 2
-    # every rank holds 1/N of the parameters and Adam state (N = data x FPDT ranks)
+    # every rank holds 1/N of its TP shards' parameters and Adam state (N = data x FPDT ranks)
+    shards = world // (2 if "--tensor-model-parallel-size" in extra else 1)
     for r in sharded:
         held = r["held"]
-        assert held["params"] == pytest.approx(held["full"] / world, rel=0.01)
-        assert held["adam"] == pytest.approx(2 * held["full"] / world, rel=0.01)
+        assert held["params"] == pytest.approx(held["full"] / shards, rel=0.01)
+        assert held["adam"] == pytest.approx(2 * held["full"] / shards, rel=0.01)
     assert ref["held"]["params"] == ref["held"]["full"]
 
 
@@ -94,10 +101,10 @@ KEY = ("lm_loss", "grad_norm", "lr")
 CHECKPOINT_FLAGS = [*FLAGS, *FPDT, "--train-iters", "4", "--bf16"]
 
 
-def _rows(tmp_path, name, *extra):
+def _rows(tmp_path, name, *extra, nproc=2):
     from tests.helpers import run_pretrain
 
-    return [[r[k] for k in KEY] for r in run_pretrain(tmp_path, name, 2, [*CHECKPOINT_FLAGS, *extra])[0]]
+    return [[r[k] for k in KEY] for r in run_pretrain(tmp_path, name, nproc, [*CHECKPOINT_FLAGS, *extra])[0]]
 
 
 def test_sharded_checkpoints_resume_exactly_and_load_unsharded(tmp_path):
@@ -121,6 +128,35 @@ def test_an_unsharded_checkpoint_resumes_sharded(tmp_path):
     _rows(tmp_path, "plain_first", "--save", unsharded, "--exit-interval", "2")
     resumed = _rows(tmp_path, "into_sharded", "--use-torch-fsdp2", "--load", unsharded)
     assert [r[0] for r in resumed] == pytest.approx([r[0] for r in plain[2:]], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_tp2_sharded_checkpoint_resumes_exactly_and_loads_at_tp1_unsharded(tmp_path):
+    """TP 2 x FPDT 2 with FSDP2 (SwiGLU: its fc1 rows laid out by swiglu_fragment) resumes bit for
+    bit, and its checkpoint is the whole model: TP 1 x FPDT 2 unsharded continues it (bf16)."""
+    tp = ["--tensor-model-parallel-size", "2", "--use-torch-fsdp2"]
+    straight = _rows(tmp_path, "tp_straight", *tp, nproc=4)
+    saved = str(tmp_path / "tp_sharded")
+    assert _rows(tmp_path, "tp_first", *tp, "--save", saved, "--exit-interval", "2", nproc=4) == straight[:2]
+    assert _rows(tmp_path, "tp_resumed", *tp, "--load", saved, nproc=4) == straight[2:]
+    unsharded = _rows(tmp_path, "tp1_unsharded", "--load", saved)
+    assert [r[0] for r in unsharded] == pytest.approx([r[0] for r in straight[2:]], rel=1e-3)
+
+
+def test_swiglu_rows_of_a_tp_and_fsdp_shard_are_their_place_in_the_whole_weight():
+    """The whole fc1 weight is [gate; up], gate and up each split over TP in order; FSDP rank r of
+    N holds rows r/N .. (r+1)/N of its TP rank's [gate_t; up_t]."""
+    from megatron.training.sharding import swiglu_fragment
+
+    ffn, tp, n = 8, 2, 4
+    whole = torch.arange(2 * ffn)  # row ids of [gate; up]
+    gate, up = whole[:ffn].chunk(tp), whole[ffn:].chunk(tp)
+    for t in range(tp):
+        local = torch.cat([gate[t], up[t]]).chunk(n)
+        for r in range(n):
+            index, count = swiglu_fragment(r, n, t, tp)
+            assert torch.equal(whole.chunk(count)[index], local[r]), (t, r)
+    assert swiglu_fragment(3, 4) == (3, 4)  # TP 1: plain row shards
 
 
 def test_sizes_fsdp_cannot_shard_evenly_are_refused_in_one_line(tmp_path):

@@ -56,6 +56,9 @@ def test_the_data_parallel_size_leaves_out_the_stages():
     (["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"], 4,
      "--use-torch-fsdp2 with --pipeline-model-parallel-size > 1 is not supported yet"),
     (["--pipeline-model-parallel-size", "3"], 4, "world size 4 is not divisible by"),
+    (["--use-torch-fsdp2", "--tensor-model-parallel-size", "2", "--swiglu"], 6,
+     "--use-torch-fsdp2 with --swiglu and tensor parallelism needs an even number of data x FPDT ranks to shard "
+     "over, not 3"),
 ])
 def test_bad_layouts_say_what_to_change(extra, world, message):
     with pytest.raises(ArgumentError) as e:
