@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Llama-3-8B with FPDT at 2M tokens on 4 GPUs (one node): the FPDT paper's headline setup.
-# tools/memory_planner.py --use-torch-fsdp2: 62.2 GiB per 80 GB GPU at 2M tokens (longest 3.5M),
+# tools/memory_planner.py --use-torch-fsdp2: 58.3 GiB per 80 GB GPU at 2M tokens (longest 3.5M),
 # 146 GiB of host memory per GPU. The model state is sharded over the 4 GPUs with FSDP2
 # (--use-torch-fsdp2, as the paper's ZeRO-3); without it the model state alone takes ~67 GiB
 # and 2M tokens do not fit 80 GB (USE_FSDP=0 goes back to the distributed optimizer).

@@ -161,8 +161,12 @@ class Plan:
         (measured: bench/sharding_memory.py); plus what is gathered: two layers at a time in the
         compute dtype (the one computing, the one prefetched), one layer's unsharded gradient
         before its reduce-scatter (compute dtype and float32), and the root unit (embeddings,
-        output layer, final norm), which FSDP2 keeps gathered from its forward to its backward,
-        with its unsharded gradient. The gathered terms follow FSDP2's design; not measured."""
+        output layer, final norm), which FSDP2 keeps gathered from its forward to its backward.
+        The root's unsharded gradients are not a term of their own: the output layer's is the
+        loss backward's "output-layer weight gradient", and the embedding's exists only at the
+        end of the backward, when the activations are gone. (Measured on llama-tiny, whose
+        embeddings are 85% of it: the sharded state saves what the gathered root costs, 351 MiB
+        against 360 unsharded at 8K tokens; docs/BENCHMARKS.md.)"""
         shard = self.dp * self.fpdt
         layer, root = self.layer_and_root_params()
         a = self.act_bytes
@@ -171,7 +175,7 @@ class Plan:
                 ("Adam moments (fp32 shards)", 8 * n / shard, 0, 0),
                 ("FSDP gathered layers (current + prefetched)", 2 * a * layer, 0, 0),
                 ("FSDP layer gradient before reduce-scatter", (a + 4) * layer, 0, 0),
-                ("FSDP root unit gathered + its gradient (embeddings, output)", (a + 4) * root, 0, 0)]
+                ("FSDP root unit gathered (embeddings, output)", a * root, 0, 0)]
 
     def loss_rows(self):
         """Tokens per rank in one loss chunk, as the chunked loss sizes them."""

@@ -128,7 +128,7 @@ def test_the_papers_70b_run_at_4m_fits_32_gpus_of_80_gb_with_fpdt_32_and_fsdp2_n
     model, seq, host = Model(*PRESETS["llama3-70b"]), 4194304, 2000 * GiB / 8
     fitting = Plan(model, gpus=32, fpdt=32, chunk_size=262144, fsdp=True)
     assert fitting.fits(seq, 80 * GiB, host)
-    assert 60 * GiB < fitting.totals(seq)[0] < 75 * GiB
+    assert 55 * GiB < fitting.totals(seq)[0] < 70 * GiB
     for layout in (dict(tp=8, fpdt=4), dict(tp=4, fpdt=4, pp=2), dict(tp=8, fpdt=2, pp=2), dict(fpdt=8, pp=4)):
         assert not Plan(model, gpus=32, **layout).fits(seq, 80 * GiB, host), layout
 
