@@ -120,7 +120,8 @@ class Plan:
         if self.pp == 1:
             return total
         per_layer = (total - self.root_params()) / self.model.layers
-        return per_layer * self.model.layers / self.pp + self.model.vocab * self.model.hidden / self.tp + self.model.hidden
+        m = self.model
+        return per_layer * m.layers / self.pp + m.vocab * m.hidden / self.tp + m.hidden
 
     def model_params(self):
         """The whole model's parameters on one TP rank."""

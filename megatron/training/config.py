@@ -246,7 +246,8 @@ class ParallelConfig:
         if rest < 0 or (middle_stages == 0 and rest != 0) or (middle_stages and rest % middle_stages):
             raise ValueError(
                 f"--num-layers {num_layers} does not split over {pp} pipeline stages"
-                + (f" with {' and '.join(f'{n} on the {w} stage' for n, w in zip((first, last), ('first', 'last')) if n is not None)}"
+                + (" with " + " and ".join(f"{n} on the {where} stage" for n, where in
+                                           zip((first, last), ("first", "last")) if n is not None)
                    if given else "")
                 + f": use a number of layers that {middle_stages or 1} stage(s) share evenly, or change "
                   f"--pipeline-model-parallel-size / --decoder-first-pipeline-num-layers / "

@@ -301,7 +301,8 @@ def build_optimizer(config, model, groups):
         _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
         optimizer = HostAdamW(chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks), lr=t.lr,
-                              weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, clip_grad=t.clip_grad, tp_group=groups.tp,
+                              weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                              clip_grad=t.clip_grad, tp_group=groups.tp,
                               shard_group=groups.dp_sp if distributed else None,
                               decoupled_lr=t.decoupled_lr_range if t.decoupled_lr is not None else None,
                               fsdp_group=groups.dp_sp if fsdp else None,

@@ -38,10 +38,10 @@ from megatron.training.data import (MicroBatches, build_datasets, largest_token_
 from megatron.training.flops import device_peak_tflops, flops_per_token
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model_chunks, padded_vocab_size
-from megatron.training.pipeline import PipelineSchedule
 from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
                                              observability_config)
 from megatron.training.optimizer import build_optimizer
+from megatron.training.pipeline import PipelineSchedule
 from megatron.training.sharding import ShardedModel
 from megatron.training.tokenizer import build_tokenizer
 
@@ -157,8 +157,8 @@ class Trainer:
                 overlap_grad_reduce=config.parallel.overlap_grad_reduce and self.runtime.cuda,
                 use_distributed_optimizer=config.parallel.use_distributed_optimizer and self.runtime.cuda)
             # as Megatron-LM: one bucket set for the first virtual stage's chunk, none for the others
-            self.models = [DistributedDataParallel(chunk.config, ddp_config, chunk, pg_collection=self.groups.pg_collection,
-                                                   disable_bucketing=i > 0)
+            self.models = [DistributedDataParallel(chunk.config, ddp_config, chunk,
+                                                   pg_collection=self.groups.pg_collection, disable_bucketing=i > 0)
                            for i, chunk in enumerate(chunks)]
         self.model = self.models[0]  # the whole model without a pipeline
         self.pipeline = None if config.parallel.pipeline_model_parallel_size == 1 else PipelineSchedule(self)
@@ -423,7 +423,8 @@ def describe_plan(config: RunConfig) -> str:
     ranks = par.data_parallel_size * sp
     if par.pipeline_model_parallel_size > 1:
         chunks = par.model_chunks
-        lines.append(f"  pipeline: {par.pipeline_model_parallel_size} stages of {par.stage_layers(model.num_layers)} layers; "
+        stages = par.stage_layers(model.num_layers)
+        lines.append(f"  pipeline: {par.pipeline_model_parallel_size} stages of {stages} layers; "
                      + (f"interleaved schedule, {chunks} virtual stages per rank" if chunks > 1 else
                         f"1F1B schedule, up to {min(par.pipeline_model_parallel_size, config.num_microbatches)} "
                         f"micro batches in flight on the first stage")

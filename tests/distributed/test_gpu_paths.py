@@ -127,7 +127,8 @@ def _run(cuda_path: bool, extra: tuple, steps: int = 4):
                      backend=MAPPED_BACKEND if cuda_path else None)
 
 
-@pytest.mark.parametrize("extra", [(), ("--bf16",), ("--bf16", "--use-distributed-optimizer")],
+@pytest.mark.parametrize("extra", [(), pytest.param(("--bf16",), marks=pytest.mark.slow),  # bf16: the next one too
+                                   ("--bf16", "--use-distributed-optimizer")],
                          ids=["fp32", "bf16", "bf16-distributed-optimizer"])
 def test_gpu_training_path_builds_megatron_optimizer_and_matches_the_cpu_path(extra):
     """The trainer's CUDA branch on FPDT 2: megatron-core's optimizer built with explicit
