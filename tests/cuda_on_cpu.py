@@ -21,45 +21,23 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from fpdt_ext import runtime
+from fpdt_ext.mcore import cpu_shims
 
 # The backend a GPU run uses (cpu:gloo,cuda:nccl), with gloo standing in for NCCL.
 MAPPED_BACKEND = "cpu:gloo,cuda:gloo"
 CPU = torch.device("cpu")
 
 
-def _is_cuda(device) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.split(":")[0] == "cuda"
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
-class CudaCallsOnCpu(TorchFunctionMode):
-    """CUDA device requests answered with the CPU; CPU tensors report CUDA types."""
-
-    def __init__(self):
-        super().__init__()
-        self.redirected = 0  # how many calls asked for a CUDA device
+class CudaCallsOnCpu(cpu_shims.CudaToCPU):
+    """CUDA device requests answered with the CPU (fpdt_ext's mode); CPU tensors report CUDA types."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = CPU
-            self.redirected += 1
-        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
-            self.redirected += 1
-            return args[0]
-        if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        if (getattr(func, "__name__", "") == "type" and len(args) == 1 and not kwargs
+                and isinstance(args[0], torch.Tensor)):
             return "torch.cuda." + torch.Tensor.type(args[0]).rsplit(".", 1)[-1]
-        if name == "to" and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], CPU, *args[2:])
-            self.redirected += 1
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 @contextlib.contextmanager

@@ -182,11 +182,6 @@ def build_eval_model(opts, ckpt: Checkpoint, longest: int):
         padded = model_for_checkpoint(ckpt.common, ckpt.path, config.model, ckpt.vocab, opts.tensor_model_parallel_size)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    if pipeline_size(opts) > 1:
-        try:
-            config.parallel.stage_layers(model.num_layers)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
     groups = initialize(config)
     built, = build_model_chunks(config, groups, ckpt.vocab, padded_vocab=padded)
     built.load_state_dict(dist_checkpointing.load({"model": built.sharded_state_dict()}, ckpt.path)["model"])

@@ -119,16 +119,35 @@ def install() -> None:
     _SHIMS_INSTALLED = True
 
 
-class _CudaToCPU(TorchFunctionMode):
-    """Tensor factories asked for a CUDA device make CPU tensors; ``tensor.cuda()`` is the tensor."""
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCPU(TorchFunctionMode):
+    """Tensor factories asked for a CUDA device (a string, ``torch.device`` or an index) make CPU
+    tensors, ``tensor.to(<cuda>)`` stays on the CPU and ``tensor.cuda()`` is the tensor;
+    ``redirected`` counts those calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.redirected = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = torch.device("cpu")
+            self.redirected += 1
+        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+            self.redirected += 1
             return args[0]
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs = dict(kwargs, device="cpu")
+        if name == "to" and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+            self.redirected += 1
         return func(*args, **kwargs)
 
 
@@ -138,5 +157,5 @@ def cuda_tensors_on_cpu():
     ``tensor.cuda()`` changes nothing (for megatron-core's pipeline code on a machine without CUDA)."""
     if runtime.current().on_gpu:
         raise RuntimeError("cuda_tensors_on_cpu is for processes that compute on the CPU")
-    with _CudaToCPU():
+    with CudaToCPU():
         yield

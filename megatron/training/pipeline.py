@@ -27,8 +27,6 @@ import torch
 import torch.distributed as dist
 
 from fpdt_ext.mcore import cpu_shims
-from fpdt_ext.memory.saved import SavedTensorsToHost
-from megatron.training.data import to_model_layout
 
 
 class PipelineSchedule:
@@ -57,26 +55,16 @@ class PipelineSchedule:
         return int(total.item())
 
     def _forward_step(self, data_iterator, model):
-        t = self.trainer
-        b = to_model_layout(next(data_iterator), groups=t.groups, num_chunks=t.num_chunks, device=t.device)
-        offload = (SavedTensorsToHost(t.memory) if t.config.training.offload_recompute_inputs
-                   else contextlib.nullcontext())
-        with offload:
-            output = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        return output, functools.partial(self._loss, b["loss_mask"])
+        output, loss_mask = self.trainer.forward(next(data_iterator), model)
+        return output, functools.partial(self._loss, loss_mask)
 
     def _loss(self, loss_mask, losses):
         """On the last stage: this rank's masked loss sum over the whole sequence's masked tokens
         (the schedule multiplies it by the FPDT size and divides by the micro batches), and the
         sums to report."""
-        groups = self.trainer.groups
-        sp_size = groups.layout.fpdt_parallel_size
-        mask = loss_mask.float()
-        tokens = mask.sum()
-        if sp_size > 1:
-            dist.all_reduce(tokens, group=groups.sp)
-        local_sum = (losses.float() * mask).sum()
-        report = torch.stack([local_sum.detach().double(), tokens.detach().double() / sp_size])
+        local_sum, tokens = self.trainer.masked_sums(losses, loss_mask)
+        report = torch.stack([local_sum.detach().double(),
+                              tokens.detach().double() / self.trainer.groups.layout.fpdt_parallel_size])
         return local_sum / tokens.clamp(min=1), {"sums": report}
 
     def run(self, batches: list, *, forward_only: bool) -> torch.Tensor:

@@ -186,18 +186,27 @@ class Trainer:
             self.num_parameters = self.pipeline.total_parameters(self.num_parameters)
 
     # -- one micro batch ----------------------------------------------------------
-    def _loss_terms(self, batch):
-        """(masked loss sum on this rank, masked token count of the whole sequence)."""
+    def forward(self, batch, model):
+        """``model`` (the whole model, or a pipeline stage's chunk) on this rank's piece of a
+        micro batch: (its output, the piece's loss mask). The output is the per-token loss
+        [b, s/P] on the last stage, the hidden states on the others."""
         b = to_model_layout(batch, groups=self.groups, num_chunks=self.num_chunks, device=self.device)
         offload = (SavedTensorsToHost(self.memory) if self.config.training.offload_recompute_inputs
                    else contextlib.nullcontext())
         with offload:
-            losses = self.model(b["tokens"], b["position_ids"], None, labels=b["labels"])  # [b, s/P]
-        mask = b["loss_mask"].float()
+            output = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        return output, b["loss_mask"]
+
+    def masked_sums(self, losses, loss_mask):
+        """(masked loss sum on this rank, masked token count of the whole sequence)."""
+        mask = loss_mask.float()
         tokens = mask.sum()
         if self.groups.layout.fpdt_parallel_size > 1:
             dist.all_reduce(tokens, group=self.groups.sp)
         return (losses.float() * mask).sum(), tokens
+
+    def _loss_terms(self, batch):
+        return self.masked_sums(*self.forward(batch, self.model))
 
     def train_step(self):
         """One iteration: (loss, gradient norm, its global batch)."""
