@@ -1,16 +1,21 @@
 """Per-rank model state under each sharding: unsharded (megatron-core DDP, Adam state on every
 rank), ZeRO-1 (--use-distributed-optimizer) and FSDP2 (--use-torch-fsdp2), FPDT over N ranks;
 and, for comparison, the same N ranks as N pipeline stages (--pipeline-model-parallel-size N,
-FPDT 1: each rank holds its stage's layers and one vocabulary matrix).
+FPDT 1: each rank holds its stage's layers and one vocabulary matrix), and as 2 stages of N/2
+FPDT ranks with FSDP2 (``pipeline-fsdp2``, N >= 4: each stage's share sharded N/2 ways).
 
     python bench/sharding_memory.py                        # llama-tiny, FPDT 2 and 4, 2048 tokens
     python bench/sharding_memory.py --model llama-wide --nproc 2 --bf16
+    python bench/sharding_memory.py --nproc 2 --microbatches 4   # gradient accumulation
 
 After one training step, each rank counts the bytes of the tensors it holds for parameters,
 gradients and optimizer state (Adam's moments and float32 master weights), and its resident
-memory (VmRSS) above what it held before the model was built. The expected factors (the
+memory (VmRSS) above what it held before the model was built, and the step's peak (VmHWM above
+the same point: the gathered layers, unreduced gradients and activations at their largest; with
+``--microbatches M`` the step accumulates M micro batches' gradients). The expected factors (the
 planner's accounting, tools/memory_planner.py): unsharded 1; ZeRO-1 divides the optimizer state
-by N; FSDP2 divides all three by N; N stages hold the planner's params_per_rank at PP N over PP 1.
+by N; FSDP2 divides all three by N; N stages hold the planner's params_per_rank at PP N over PP 1,
+and 2 sharded stages that of PP 2 over N/2.
 Ratios are against the unsharded run in the same invocation.
 """
 
@@ -25,12 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import MODEL, setup_config  # noqa: E402
 
-SETUPS = ("unsharded", "zero1", "fsdp2", "pipeline")
+SETUPS = ("unsharded", "zero1", "fsdp2", "pipeline", "pipeline-fsdp2")
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def _bytes(tensors) -> int:
@@ -58,19 +63,25 @@ def census_worker(rank, world_size, config):
     state = [v for s in opt.optimizer.state.values() for k, v in s.items() if k != "step"]
     masters = [m for m, p in opt._pairs if m is not p]
     return {"params": _bytes(params), "grads": _bytes(grads), "optimizer": _bytes(state) + _bytes(masters),
-            "rss": _rss_bytes() - before}
+            "rss": _rss_bytes() - before, "peak": _rss_bytes("VmHWM") - before}
 
 
-def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool) -> dict:
+def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool, microbatches: int = 1) -> dict:
     from fpdt_ext.testing.spawn import run_world
 
     config = setup_config("fpdt", model, seq, nproc, chunk=seq // 2, bf16=bf16, offload=False)
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                      global_batch_size=microbatches))
     parallel = dataclasses.replace(config.parallel, use_distributed_optimizer=setup == "zero1",
                                    use_torch_fsdp2=setup == "fsdp2")
     fpdt = config.fpdt
     if setup == "pipeline":  # the same ranks as stages, one FPDT rank each
         parallel = dataclasses.replace(parallel, fpdt_parallel_size=1, pipeline_model_parallel_size=nproc)
         fpdt = dataclasses.replace(fpdt, fpdt_parallel_size=1)
+    if setup == "pipeline-fsdp2":  # 2 stages, each sharded over its N/2 FPDT ranks
+        parallel = dataclasses.replace(parallel, fpdt_parallel_size=nproc // 2, pipeline_model_parallel_size=2,
+                                       use_torch_fsdp2=True)
+        fpdt = dataclasses.replace(fpdt, fpdt_parallel_size=nproc // 2)
     results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel, fpdt=fpdt))
     return {k: max(r[k] for r in results) for k in results[0]}  # the largest rank
 
@@ -91,22 +102,26 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--microbatches", type=int, default=1, help="micro batches per step (gradient accumulation)")
     args = p.parse_args(argv)
     mib = 2**20
     print(f"{args.model}, {args.seq} tokens, FPDT over N ranks, {'bf16' if args.bf16 else 'fp32'}; per rank "
-          f"(the largest), MiB, and the ratio to the unsharded run")
-    print("| N | setup | parameters | gradients | optimizer state | sum | ratio (expected) | RSS growth |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"(the largest), MiB, and the ratio to the unsharded run; {args.microbatches} micro batch(es) per step")
+    print("| N | setup | parameters | gradients | optimizer state | sum | ratio (expected) | RSS growth | step peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.nproc:
-        rows = {s: measure(s, args.model, args.seq, n, args.bf16) for s in SETUPS}
+        rows = {s: measure(s, args.model, args.seq, n, args.bf16, args.microbatches) for s in SETUPS
+                if s != "pipeline-fsdp2" or n >= 4}
         base = rows["unsharded"]
         total = base["params"] + base["grads"] + base["optimizer"]
         for setup, r in rows.items():
             own = r["params"] + r["grads"] + r["optimizer"]
             expected = {"unsharded": 1.0, "zero1": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
-                        "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n)}[setup]
+                        "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n),
+                        "pipeline-fsdp2": _stage_share(args.model, 2) / (n // 2)}[setup]
             print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
-                  f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} |", flush=True)
+                  f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} | {r['peak'] / mib:.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,14 @@ MODEL = {
     # a second shape, for checking tools/memory_planner.py away from the one it was calibrated on
     "llama-wide": dict(num_layers=2, hidden_size=384, ffn_hidden_size=1024, num_attention_heads=6,
                        num_query_groups=2, untie_embeddings_and_output_weights=True),
+    # the layers outweigh the embeddings (61% of the parameters; llama-tiny: 15%), as in large models
+    "llama-deep": dict(num_layers=8, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
+                       num_query_groups=4),
     # Llama-3.2-1B (the GPU check): tied embeddings, 1.24B parameters, as the planner's preset
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                         num_query_groups=8, kv_channels=64, rotary_base=500000.0),
 }
-VOCAB = {"llama-tiny": 32000, "llama-wide": 32000, "llama3.2-1b": 128256}
+VOCAB = {"llama-tiny": 32000, "llama-wide": 32000, "llama-deep": 32000, "llama3.2-1b": 128256}
 
 
 def model_config(model: str, seq: int):

@@ -119,9 +119,7 @@ class Plan:
         total = self.model_params()
         if self.pp == 1:
             return total
-        per_layer = (total - self.root_params()) / self.model.layers
-        m = self.model
-        return per_layer * m.layers / self.pp + m.vocab * m.hidden / self.tp + m.hidden
+        return self.layer_params() * self.model.layers / self.pp + self.stage_root_params()
 
     def model_params(self):
         """The whole model's parameters on one TP rank."""
@@ -132,15 +130,22 @@ class Plan:
         norms = (2 * m.layers + 1) * m.hidden
         return (total - norms) / self.tp + norms
 
-    def layer_and_root_params(self):
-        """Parameters of one transformer layer and of the rest (embeddings, output layer, final norm)."""
-        m = self.model
-        per_layer = (self.model_params() - self.root_params()) / m.layers
-        return per_layer, self.root_params()
+    def layer_params(self):
+        """Parameters of one transformer layer."""
+        return (self.model_params() - self.root_params()) / self.model.layers
 
     def root_params(self):
         m = self.model
         return m.vocab * m.hidden * (1 if m.tied else 2) / self.tp + m.hidden
+
+    def stage_root_params(self):
+        """What is not a transformer layer on the largest stage: all of it without a pipeline; with
+        one, a vocabulary matrix and a norm (the first stage's embedding, the last's output layer
+        or tied copy, and its final norm)."""
+        if self.pp == 1:
+            return self.root_params()
+        m = self.model
+        return m.vocab * m.hidden / self.tp + m.hidden
 
     def static_terms(self):
         """(name, device bytes, host bytes, disk bytes) of what does not depend on the sequence length."""
@@ -169,7 +174,7 @@ class Plan:
         embeddings are 85% of it: the sharded state saves what the gathered root costs, 351 MiB
         against 360 unsharded at 8K tokens; docs/BENCHMARKS.md.)"""
         shard = self.dp * self.fpdt
-        layer, root = self.layer_and_root_params()
+        layer, root = self.layer_params(), self.stage_root_params()  # with stages, each its own root
         a = self.act_bytes
         return [("fp32 parameter shards (master weights)", 4 * n / shard, 0, 0),
                 ("fp32 gradient shards", 4 * n / shard, 0, 0),
@@ -387,8 +392,6 @@ def main(argv=None) -> int:
         p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt x --pp = {a.tp * a.fpdt * a.pp}")
     if model.layers % (a.pp * a.vp):
         p.error(f"the model's {model.layers} layers do not split over --pp {a.pp} x --vp {a.vp} stages evenly")
-    if a.use_torch_fsdp2 and a.pp > 1:
-        p.error("--use-torch-fsdp2 with --pp > 1 is not offered by the training code yet")
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,

@@ -207,11 +207,12 @@ def _load_model_state(trainer, state: dict) -> None:
     """Loaded tensors (:func:`model_sharded_state`'s layout) into the model chunks."""
     chunks = [m.module for m in trainer.models]
     if len(chunks) == 1:
-        chunks[0].load_state_dict(_model_state(trainer, state))
+        chunks[0].load_state_dict(_model_state(trainer, chunks[0], state))
         return
     for i, chunk in enumerate(chunks):
         prefix = f"chunk{i}."
-        chunk.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        chunk.load_state_dict(_model_state(trainer, chunk, {k[len(prefix):]: v for k, v in state.items()
+                                                            if k.startswith(prefix)}))
 
 
 def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
@@ -637,14 +638,14 @@ def load_checkpoint(trainer, start: Start) -> int:
     return iteration
 
 
-def _model_state(trainer, state: dict) -> dict:
-    """``state`` (a loaded model state), with --use-torch-fsdp2 this rank's shards of the sharded
-    parameters made DTensors laid out as the model's; unchanged otherwise."""
+def _model_state(trainer, chunk, state: dict) -> dict:
+    """``state`` (a model chunk's loaded state), with --use-torch-fsdp2 this rank's shards of the
+    sharded parameters made DTensors laid out as the chunk's; unchanged otherwise."""
     if not trainer.config.parallel.use_torch_fsdp2:
         return state
     from megatron.training.sharding import is_sharded, like
 
-    current = trainer.model.module.state_dict()
+    current = chunk.state_dict()
     return {k: like(current[k], v) if is_sharded(current.get(k)) and not is_sharded(v) else v
             for k, v in state.items()}
 

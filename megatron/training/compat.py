@@ -162,8 +162,8 @@ _REFUSED = (
     Flag(("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), REFUSED, "FP8 needs "
          "TransformerEngine's FP8 layers, not used here: use --bf16", value=True),
     Flag(("--fp8-param-gather",), REFUSED, "FP8 needs TransformerEngine's FP8 layers, not used here: use --bf16"),
-    Flag(("--use-megatron-fsdp",), REFUSED, "Megatron-FSDP is not offered yet (it needs CUDA throughout): use "
-         "--use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients and optimizer "
+    Flag(("--use-megatron-fsdp",), REFUSED, "Megatron-FSDP is not offered yet (its checkpoints are another "
+         "format): use --use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients and optimizer "
          "state sharded)"),
     Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not offered yet: use "
          "--use-distributed-optimizer (optim) or --use-torch-fsdp2 (optim_grads_params)", value=True),

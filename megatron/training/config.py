@@ -207,9 +207,6 @@ class ParallelConfig:
         if self.virtual_pipeline_model_parallel_size is not None and self.virtual_pipeline_model_parallel_size < 1:
             raise ValueError(f"virtual pipeline stages per rank must be positive, got "
                              f"{self.virtual_pipeline_model_parallel_size}")
-        if pp > 1 and self.use_torch_fsdp2:
-            raise ValueError("--use-torch-fsdp2 with --pipeline-model-parallel-size > 1 is not supported yet: "
-                             "use --use-distributed-optimizer with the pipeline, or FSDP2 without it")
         if self.use_torch_fsdp2:
             if self.use_distributed_optimizer:
                 raise ValueError("--use-torch-fsdp2 shards the optimizer state already: drop "

@@ -9,7 +9,11 @@ are all-gathered before its forward and again before its backward, and its gradi
 reduce-scattered (averaged, as DDP averages) when its backward ends.
 
 :class:`ShardedModel` gives the training loop the calls it makes of megatron-core's DDP wrapper
-(``module``, ``zero_grad_buffer``, ``no_sync``), so the loop is the same for both.
+(``module``, ``config``, ``zero_grad_buffer``, ``no_sync``), so the loop and megatron-core's
+pipeline schedules are the same for both. With pipeline stages each model chunk is an FSDP2 root
+of its own over its stage's data x FPDT ranks, and the tied embedding's gradient is summed
+between the first and last stage shard by shard (:func:`sum_tied_embedding_grads`). Each micro
+batch's gradients are reduce-scattered in its backward (``no_sync`` holds nothing back).
 
 Checkpoints are the ones an unsharded run writes: megatron-core's ``sharded_state_dict`` gives
 each rank's shards their place in the whole tensors (:func:`checkpoint_layout` fixes the one
@@ -21,10 +25,10 @@ again over the data x FPDT ranks of that TP rank, as megatron-core's checkpoint 
 "TP + FSDP2" expect; the gradients megatron-core's finalisation sums over TP (the q/k norms,
 which see only a rank's heads, and Megatron-SP's norms) are summed over TP by
 :meth:`ShardedModel.finish_tp_grads` after the backward. Not yet: megatron-core's own
-Megatron-FSDP (it needs CUDA throughout; refused), parameters whose first dimension the shard
-count does not divide (refused at start), SwiGLU with TP over an odd number of data x FPDT ranks
-(a shard would straddle the gate and up halves; RunConfig refuses it). Tested on the CPU (gloo); the GPU path
-(NCCL, a "cuda" device mesh) is untested on GPU.
+Megatron-FSDP (refused: its checkpoints are megatron-core's ``fsdp_dtensor`` format), parameters
+whose first dimension the shard count does not divide (refused at start), SwiGLU with TP over an
+odd number of data x FPDT ranks (a shard would straddle the gate and up halves; RunConfig
+refuses it). Tested on the CPU (gloo); the GPU path (NCCL, a "cuda" device mesh) is untested on GPU.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class ShardedModel(torch.nn.Module):
                 if not hasattr(p, key):
                     setattr(p, key, value)
         self.module = model
+        self.config = model.config  # what megatron-core's schedules read (as from its DDP wrapper)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -105,12 +110,31 @@ class ShardedModel(torch.nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Gradients accumulate unreduced (micro batches before the last)."""
-        self.module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.module.set_requires_gradient_sync(True)
+        """Nothing: each micro batch's gradients are reduce-scattered in its backward and summed
+        into the float32 shards, as megatron-core's FSDP2 wrapper does. Holding them back
+        (FSDP2's ``set_requires_gradient_sync(False)``) would keep every layer's unsharded
+        gradient, in float32, until the last micro batch: a whole copy of the model's gradients,
+        the memory sharding exists to save."""
+        yield
+
+
+def sum_tied_embedding_grads(models, pp_group, embd_group) -> None:
+    """Under a pipeline with tied embeddings: the first stage's embedding gradient and the last
+    stage's output-layer copy summed, as megatron-core's ``finalize_model_grads`` sums them. Both
+    stages shard the [vocab, hidden] weight alike over data x FPDT ranks of the same size, so the
+    embedding group's ranks hold the same rows and their local shards are summed as they are
+    (megatron-core gathers the whole gradient of a DTensor first)."""
+    if pp_group is None or embd_group is None or torch.distributed.get_world_size(pp_group) == 1:
+        return
+    if torch.distributed.get_world_size(embd_group) == 1 or (
+            torch.distributed.get_rank() not in torch.distributed.get_process_group_ranks(embd_group)):
+        return
+    module = (models[0] if torch.distributed.get_rank(pp_group) == 0 else models[-1]).module
+    if not module.share_embeddings_and_output_weights:
+        return
+    weight = module.shared_embedding_or_output_weight()
+    if weight is not None and weight.grad is not None:
+        torch.distributed.all_reduce(local(weight.grad), group=embd_group)
 
 
 def swiglu_fragment(rank: int, size: int, tp_rank: int = 0, tp_size: int = 1):

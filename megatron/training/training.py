@@ -42,7 +42,7 @@ from megatron.training.observability import (ObservabilityConfig, RunObserver, S
                                              observability_config)
 from megatron.training.optimizer import build_optimizer
 from megatron.training.pipeline import PipelineSchedule
-from megatron.training.sharding import ShardedModel
+from megatron.training.sharding import ShardedModel, sum_tied_embedding_grads
 from megatron.training.tokenizer import build_tokenizer
 
 
@@ -145,10 +145,11 @@ class Trainer:
         # on the CPU the reduction stays in finalize_model_grads)
         if config.parallel.use_torch_fsdp2:  # parameters, gradients and optimizer state sharded (sharding.py)
             try:
-                self.models = [ShardedModel(chunks[0], self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
+                # each pipeline chunk is its own FSDP2 root
+                self.models = [ShardedModel(chunk, self.groups.dp_sp, "cuda" if self.runtime.cuda else "cpu",
                                             compute_dtype=getattr(torch, config.params_dtype),
                                             reshard_after_forward=config.parallel.fsdp_reshard_after_forward,
-                                            tp_group=self.groups.tp)]
+                                            tp_group=self.groups.tp) for chunk in chunks]
             except ValueError as e:  # sizes FSDP2 cannot shard evenly: a usage error
                 raise ArgumentError(str(e)) from None
         else:
@@ -242,8 +243,10 @@ class Trainer:
         self.timers.start("all-grads-sync")
         if not config.parallel.use_torch_fsdp2:  # FSDP2 reduce-scatters each layer's gradients in backward
             finalize_model_grads(self.models, pg_collection=self.groups.pg_collection)
-        else:
-            self.model.finish_tp_grads()
+        else:  # the rest of megatron-core's finalisation, on the shards
+            for m in self.models:
+                m.finish_tp_grads()
+            sum_tied_embedding_grads(self.models, self.groups.pp, self.groups.pg_collection.embd)
         self.timers.stop("all-grads-sync")
         totals = self._reported(torch.stack([loss_sum, token_sum]))
         loss = (totals[0] / totals[1].clamp(min=1)).item()

@@ -6,7 +6,8 @@ index in the whole model, whatever stage holds it), because Megatron seeds each 
 Per iteration the loss and gradient norm, and every parameter's reduced gradient, equal the
 single-stage run's; after the iterations every parameter does (Adam's updates, clipping over
 the stages included). The tied embedding's copy on the last stage gets the same gradient as the
-first stage's, and the two stay equal.
+first stage's, and the two stay equal. With --use-torch-fsdp2 each stage is sharded over its data
+x FPDT ranks, and the single-stage run it is compared with is unsharded.
 """
 
 from __future__ import annotations
@@ -45,14 +46,25 @@ def global_names(module):
 
 
 def init_from_names(trainer):
-    """Every parameter set from its global name, so every layout starts from the same model."""
+    """Every parameter set from its global name, so every layout starts from the same model
+    (FSDP2's sharded parameters: this rank's rows of it)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     with torch.no_grad():
         for m in trainer.models:
             for name, p in global_names(m.module):
                 g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
                 value = torch.randn(p.shape, generator=g, dtype=torch.float64)
-                p.copy_(1 + 0.1 * value if p.ndim == 1 else 0.05 * value)
+                value = (1 + 0.1 * value if p.ndim == 1 else 0.05 * value).to(p.dtype)
+                if isinstance(p, DTensor):
+                    value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(value)
     trainer.optimizer.reload_model_params()
+
+
+def _full(tensor):
+    """A whole tensor (FSDP2's DTensors gathered from their shards), as float64."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().double().clone()
 
 
 def worker(rank, world_size, flags):
@@ -69,7 +81,7 @@ def worker(rank, world_size, flags):
         seen = {}
         for m in trainer.models:
             for name, p in global_names(m.module):
-                seen.setdefault(name + tp, []).append(p.main_grad.detach().double().clone())
+                seen.setdefault(name + tp, []).append(_full(getattr(p, "main_grad", p.grad)))
         grads.append(seen)
         return step()
 
@@ -80,7 +92,7 @@ def worker(rank, world_size, flags):
     params = {}
     for m in trainer.models:
         for name, p in global_names(m.module):
-            params.setdefault(name + tp, []).append(p.detach().double().clone())
+            params.setdefault(name + tp, []).append(_full(p))
     return {"steps": steps, "grads": grads, "params": params}
 
 
@@ -129,10 +141,16 @@ def assert_matches(ref, got, tol=2e-6):
     ("pp2_uneven_fpdt_chunks", 2, 1, ("--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers",
                                       "1", "--untie-embeddings-and-output-weights", *FPDT1),
      ("--untie-embeddings-and-output-weights", *FPDT1)),
+    pytest.param("pp2_fsdp2", 2, 1, ("--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"), (),
+                 marks=pytest.mark.slow),
     pytest.param("pp2_fpdt2", 4, 2, ("--pipeline-model-parallel-size", "2", *FPDT2), tuple(FPDT2),
                  marks=pytest.mark.slow),
     pytest.param("pp2_tp2", 4, 2, ("--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"),
                  ("--tensor-model-parallel-size", "2"), marks=pytest.mark.slow),
+    ("pp2_fpdt2_fsdp2", 4, 2, ("--pipeline-model-parallel-size", "2", "--use-torch-fsdp2", *FPDT2), tuple(FPDT2)),
+    pytest.param("pp2_dp2_interleaved_fsdp2", 4, 2, ("--pipeline-model-parallel-size", "2", "--use-torch-fsdp2",
+                                                     "--num-virtual-stages-per-pipeline-rank", "2"), (),
+                 marks=pytest.mark.slow),
     pytest.param("pp2_dp2_interleaved", 4, 2, ("--pipeline-model-parallel-size", "2",
                                                "--num-virtual-stages-per-pipeline-rank", "2"), (),
                  marks=pytest.mark.slow),

@@ -168,3 +168,28 @@ def test_sizes_fsdp_cannot_shard_evenly_are_refused_in_one_line(tmp_path):
     assert "needs every parameter's first dimension divisible by 2; not so: decoder.layers.0.mlp.linear_fc1.weight " \
            "(129, 64)" in out, out[-3000:]
     assert_no_worker_traceback(out)
+
+
+def accumulation_worker(rank, world_size, flags):
+    """After one micro batch's backward under the loop's ``no_sync`` (a micro batch before the
+    last): which parameters hold their reduced shard of the gradient, and which hold an unsharded one."""
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.sharding import is_sharded
+    from megatron.training.training import Trainer
+
+    trainer = Trainer(validate_args(parse_args(flags), world_size=world_size))
+    batch = next(iter(trainer.train_data.global_batch(trainer.config.training.global_batch_size)))
+    with trainer.model.no_sync():
+        local_sum, tokens = trainer._loss_terms(batch)
+        (local_sum / tokens).backward()
+    params = list(trainer.model.module.parameters())
+    return {"reduced": sum(p.grad is not None and is_sharded(p.grad) and p.grad.dtype == torch.float32
+                           for p in params), "all": len(params)}
+
+
+def test_each_micro_batch_s_gradients_are_reduce_scattered_in_its_backward():
+    """As megatron-core's FSDP2 wrapper: no unsharded gradient waits for the last micro batch
+    (FSDP2's set_requires_gradient_sync(False) would keep every layer's, in float32, a whole copy of
+    the model's gradients); every parameter holds its reduced float32 shard after each backward."""
+    for r in run_world(2, accumulation_worker, [*FLAGS, *FPDT, "--use-torch-fsdp2", "--bf16"]):
+        assert r["reduced"] == r["all"] > 0

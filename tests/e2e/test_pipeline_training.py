@@ -68,6 +68,22 @@ def test_a_pipelined_checkpoint_loads_at_pp2_x_fpdt2_and_interleaved(tmp_path):
           straight)
 
 
+@pytest.mark.slow
+def test_a_sharded_pipelined_run_resumes_exactly_and_its_checkpoint_loads_unsharded_at_pp1(tmp_path):
+    """PP 2 x FPDT 2 with FSDP2 (each stage's parameters sharded over its FPDT ranks, the tied
+    embedding's copies summed as shards): a run stopped at iteration 3 resumes bit for bit, and its
+    checkpoint continues at PP 1 unsharded with the same losses."""
+    start = str(tmp_path / "start")
+    rows(tmp_path, "start", 1, "--save", start, "--exit-interval", "1")
+    sharded = [*PP2, *FPDT2, "--use-torch-fsdp2", "--train-iters", "5"]
+    straight = rows(tmp_path, "straight", 4, *sharded, "--load", start)
+    saved = str(tmp_path / "saved")
+    assert rows(tmp_path, "first", 4, *sharded, "--load", start, "--save", saved, "--exit-interval", "3") \
+        == straight[:2]
+    assert rows(tmp_path, "resumed", 4, *sharded, "--load", saved) == straight[2:]
+    close(rows(tmp_path, "pp1", 1, "--train-iters", "5", "--load", saved), straight[2:])
+
+
 def test_a_bad_pipeline_layout_is_refused_in_one_line_before_anything_is_built(tmp_path):
     """(The other refusals: tests/unit/test_pipeline_config.py.)"""
     _, out = run_pretrain(tmp_path, "bad", 3, [*FLAGS, "--pipeline-model-parallel-size", "3"], expect_rc=1)

@@ -121,16 +121,26 @@ def test_pipeline_stages_split_the_model_state_and_the_first_stage_holds_the_mic
     assert Plan(model, gpus=4, pp=4, vp=2, microbatches=8).held_layer_inputs("first") == (3 * 2 + 4 + 1) * 4
     phases = two.phase_terms(2097152)
     assert set(phases) == {"loss backward, last stage", "layer backward, first stage"}
+    # FSDP2 with stages: each stage's state sharded over its data x FPDT ranks, its root one matrix
+    sharded = dict((t[0], t[1]) for t in Plan(model, gpus=8, fpdt=4, pp=2, fsdp=True).static_terms())
+    assert sharded["fp32 parameter shards (master weights)"] == pytest.approx(4 * two.params_per_rank() / 4)
+    assert sharded["FSDP root unit gathered (embeddings, output)"] == pytest.approx(2 * (128256 * 4096 + 4096))
 
 
 def test_the_papers_70b_run_at_4m_fits_32_gpus_of_80_gb_with_fpdt_32_and_fsdp2_not_with_stages():
-    """examples/llama3_70b_fpdt_4m_32gpu.sbatch's layout, and why the pipelined ones do not fit."""
+    """examples/llama3_70b_fpdt_4m_32gpu.sbatch's layout, and why the pipelined ones do not fit:
+    without FSDP2 the device binds; with it, PP 2 x FPDT 16 fits the device but twice the tokens per
+    rank need twice the host memory for the checkpointed inputs (338 GiB per GPU; 2 TB nodes give 250)."""
     model, seq, host = Model(*PRESETS["llama3-70b"]), 4194304, 2000 * GiB / 8
     fitting = Plan(model, gpus=32, fpdt=32, chunk_size=262144, fsdp=True)
     assert fitting.fits(seq, 80 * GiB, host)
     assert 55 * GiB < fitting.totals(seq)[0] < 70 * GiB
     for layout in (dict(tp=8, fpdt=4), dict(tp=4, fpdt=4, pp=2), dict(tp=8, fpdt=2, pp=2), dict(fpdt=8, pp=4)):
         assert not Plan(model, gpus=32, **layout).fits(seq, 80 * GiB, host), layout
+    staged = Plan(model, gpus=32, fpdt=16, pp=2, chunk_size=262144, fsdp=True)
+    device, host_bytes = staged.totals(seq)[:2]
+    assert device < 80 * GiB and host_bytes > host and not staged.fits(seq, 80 * GiB, host)
+    assert not Plan(model, gpus=32, fpdt=8, pp=4, chunk_size=262144, fsdp=True).fits(seq, 80 * GiB, host)
 
 
 def test_cli_explains_the_dominant_term():

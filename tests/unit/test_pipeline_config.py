@@ -53,8 +53,6 @@ def test_the_data_parallel_size_leaves_out_the_stages():
       "1", "1", "8"], 2, "needs at least --pipeline-model-parallel-size (2) micro batches per iteration, and this "
                          "run has 1"),
     (["--num-virtual-stages-per-pipeline-rank", "2"], 1, "need --pipeline-model-parallel-size > 1"),
-    (["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"], 4,
-     "--use-torch-fsdp2 with --pipeline-model-parallel-size > 1 is not supported yet"),
     (["--pipeline-model-parallel-size", "3"], 4, "world size 4 is not divisible by"),
     (["--use-torch-fsdp2", "--tensor-model-parallel-size", "2", "--swiglu"], 6,
      "--use-torch-fsdp2 with --swiglu and tensor parallelism needs an even number of data x FPDT ranks to shard "
