@@ -67,7 +67,7 @@ check() { phase "$1" "$2" "$PYTHON" bench/gpu_check.py "$1" --jsonl "$RESULTS" $
 
 check env 60
 check ceilings 60
-phase tests 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 -o addopts= \
+phase tests 180 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 -o addopts= \
     tests/unit/test_kernels.py tests/unit/test_offload.py tests/unit/test_disk.py tests/unit/test_gpu_attention.py tests/e2e/test_gpu_training.py
 check kernels 90
 check attention 90

@@ -1,6 +1,6 @@
 """Training on one CUDA device, end to end: the CUDA path of pretrain_llama.py (NCCL world of one with
 the device-mapped backend, megatron-core's DDP and optimizer, bf16, FPDT chunks offloaded to pinned
-host memory, checkpointed inputs offloaded) and exact resume from its checkpoint.
+host memory, checkpointed inputs offloaded), FSDP2 over one rank, and exact resume from a checkpoint.
 
 Skipped without a GPU; run by bench/gpu_check.sh on a lent machine.
 """
@@ -27,12 +27,18 @@ FPDT = ["--fpdt", "--fpdt-parallel-size", "1", "--fpdt-chunk-size", "1024", "--f
 
 def _run(tmp_path, name, extra):
     # torchrun even for one process: the launcher's environment, as users start it
-    return run_pretrain(tmp_path, name, 1, FLAGS + extra, torchrun=True, timeout=300)[0]
+    flags = FLAGS if "--use-torch-fsdp2" not in extra else [f for f in FLAGS if f != "--use-distributed-optimizer"]
+    return run_pretrain(tmp_path, name, 1, flags + extra, torchrun=True, timeout=300)[0]
 
 
-@pytest.mark.parametrize("setup", ["fpdt", "baseline"])
+SETUPS = {"fpdt": FPDT, "baseline": [],
+          # FSDP2 over one rank: its CUDA device mesh, bf16 gathers of float32 shards, HostAdamW on CUDA shards
+          "fpdt-fsdp2": FPDT + ["--use-torch-fsdp2"]}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
 def test_cuda_training_learns(tmp_path, setup):
-    rows = _run(tmp_path, setup, ["--train-iters", "6"] + (FPDT if setup == "fpdt" else []))
+    rows = _run(tmp_path, setup, ["--train-iters", "6"] + SETUPS[setup])
     assert [r["iteration"] for r in rows] == list(range(1, 7))
     assert all(math.isfinite(r["lm_loss"]) and r["peak_mem_gib"] > 0 for r in rows)
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"]
