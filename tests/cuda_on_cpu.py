@@ -8,7 +8,11 @@ devices, through a torch function mode:
   gets the CPU;
 * ``tensor.cuda()`` returns the tensor;
 * ``tensor.type()`` names the CUDA type (``torch.cuda.BFloat16Tensor``), which is what
-  megatron-core's optimizers check before they accept a parameter.
+  megatron-core's optimizers check before they accept a parameter;
+* code inside a backward pass (autograd hooks, custom backward functions) is covered too.
+  ``tensor.backward()`` and ``torch.autograd.backward`` are torch functions themselves, which a
+  mode's handler runs with the mode popped, so the mode runs the autograd engine itself with
+  the mode in place.
 
 Nothing else changes: collectives run on the process group as created (tests use the
 device-mapped backend a GPU run uses, with gloo for both device types), kernels are the
@@ -30,13 +34,34 @@ MAPPED_BACKEND = "cpu:gloo,cuda:gloo"
 CPU = torch.device("cpu")
 
 
+def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """What ``torch.autograd.backward`` does after its torch-function dispatch (torch 2.x)."""
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    if grad_tensors is None or isinstance(grad_tensors, torch.Tensor):
+        grad_tensors = (grad_tensors,) * len(tensors) if grad_tensors is None else (grad_tensors,)
+    grads = torch.autograd._make_grads(tensors, tuple(grad_tensors), is_grads_batched=False)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+                         inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class CudaCallsOnCpu(cpu_shims.CudaToCPU):
-    """CUDA device requests answered with the CPU (fpdt_ext's mode); CPU tensors report CUDA types."""
+    """CUDA device requests answered with the CPU (fpdt_ext's mode), inside backward passes too;
+    CPU tensors report CUDA types."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if (getattr(func, "__name__", "") == "type" and len(args) == 1 and not kwargs
                 and isinstance(args[0], torch.Tensor)):
             return "torch.cuda." + torch.Tensor.type(args[0]).rsplit(".", 1)[-1]
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            kwargs = dict(kwargs or {})
+            kwargs.pop("grad_variables", None)
+            if "gradient" in kwargs:  # Tensor.backward's name for it
+                kwargs["grad_tensors"] = kwargs.pop("gradient")
+            with self:
+                return _backward(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
 

@@ -212,3 +212,19 @@ def test_a_checkpoint_from_the_cpu_path_is_refused_by_the_gpu_path_with_what_to_
     # --no-load-optim loads the rest: the run continues after iteration 1 with a fresh optimizer
     moved = run_world(2, _train_worker, TINY_LLAMA + ["--no-load-optim"], 1, True, None, save, backend=MAPPED_BACKEND)
     assert [r["iteration"] for r in moved] == [2, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU stand-in for the CUDA path")
+def test_the_cuda_path_harness_covers_code_that_runs_inside_backward():
+    """Autograd hooks run inside ``tensor.backward()``, which is itself a torch function: the
+    harness keeps its mode for them, so a hook's literal CUDA allocation (as megatron-core's
+    FSDP buffers make) lands on the CPU instead of failing on a CPU build of torch."""
+    from tests.cuda_on_cpu import cuda_path_on_cpu
+
+    made = []
+    with cuda_path_on_cpu() as mode:
+        x = torch.ones(3, requires_grad=True)
+        x.register_hook(lambda g: made.append(torch.zeros(1, device="cuda")) or g)
+        (x * 2).sum().backward()
+    assert made and made[0].device.type == "cpu" and mode.redirected >= 1
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
