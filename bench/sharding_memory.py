@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     mib = 2**20
     print(f"{args.model}, {args.seq} tokens, FPDT over N ranks, {'bf16' if args.bf16 else 'fp32'}; per rank "
-          f"(the largest), MiB, and the ratio to the unsharded run; {args.microbatches} micro batch(es) per step")
+          f"(the largest), MiB, and the ratio to the unsharded run; {args.microbatches} micro batch(es) "
+          f"per step")
     print("| N | setup | parameters | gradients | optimizer state | sum | ratio (expected) | RSS growth | step peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.nproc:
@@ -120,8 +121,8 @@ def main(argv=None) -> None:
                         "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n),
                         "pipeline-fsdp2": _stage_share(args.model, 2) / (n // 2)}[setup]
             print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
-                  f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} | {r['peak'] / mib:.0f} |",
-                  flush=True)
+                  f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} | "
+                  f"{r['peak'] / mib:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

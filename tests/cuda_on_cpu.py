@@ -23,6 +23,7 @@ is listed in docs/GPU_PATHS.md.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -34,17 +35,22 @@ MAPPED_BACKEND = "cpu:gloo,cuda:gloo"
 CPU = torch.device("cpu")
 
 
-def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
-    """What ``torch.autograd.backward`` does after its torch-function dispatch (torch 2.x)."""
+def _backward(func, args, kwargs):
+    """``tensor.backward(...)`` or ``torch.autograd.backward(...)``, as the latter runs after its
+    torch-function dispatch (torch 2.x): its own argument handling, then the autograd engine."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
     from torch.autograd.graph import _engine_run_backward
 
+    call = inspect.signature(func).bind(*args, **kwargs).arguments
+    tensors = call.get("self", call.get("tensors"))
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    if grad_tensors is None or isinstance(grad_tensors, torch.Tensor):
-        grad_tensors = (grad_tensors,) * len(tensors) if grad_tensors is None else (grad_tensors,)
-    grads = torch.autograd._make_grads(tensors, tuple(grad_tensors), is_grads_batched=False)
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
-    _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
-                         inputs, allow_unreachable=True, accumulate_grad=True)
+    grads = _tensor_or_tensors_to_tuple(call.get("gradient", call.get("grad_tensors")), len(tensors))
+    create_graph = call.get("create_graph", False)
+    retain_graph = call.get("retain_graph")
+    inputs = _tensor_or_tensors_to_tuple(call.get("inputs"), 0) if call.get("inputs") is not None else ()
+    _engine_run_backward(tensors, _make_grads(tensors, grads, is_grads_batched=False),
+                         create_graph if retain_graph is None else retain_graph, create_graph, inputs,
+                         allow_unreachable=True, accumulate_grad=True)
 
 
 class CudaCallsOnCpu(cpu_shims.CudaToCPU):
@@ -56,12 +62,8 @@ class CudaCallsOnCpu(cpu_shims.CudaToCPU):
                 and isinstance(args[0], torch.Tensor)):
             return "torch.cuda." + torch.Tensor.type(args[0]).rsplit(".", 1)[-1]
         if func is torch.Tensor.backward or func is torch.autograd.backward:
-            kwargs = dict(kwargs or {})
-            kwargs.pop("grad_variables", None)
-            if "gradient" in kwargs:  # Tensor.backward's name for it
-                kwargs["grad_tensors"] = kwargs.pop("gradient")
             with self:
-                return _backward(*args, **kwargs)
+                return _backward(func, args, kwargs or {})
         return super().__torch_function__(func, types, args, kwargs)
 
 

@@ -163,8 +163,8 @@ _REFUSED = (
          "TransformerEngine's FP8 layers, not used here: use --bf16", value=True),
     Flag(("--fp8-param-gather",), REFUSED, "FP8 needs TransformerEngine's FP8 layers, not used here: use --bf16"),
     Flag(("--use-megatron-fsdp",), REFUSED, "Megatron-FSDP is not offered yet (its checkpoints are another "
-         "format): use --use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients and optimizer "
-         "state sharded)"),
+         "format): use --use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients "
+         "and optimizer state sharded)"),
     Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not offered yet: use "
          "--use-distributed-optimizer (optim) or --use-torch-fsdp2 (optim_grads_params)", value=True),
     Flag(("--cpu-optimizer",), REFUSED, "DeepSpeed's CPU Adam is not used here: use --use-distributed-optimizer "
