@@ -14,9 +14,12 @@ devices, through a torch function mode:
   mode's handler runs with the mode popped, so the mode runs the autograd engine itself with
   the mode in place.
 
+CUDA streams and events (Megatron-FSDP overlaps its gathers and reductions on side streams) are
+stand-ins that do nothing: gloo's collectives are synchronous, so there is nothing to wait for.
+``torch.cuda.current_device()`` answers 0, as on a GPU machine (the CPU shims answer "cpu").
 Nothing else changes: collectives run on the process group as created (tests use the
 device-mapped backend a GPU run uses, with gloo for both device types), kernels are the
-CPU's, and no stream or event exists. What this cannot show (kernels, streams, NCCL, memory)
+CPU's. What this cannot show (kernels, streams, NCCL, memory)
 is listed in docs/GPU_PATHS.md.
 """
 
@@ -67,10 +70,61 @@ class CudaCallsOnCpu(cpu_shims.CudaToCPU):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+class _Stream:
+    """``torch.cuda.Stream`` on the CPU: work is done when it is issued."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+
+class _Event(_Stream):
+    """``torch.cuda.Event`` on the CPU."""
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+
+# what a GPU machine's torch.cuda answers (current_device: an index, which the mode sends to the CPU)
+_CUDA_CALLS = {"Stream": _Stream, "Event": _Event, "current_stream": lambda device=None: _Stream(),
+               "default_stream": lambda device=None: _Stream(),
+               "stream": lambda stream=None: contextlib.nullcontext(), "current_device": lambda: 0}
+
+
+@contextlib.contextmanager
+def _cuda_calls():
+    cpu_shims.install()  # first, so that its own redirection (installed once) does not replace these
+    saved = {name: getattr(torch.cuda, name) for name in _CUDA_CALLS}
+    for name, value in _CUDA_CALLS.items():
+        setattr(torch.cuda, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(torch.cuda, name, value)
+
+
 @contextlib.contextmanager
 def cuda_path_on_cpu():
     """The CUDA code path (``runtime.current().cuda``) with every tensor on the CPU."""
     rt = runtime.Runtime(cuda=True, device=CPU, backend=MAPPED_BACKEND)
     mode = CudaCallsOnCpu()
-    with runtime.using(rt), mode:
+    with runtime.using(rt), _cuda_calls(), mode:
         yield mode

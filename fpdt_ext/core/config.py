@@ -31,6 +31,10 @@ class FPDTConfig:
     offload_dir: with fpdt_offload, keep them in a file in this directory instead (a disk
         tier below host memory, :mod:`fpdt_ext.memory.disk`, which checks the directory when it
         opens its file; the flag ``--offload-dir`` also sends the checkpointed layer inputs there).
+    param_grads_once: the chunked MLP sums its parameters' gradients over the chunks in float32
+        and hands autograd the sum once, for gradient hooks that take one gradient per parameter
+        and backward (Megatron-FSDP with sharded gradients). Otherwise each chunk's gradient
+        reaches the parameters' hooks separately (DDP's float32 ``main_grad``, FSDP2).
     """
 
     fpdt_parallel_size: int = 1
@@ -38,6 +42,7 @@ class FPDTConfig:
     fpdt_num_chunks: Optional[int] = None
     fpdt_offload: bool = False
     offload_dir: Optional[str] = None
+    param_grads_once: bool = False
 
     def __post_init__(self):
         _require_positive("fpdt_parallel_size", self.fpdt_parallel_size)

@@ -13,7 +13,11 @@ backward call would let autograd sum the chunks' weight gradients in the
 parameters' dtype first: in bf16 that error grows as the square root of the
 chunk count, 2.1x the unchunked MLP's at 32 chunks.) As with a reentrant
 checkpoint, the parameters' gradients arrive in ``.grad`` (and DDP's
-``main_grad``), not through ``torch.autograd.grad``.
+``main_grad``), not through ``torch.autograd.grad``. Megatron-FSDP's gradient
+hooks take one gradient per parameter and backward (with sharded gradients a
+second one replaces the first in its reduction bucket), so under it
+(``FPDTConfig.param_grads_once``) the chunks' parameter gradients are summed in
+float32 and returned once by the chunked run, as the gradients of its inputs.
 
 Under full recompute a layer's forward runs twice before its backward: once
 without autograd, then again inside the backward (megatron-core's checkpoint),
@@ -49,11 +53,13 @@ class _ChunkedRun(torch.autograd.Function):
     """``run`` on ``x`` chunk by chunk, keeping only ``x``: forward without autograd (or, with
     ``compute`` False, for a forward whose output nobody reads, zeros without running it);
     backward runs each chunk's forward and backward as its own backward call, so parameter
-    gradients accumulate chunk by chunk where the parameters' hooks put them."""
+    gradients accumulate chunk by chunk where the parameters' hooks put them. With ``params``
+    (the parameters ``run`` uses) their gradients are summed over the chunks in float32 instead
+    and returned once, as the gradients of these inputs."""
 
     @staticmethod
-    def forward(ctx, x, run, num_chunks, compute):  # x [s/P, b, h]
-        ctx.run, ctx.num_chunks = run, num_chunks
+    def forward(ctx, x, run, num_chunks, compute, *params):  # x [s/P, b, h]
+        ctx.run, ctx.num_chunks, ctx.params = run, num_chunks, params
         ctx.save_for_backward(x)
         if not compute:
             return x.new_zeros(x.shape)
@@ -66,15 +72,25 @@ class _ChunkedRun(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         (x,) = ctx.saved_tensors
+        params = ctx.params
+        sums = [torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+                for p in params]
         grad_x = torch.empty_like(x)
         for x_c, d_c, g_c in zip(x.chunk(ctx.num_chunks), dout.chunk(ctx.num_chunks), grad_x.chunk(ctx.num_chunks)):
             with phase(MLP_CHUNK_BACKWARD):
                 leaf = x_c.detach().requires_grad_()
                 with torch.enable_grad():
                     out_c, _ = ctx.run(leaf)
-                torch.autograd.backward(out_c, d_c)
-                g_c.copy_(leaf.grad)
-        return grad_x, None, None, None
+                if params:
+                    g_leaf, *g_params = torch.autograd.grad(out_c, [leaf, *params], d_c, allow_unused=True)
+                    for total, g in zip(sums, g_params):
+                        if g is not None:
+                            total.add_(g)
+                    g_c.copy_(g_leaf)
+                else:
+                    torch.autograd.backward(out_c, d_c)
+                    g_c.copy_(leaf.grad)
+        return grad_x, None, None, None, *(total.to(p.dtype) for total, p in zip(sums, params))
 
 
 class FPDTMLP(MLP):
@@ -107,4 +123,9 @@ class FPDTMLP(MLP):
         num_chunks = self.fpdt_config.local_chunks(hidden_states.shape[0])
         fc2 = self.linear_fc2
         bias = fc2.bias if getattr(fc2, "skip_bias_add", False) else None  # what MLP.forward returns
-        return _ChunkedRun.apply(hidden_states, run, num_chunks, not self._output_unread()), bias
+        params = ()
+        if self.fpdt_config.param_grads_once:
+            params = tuple(p for p in self.parameters() if p.requires_grad)
+            if norm is not None:
+                params += tuple(p for p in (norm.weight, norm.bias) if p is not None and p.requires_grad)
+        return _ChunkedRun.apply(hidden_states, run, num_chunks, not self._output_unread(), *params), bias

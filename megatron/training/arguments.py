@@ -129,6 +129,14 @@ def _add_parallel_args(p):
     g.add_argument("--use-torch-fsdp2", action="store_true",
                    help="shard parameters, gradients and optimizer state over the data x FPDT ranks (torch FSDP2, "
                         "ZeRO-3)")
+    g.add_argument("--use-megatron-fsdp", action="store_true",
+                   help="megatron-core's Megatron-FSDP over the data x FPDT ranks, sharding what "
+                        "--data-parallel-sharding-strategy says (GPU; on the CPU the same sharding by the "
+                        "distributed optimizer or FSDP2; untested on GPU)")
+    g.add_argument("--data-parallel-sharding-strategy", default="no_shard",
+                   choices=("no_shard", "optim", "optim_grads", "optim_grads_params"),
+                   help="with --use-megatron-fsdp: optim (ZeRO-1), optim_grads (ZeRO-2) or optim_grads_params "
+                        "(ZeRO-3)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="GPU: reduce gradient buckets during the last micro batch's backward (megatron-core's DDP); "
                         "the CPU reduces after it")

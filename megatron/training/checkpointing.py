@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from fpdt_ext import runtime
+from megatron.training import megatron_fsdp
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -187,24 +188,38 @@ MEGATRON_OPTIMIZER = "megatron-core's optimizer"
 
 
 def optimizer_format(optimizer) -> str:
-    """Whose layout the optimizer state is saved in: HostAdamW's (the CPU path) or megatron-core's."""
+    """Whose layout the optimizer state is saved in: HostAdamW's (the CPU path, and Megatron-FSDP's
+    on GPU) or megatron-core's."""
     from megatron.training.optimizer import HostAdamW
 
-    return "HostAdamW" if isinstance(optimizer, HostAdamW) else MEGATRON_OPTIMIZER
+    if isinstance(optimizer, HostAdamW):
+        return "HostAdamW"
+    return getattr(optimizer, "state_layout", MEGATRON_OPTIMIZER)
 
 
 def model_sharded_state(trainer) -> dict:
     """The model's sharded state: the GPTModel's own names (not DDP's "module."); with virtual
     pipeline stages every chunk's under "chunk<i>." in one dict. The saved tensors are keyed by
     global layer numbers (megatron-core's offsets), so a checkpoint loads at any pipeline size."""
+    if megatron_fsdp.is_wrapped(trainer.model):  # this rank's rows of each parameter (one chunk)
+        return megatron_fsdp.model_sharded_state(trainer.model, trainer.groups.dp_sp)
     chunks = [m.module for m in trainer.models]
     if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"chunk{i}.{k}": v for i, c in enumerate(chunks) for k, v in c.sharded_state_dict().items()}
+        state = chunks[0].sharded_state_dict()
+    else:
+        state = {f"chunk{i}.{k}": v for i, c in enumerate(chunks) for k, v in c.sharded_state_dict().items()}
+    if trainer.config.parallel.use_torch_fsdp2:  # every load and save: weights-only loads too
+        from megatron.training.sharding import checkpoint_layout
+
+        state = checkpoint_layout(state, trainer.groups.dp_sp, trainer.groups.tp)
+    return state
 
 
 def _load_model_state(trainer, state: dict) -> None:
     """Loaded tensors (:func:`model_sharded_state`'s layout) into the model chunks."""
+    if megatron_fsdp.is_wrapped(trainer.model):
+        megatron_fsdp.load_model_state(trainer.model, state)
+        return
     chunks = [m.module for m in trainer.models]
     if len(chunks) == 1:
         chunks[0].load_state_dict(_model_state(trainer, chunks[0], state))
@@ -218,10 +233,6 @@ def _load_model_state(trainer, state: dict) -> None:
 def _sharded_state(trainer, *, loading: bool, optimizer: bool = True) -> dict:
     """The training state (``optimizer=False``: without the optimizer state and the LR schedule)."""
     model_state = model_sharded_state(trainer)
-    if trainer.config.parallel.use_torch_fsdp2:
-        from megatron.training.sharding import checkpoint_layout
-
-        model_state = checkpoint_layout(model_state, trainer.groups.dp_sp, trainer.groups.tp)
     optimizer_state = {"optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                                          metadata=SHARDED_STATE_METADATA),
                        "scheduler": trainer.scheduler.state_dict()} if optimizer else {}

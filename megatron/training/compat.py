@@ -100,8 +100,10 @@ _NOTED = (
           "--no-persist-layer-norm", "--cross-entropy-loss-fusion", "--no-async-tensor-model-parallel-allreduce",
           "--async-tensor-model-parallel-allreduce"), NOTED,
          "fusions are chosen here by what the device supports (megatron.training.models.transformer_config)"),
-    Flag(("--ckpt-format",), NOTED, "checkpoints are megatron-core's distributed (torch_dist) format", value=True,
-         refuse_unless=_is("torch_dist"), refusal="checkpoints here are torch_dist only (tools/checkpoint/ "
+    Flag(("--ckpt-format",), NOTED, "checkpoints are megatron-core's distributed (torch_dist) format, with "
+         "--use-megatron-fsdp too (Megatron-LM's fsdp_dtensor is not written: a Megatron-FSDP checkpoint here loads "
+         "unsharded and into the converter)", value=True,
+         refuse_unless=_is("torch_dist", "fsdp_dtensor"), refusal="checkpoints here are torch_dist only (tools/checkpoint/ "
                                                   "converts from and to Hugging Face)"),
     Flag(("--tiktoken-pattern",), NOTED, "no tiktoken tokenizer here (it only applies to one)", value=True),
     Flag(("--no-position-embedding",), NOTED, "no learned position embedding is made with rope "
@@ -148,8 +150,8 @@ _NOTED = (
     Flag(("--optimizer",), NOTED, "the optimizer is Adam(W), megatron-core's (HostAdamW on the CPU)", value=True,
          refuse_unless=_is("adam"), refusal="Adam is the only optimizer here"),
     Flag(("--DDP-impl",), NOTED, "data parallelism is megatron-core's DDP", value=True,
-         refuse_unless=_is("local", "torch"), refusal="FSDP here is not offered yet: use "
-                                                      "--use-distributed-optimizer (ZeRO-1)"),
+         refuse_unless=_is("local", "torch"), refusal="for FSDP use --use-torch-fsdp2 or "
+                                                      "--use-megatron-fsdp; for ZeRO-1 --use-distributed-optimizer"),
     Flag(("--loss-scale",), NOTED, "loss scaling is megatron-core's dynamic scaler with --fp16 and none with "
          "--bf16 (Megatron-DeepSpeed ignores the flag under --deepspeed too); with --fp16 and without --deepspeed "
          "it is refused", value=True),
@@ -162,11 +164,6 @@ _REFUSED = (
     Flag(("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo"), REFUSED, "FP8 needs "
          "TransformerEngine's FP8 layers, not used here: use --bf16", value=True),
     Flag(("--fp8-param-gather",), REFUSED, "FP8 needs TransformerEngine's FP8 layers, not used here: use --bf16"),
-    Flag(("--use-megatron-fsdp",), REFUSED, "Megatron-FSDP is not offered yet (its checkpoints are another "
-         "format): use --use-torch-fsdp2, torch's FSDP2 over the same data x FPDT ranks (parameters, gradients "
-         "and optimizer state sharded)"),
-    Flag(("--data-parallel-sharding-strategy",), REFUSED, "Megatron-FSDP is not offered yet: use "
-         "--use-distributed-optimizer (optim) or --use-torch-fsdp2 (optim_grads_params)", value=True),
     Flag(("--cpu-optimizer",), REFUSED, "DeepSpeed's CPU Adam is not used here: use --use-distributed-optimizer "
          "to shard the optimizer state"),
     Flag(("--universal-checkpoint",), REFUSED, "DeepSpeed universal checkpoints are not read: torch_dist "

@@ -172,6 +172,10 @@ class ModelConfig:
         return self.num_query_groups != self.num_attention_heads
 
 
+# Megatron-LM's --data-parallel-sharding-strategy: what Megatron-FSDP shards over data x FPDT ranks
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """How the world's ranks split the work (world = TP x FPDT x PP x DP)."""
@@ -193,6 +197,10 @@ class ParallelConfig:
     use_torch_fsdp2: bool = False
     fsdp_reshard_after_forward: bool = True  # ZeRO-3; False (ZeRO-2 given to DeepSpeed's flags) keeps layers
     # gathered from their forward to their backward
+    # megatron-core's Megatron-FSDP (megatron_fsdp.py) with Megatron-LM's strategy names; on the CPU
+    # the same sharding by the implementations above (cpu_equivalent)
+    use_megatron_fsdp: bool = False
+    data_parallel_sharding_strategy: str = "no_shard"
     distributed_timeout_minutes: int = 30
 
     def __post_init__(self):
@@ -211,8 +219,39 @@ class ParallelConfig:
             if self.use_distributed_optimizer:
                 raise ValueError("--use-torch-fsdp2 shards the optimizer state already: drop "
                                  "--use-distributed-optimizer")
+        strategy = self.data_parallel_sharding_strategy
+        if strategy not in SHARDING_STRATEGIES:
+            raise ValueError(f"--data-parallel-sharding-strategy {strategy}: use one of "
+                             f"{', '.join(SHARDING_STRATEGIES)}")
+        if self.use_megatron_fsdp:
+            if self.use_torch_fsdp2:
+                raise ValueError("--use-megatron-fsdp and --use-torch-fsdp2 are two sharding implementations: give "
+                                 "one of them")
+            if strategy == "no_shard":
+                raise ValueError("--use-megatron-fsdp needs --data-parallel-sharding-strategy optim, optim_grads or "
+                                 "optim_grads_params (no_shard is plain data parallelism: drop --use-megatron-fsdp)")
+            if self.pipeline_model_parallel_size > 1 or self.tensor_model_parallel_size > 1:
+                raise ValueError("--use-megatron-fsdp is offered over data x FPDT ranks only, without tensor or "
+                                 "pipeline parallelism (its checkpoints are not laid out for them here yet): use "
+                                 "--use-torch-fsdp2, which composes with both")
+        elif strategy != "no_shard":
+            raise ValueError(f"--data-parallel-sharding-strategy {strategy} is Megatron-FSDP's: add "
+                             f"--use-megatron-fsdp (or use --use-torch-fsdp2 / --use-distributed-optimizer)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             _set(self, sequence_parallel=False)  # as Megatron: meaningless without TP
+
+    def cpu_equivalent(self) -> "ParallelConfig":
+        """With --use-megatron-fsdp on the CPU (Megatron-FSDP needs CUDA streams): the same sharding
+        by this project's implementations: optim the distributed optimizer (ZeRO-1), optim_grads
+        FSDP2 keeping each layer gathered from its forward to its backward (ZeRO-2's traffic),
+        optim_grads_params FSDP2 (ZeRO-3). Unchanged otherwise."""
+        if not self.use_megatron_fsdp:
+            return self
+        strategy = self.data_parallel_sharding_strategy
+        return dataclasses.replace(self, use_megatron_fsdp=False, data_parallel_sharding_strategy="no_shard",
+                                   use_distributed_optimizer=strategy == "optim",
+                                   use_torch_fsdp2=strategy != "optim",
+                                   fsdp_reshard_after_forward=strategy == "optim_grads_params")
 
     @property
     def layout(self) -> ParallelLayout:
@@ -617,6 +656,10 @@ class RunConfig:
                                  "whose MLP already recomputes chunk by chunk: use --recompute-granularity full "
                                  "(the FPDT paper's recipe) or drop it")
             self.fpdt.num_chunks(training.seq_length)  # the sequence splits into P x u sub-chunks
+            # derived: Megatron-FSDP's hooks for sharded gradients take one gradient per backward
+            once = parallel.use_megatron_fsdp and parallel.data_parallel_sharding_strategy != "optim"
+            if once != self.fpdt.param_grads_once:
+                _set(self, fpdt=dataclasses.replace(self.fpdt, param_grads_once=once))
             if (self.fpdt.offload_dir or None) != (training.offload_dir if self.fpdt.fpdt_offload else None):
                 raise ValueError("the FPDT config's offload_dir must be the training config's (--offload-dir)")
         shards = parallel.data_parallel_size * parallel.fpdt_parallel_size
@@ -625,9 +668,10 @@ class RunConfig:
             raise ValueError(f"--use-torch-fsdp2 with --swiglu and tensor parallelism needs an even number of data x "
                              f"FPDT ranks to shard over, not {shards} (a shard would hold rows of both the gate and "
                              f"the up projection of its TP rank): change the data-parallel or FPDT size")
-        if parallel.use_torch_fsdp2 and training.fp16:
-            raise ValueError("--use-torch-fsdp2 with --fp16 is not supported (the sharded optimizer has no loss "
-                             "scaler): use --bf16")
+        if (parallel.use_torch_fsdp2 or parallel.use_megatron_fsdp) and training.fp16:
+            flag = "--use-torch-fsdp2" if parallel.use_torch_fsdp2 else "--use-megatron-fsdp"
+            raise ValueError(f"{flag} with --fp16 is not supported (the sharded optimizer has no loss "
+                             f"scaler): use --bf16")
         micro_dp = training.micro_batch_size * parallel.data_parallel_size
         batches = training.batch_schedule
         # a resumed run checks the batches from its checkpoint's position on (Trainer: it may have

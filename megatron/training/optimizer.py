@@ -200,6 +200,9 @@ class HostAdamW:
 
     def load_state_dict(self, state):
         adam = state["adam"]
+        # this run's own groups: their learning rate and weight decay are set by the LR scheduler, loaded
+        # next; a checkpoint of another implementation (Megatron-FSDP's) may group its parameters otherwise
+        adam["param_groups"] = self.optimizer.state_dict()["param_groups"]
         for i, entry in adam["state"].items():
             entry["step"] = torch.tensor(state["step"])
             master = self._pairs[i][0]
@@ -282,7 +285,8 @@ def build_optimizer(config, model, groups):
     (:class:`~megatron.training.config.RunConfig`)."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     t = config.training
-    distributed = config.parallel.use_distributed_optimizer
+    # Megatron-FSDP (GPU path) is built with megatron-core's distributed optimizer, as Megatron-LM's
+    distributed = config.parallel.use_distributed_optimizer or config.parallel.use_megatron_fsdp
     fsdp = config.parallel.use_torch_fsdp2
     if runtime.current().cuda and not fsdp:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -298,7 +302,12 @@ def build_optimizer(config, model, groups):
         # the world's backend is device-mapped, so its groups take CPU tensors too (fpdt_ext.runtime)
         optimizer = get_megatron_optimizer(optimizer_config, chunks, pg_collection=groups.pg_collection,
                                            use_gloo_process_groups=False)
-        _load_torch_adam_step_through_distributed_optimizer(optimizer)
+        if config.parallel.use_megatron_fsdp:
+            from megatron.training.megatron_fsdp import MegatronFSDPOptimizer
+
+            optimizer = MegatronFSDPOptimizer(optimizer, chunks, getattr(torch, t.params_dtype))
+        else:
+            _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
         optimizer = HostAdamW(chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks), lr=t.lr,
                               weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,

@@ -36,6 +36,7 @@ from megatron.training.config import RunConfig
 from megatron.training.data import (MicroBatches, build_datasets, largest_token_ids, to_model_layout,
                                     tokens_beyond_vocabulary)
 from megatron.training.flops import device_peak_tflops, flops_per_token
+from megatron.training import megatron_fsdp
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model_chunks, padded_vocab_size
 from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
@@ -106,13 +107,18 @@ class Trainer:
                  observability: Optional[ObservabilityConfig] = None):
         """``groups``: from :func:`~megatron.training.initialize.initialize` already (made here otherwise);
         ``observability``: TensorBoard, W&B, timers and profiling (default: none)."""
+        self.runtime = runtime.current()
+        if config.parallel.use_megatron_fsdp and not self.runtime.cuda:
+            # Megatron-FSDP needs CUDA streams: the same sharding by this project's implementations
+            config = dataclasses.replace(config, parallel=config.parallel.cpu_equivalent())
+            print_rank_0(f" --use-megatron-fsdp on the CPU: {describe_sharding(config.parallel)} (Megatron-FSDP "
+                         f"itself runs on GPUs)")
         self.config = config
         self.observability = observability or ObservabilityConfig()
         t = config.training
         self.groups = groups or initialize(config)
         # claimed before anything expensive: two runs must never save into one directory
         self.save_lock = SaveLock(config.checkpoint.save) if config.checkpoint.save else None
-        self.runtime = runtime.current()
         self.device = self.runtime.device
         self.timers = StepTimers(self.observability.log_timers_to_tensorboard, self.device)
         # where this run's offloaded tensors go: the FPDT chunks and the checkpointed layer inputs
@@ -152,6 +158,9 @@ class Trainer:
                                             tp_group=self.groups.tp) for chunk in chunks]
             except ValueError as e:  # sizes FSDP2 cannot shard evenly: a usage error
                 raise ArgumentError(str(e)) from None
+        elif config.parallel.use_megatron_fsdp:  # megatron-core's Megatron-FSDP (megatron_fsdp.py; GPU path)
+            self.models = megatron_fsdp.wrap(chunks, config.parallel.data_parallel_sharding_strategy, self.groups,
+                                             self.device)
         else:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
@@ -408,6 +417,22 @@ class Trainer:
             + (f" peak offload file (GiB): {m['peak_disk_gib']:.2f} |" if "peak_disk_gib" in m else ""))
 
 
+def describe_sharding(par) -> str:
+    """What is sharded over the data x FPDT ranks, and by what."""
+    ranks = par.data_parallel_size * par.fpdt_parallel_size
+    if par.use_megatron_fsdp:
+        what = {"optim": "the optimizer state and master weights", "optim_grads": "the optimizer state and "
+                "gradients", "optim_grads_params": "parameters, gradients and optimizer state"}
+        return (f"Megatron-FSDP over {ranks} data x FPDT ranks ({par.data_parallel_sharding_strategy}: "
+                f"{what[par.data_parallel_sharding_strategy]})")
+    if par.use_torch_fsdp2:
+        return (f"FSDP2 over {ranks} data x FPDT ranks (parameters, gradients and optimizer state; "
+                f"ZeRO-{3 if par.fsdp_reshard_after_forward else 2} gathers)")
+    if par.use_distributed_optimizer:
+        return f"the optimizer state over {ranks} data x FPDT ranks (distributed optimizer)"
+    return "nothing sharded"
+
+
 def describe_plan(config: RunConfig) -> str:
     """What a validated configuration will run, for --dry-run."""
     from megatron.training.flops import count_parameters
@@ -442,11 +467,8 @@ def describe_plan(config: RunConfig) -> str:
                         f"micro batches in flight on the first stage")
                      + f"; bubble {(par.pipeline_model_parallel_size - 1) / chunks / config.num_microbatches:.0%} of "
                        f"the micro batches' time")
-    if par.use_torch_fsdp2:
-        lines.append(f"  sharding: FSDP2 over {ranks} data x FPDT ranks (parameters, gradients and optimizer state; "
-                     f"ZeRO-{3 if par.fsdp_reshard_after_forward else 2} gathers)")
-    elif par.use_distributed_optimizer:
-        lines.append(f"  sharding: the optimizer state over {ranks} data x FPDT ranks (distributed optimizer)")
+    if par.use_torch_fsdp2 or par.use_distributed_optimizer or par.use_megatron_fsdp:
+        lines.append(f"  sharding: {describe_sharding(par)}")
     if config.fpdt:
         u = config.fpdt_num_chunks
         lines.append(f"  FPDT: {t.seq_length // sp} tokens per rank in {u} chunks of {t.seq_length // u} "

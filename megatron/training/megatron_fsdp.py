@@ -1,0 +1,253 @@
+"""megatron-core's Megatron-FSDP behind Megatron-LM's flags (the GPU path).
+
+``--use-megatron-fsdp --data-parallel-sharding-strategy S`` wraps the model in megatron-core's
+``FullyShardedDataParallel`` over the data x FPDT ranks (megatron-core's dp_cp group: FPDT ranks
+hold identical parameters, so they shard them too) and trains it with megatron-core's distributed
+optimizer, as Megatron-LM does. ``S`` is Megatron-FSDP's: ``optim`` shards the optimizer state
+and float32 master weights (ZeRO-1), ``optim_grads`` the gradients too (ZeRO-2),
+``optim_grads_params`` the parameters too, each transformer layer gathered for its forward and
+again for its backward (ZeRO-3). Gradients are reduced in float32.
+
+Megatron-FSDP needs CUDA streams and events, so on the CPU the same flags run this project's
+implementations of the same sharding (``ParallelConfig.cpu_equivalent``): the distributed
+optimizer for ``optim``, FSDP2 (sharding.py) for the other two.
+
+Checkpoints: Megatron-LM writes Megatron-FSDP's ``fsdp_dtensor`` format; here a Megatron-FSDP run
+writes the ``torch_dist`` checkpoint every run writes. Each rank's shard of a parameter is a block
+of whole rows of it, of uneven size, so it is saved as a ShardedTensor at its row offset without a
+regular grid (megatron-core leaves those to torch DCP, which reshards by overlap). The optimizer
+state (Adam moments, float32 master weights with bf16) is saved in HostAdamW's layout, keyed by
+the parameters. So a Megatron-FSDP checkpoint resumes exactly, loads unsharded or at another
+size (optimizer state included, on the CPU path too), and into the Hugging Face converter.
+
+Not yet: tensor and pipeline parallelism with it (refused by ParallelConfig: use
+--use-torch-fsdp2), ``no_shard`` (plain data parallelism: megatron-core's DDP). Tested on the CPU
+under the CUDA-path harness (tests/cuda_on_cpu.py, gloo standing in for NCCL); untested on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+
+from megatron.training.sharding import local
+
+
+def wrap(chunks, strategy: str, groups, device) -> list:
+    """Each model chunk in megatron-core's ``FullyShardedDataParallel`` over the data x FPDT ranks."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.fsdp import FullyShardedDataParallel
+
+    ddp_config = DistributedDataParallelConfig(
+        use_megatron_fsdp=True, data_parallel_sharding_strategy=strategy, use_distributed_optimizer=True,
+        # with sharded gradients each bucket is reduce-scattered as its backward ends; with optim the whole
+        # gradient buffer is reduce-scattered in finish_grad_sync (megatron-core 0.16's overlapped path adds
+        # the local gradient to its own reduction when the gradients are not sharded)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=strategy != "optim", overlap_param_gather=True,
+        # the average as a multiply before a sum: NCCL's PREMUL_SUM fusion is NCCL's alone
+        average_in_collective=False, gradient_reduce_div_fusion=False)
+    wrappers = [FullyShardedDataParallel(chunk.config, ddp_config, chunk, device=device,
+                                         pg_collection=groups.pg_collection) for chunk in chunks]
+    for wrapper in wrappers:
+        wrapper.forward = functools.partial(_forward_with_root_hook, wrapper, wrapper.forward)
+    if strategy == "optim":
+        for wrapper in wrappers:
+            # Megatron-FSDP's no_sync() marks the next micro batch the last, and the gradient hooks of a
+            # last micro batch take the overlapped path above: the buffer is reduced in finish_grad_sync only
+            wrapper.no_sync = contextlib.nullcontext
+    return wrappers
+
+
+def _forward_with_root_hook(wrapper, forward, *args, **kwargs):
+    """The wrapper's forward, then the forward hook Megatron-FSDP put on the root module (the
+    GPTModel) for the start of its backward: it marks every gradient still to be reduced and
+    queues the end-of-backward reduction (the tied embedding's among them) and the reset of its
+    bucket bookkeeping. MegatronFSDP.forward calls the root's ``forward`` itself, so the root's
+    hooks never run; megatron-core 0.16 registers the hook a second time on the model's last
+    submodule, the output layer, which FPDT's chunked loss does not call. Without it each micro
+    batch after the first reduces every bucket again."""
+    output = forward(*args, **kwargs)
+    fsdp = wrapper.module
+    handle = fsdp.backward_pre_hooks.get(" _root_pre_backward")  # the root's: named "" by named_modules()
+    hook = fsdp.module._forward_hooks.get(handle.id) if handle is not None else None
+    if hook is None or not torch.is_grad_enabled():
+        return output
+    replaced = hook(fsdp.module, args, output)
+    return output if replaced is None else replaced
+
+
+def is_wrapped(model) -> bool:
+    from megatron.core.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _sharded_params(wrapper) -> dict:
+    """{name: DTensor} of the chunk's parameters as the optimizer holds them (this rank's rows of
+    each float32 master weight). Megatron-FSDP swaps the modules' parameters between these and the
+    gathered compute weights; the sharded ones are where a step's result lives."""
+    fsdp = wrapper.module
+    fsdp._replace_param_with_distributed_if_needed()  # (what its own state_dict pre-hook calls)
+    return dict(fsdp.module.named_parameters())
+
+
+def _row_offsets(params: dict, group) -> dict:
+    """{name: first global row of this rank's shard}: shards are whole rows in rank order."""
+    rows = {name: local(p).shape[0] if p.dim() else 0 for name, p in params.items()}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, rows, group=group)
+    me = dist.get_rank(group)
+    return {name: sum(other[name] for other in everyone[:me]) for name in params}
+
+
+@contextlib.contextmanager
+def _whole_shapes_on_meta(module):
+    """The module's parameters replaced by meta tensors of their whole shapes (tied ones stay
+    tied), then put back: megatron-core's ``sharded_state_dict`` derives each tensor's place from
+    its local shape, which for a row block (or none) is not the TP-local whole it expects."""
+    saved, meta = [], {}
+    for mod in module.modules():
+        for name, param in list(mod._parameters.items()):
+            if param is not None:
+                if id(param) not in meta:
+                    meta[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                         requires_grad=param.requires_grad)
+                    meta[id(param)].__dict__.update(vars(param))  # megatron-core's marks (tensor_model_parallel, ...)
+                saved.append((mod, name, param))
+                mod._parameters[name] = meta[id(param)]
+    try:
+        yield
+    finally:
+        for mod, name, param in saved:
+            mod._parameters[name] = param
+
+
+def model_sharded_state(wrapper, group) -> dict:
+    """The chunk's ``sharded_state_dict()`` (megatron-core's keys, layer offsets and replica ids)
+    with each sharded parameter saved as this rank's row block of the whole tensor; ranks holding
+    no rows of a parameter give nothing for it."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    params = _sharded_params(wrapper)
+    offsets = _row_offsets(params, group)
+    module = wrapper.module.module
+    with _whole_shapes_on_meta(module):
+        whole = module.sharded_state_dict()
+    state = {}
+    for key, item in whole.items():
+        if key not in params or not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            state[key] = item
+            continue
+        param = params[key]
+        data = local(param)
+        if data.numel() == 0:
+            continue
+        # a SwiGLU fc1 factory splits [gate; up] into halves of the local tensor, which holds for TP
+        # shards, not row blocks: over TP 1 the whole tensor is [gate; up] as the parameter is
+        built = item.build()[0] if isinstance(item, ShardedTensorFactory) else item
+        # the stacked-layer axes megatron-core prepends, as axes of size 1 of the data (its uneven
+        # sharding path reads no prepended axes); on disk the same tensor as the regular path's
+        n = built.prepend_axis_num
+        shape = (1,) * n + tuple(data.shape)
+        state[key] = ShardedTensor(
+            key=item.key, data=data.view(shape), dtype=data.dtype, local_shape=shape,
+            global_shape=tuple(built.global_shape[:n]) + tuple(param.shape),
+            global_offset=tuple(built.global_offset[:n]) + (offsets[key],) + (0,) * (data.dim() - 1),
+            axis_fragmentations=None, replica_id=_main_replica(built.replica_id), prepend_axis_num=0,
+            allow_shape_mismatch=built.allow_shape_mismatch)
+    return state
+
+
+def _main_replica(replica_id):
+    """Every rank's rows are its own: the data-parallel part of the replica id (the last) is 0."""
+    return (*replica_id[:-1], 0) if isinstance(replica_id, tuple) else 0
+
+
+def load_model_state(wrapper, state: dict) -> None:
+    """This rank's rows (:func:`model_sharded_state`) into the sharded parameters, then the
+    compute weights refreshed from them (Megatron-FSDP's own load hook does the same)."""
+    params = _sharded_params(wrapper)
+    with torch.no_grad():
+        for name, param in params.items():
+            if name in state:
+                local(param).copy_(state[name].view(local(param).shape))
+    wrapper.module.install_optimized_model_weights()
+
+
+class MegatronFSDPOptimizer:
+    """megatron-core's distributed optimizer over Megatron-FSDP's sharded parameters, with the
+    training loop's and checkpoints' calls (HostAdamW's): ``step``, ``zero_grad``,
+    ``param_groups`` and the rest go to megatron-core's; its state is saved and loaded in
+    HostAdamW's layout (megatron-core writes it only as ``fsdp_dtensor``)."""
+
+    state_layout = "HostAdamW"  # (checkpointing.optimizer_format)
+
+    def __init__(self, optimizer, wrappers, params_dtype):
+        self._optimizer = optimizer
+        self._wrappers = wrappers
+        self._keep_masters = params_dtype != torch.float32  # as HostAdamW: masters kept apart from bf16
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+    @property
+    def param_groups(self):
+        return self._optimizer.param_groups
+
+    def _inner(self):
+        return [opt.optimizer for opt in getattr(self._optimizer, "chained_optimizers", [self._optimizer])]
+
+    def _params(self) -> list:
+        return [p for inner in self._inner() for g in inner.param_groups for p in g["params"]]
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        """Adam moments and float32 master weights as tensors sharded like the model's parameters
+        (HostAdamW's keys); the step is common. ``metadata`` changes nothing here."""
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        from megatron.training.optimizer import prime_adam_state
+
+        names = {id(p): name for wrapper in self._wrappers for name, p in _sharded_params(wrapper).items()}
+        for inner in self._inner():
+            prime_adam_state(inner)  # before the first step its state does not exist yet
+        state, masters, steps = {}, {}, set()
+        for i, param in enumerate(self._params()):
+            sharded = model_sharded_state_dict.get(names.get(id(param)))
+            if sharded is None:  # no rows of it on this rank
+                continue
+
+            def like_model(tensor, prefix):
+                return make_sharded_optimizer_tensor(sharded, local(tensor).view(sharded.local_shape), prefix)
+
+            entry = next(inner.state[param] for inner in self._inner() if param in inner.state)
+            steps.add(float(entry["step"]))
+            state[i] = {k: like_model(entry[k], f"optimizer.state.{k}") for k in ("exp_avg", "exp_avg_sq")}
+            if self._keep_masters:
+                masters[i] = like_model(param, "optimizer.master")
+        # no parameter groups: a loader uses its own (HostAdamW's too), and a list of another length
+        # would not merge with a loader's
+        return {"adam": {"state": state}, "step": max(steps, default=0.0), "master": masters}
+
+    def load_state_dict(self, state):
+        """Moments, masters and step into the primed state (this run's own parameter groups: the
+        LR scheduler sets their learning rate and weight decay)."""
+        params = self._params()
+        with torch.no_grad():
+            for i, entry in state["adam"]["state"].items():
+                param = params[i]
+                inner = next(inner for inner in self._inner() if param in inner.state)
+                target = inner.state[param]
+                for key, value in entry.items():
+                    local(target[key]).copy_(value.view(local(target[key]).shape))
+                target["step"] = torch.tensor(float(state["step"]), dtype=target["step"].dtype,
+                                              device=target["step"].device)
+                if i in state["master"]:
+                    local(param).copy_(state["master"][i].view(local(param).shape))
+        for wrapper in self._wrappers:
+            wrapper.module.install_optimized_model_weights()
+
+    def reload_model_params(self):
+        """Nothing: the sharded parameters are the float32 master weights, loaded as they are."""

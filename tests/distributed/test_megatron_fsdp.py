@@ -1,0 +1,204 @@
+"""--use-megatron-fsdp (megatron/training/megatron_fsdp.py): megatron-core's Megatron-FSDP and
+distributed optimizer on the GPU path, run on the CPU under the CUDA-path harness
+(tests/cuda_on_cpu.py, gloo standing in for NCCL), against the unsharded CPU path (megatron-core's
+DDP and HostAdamW) from the same weights, fp32 over FPDT 2 (and FPDT 2 x DP 2).
+
+Per iteration the loss, the gradient norm and every reduced gradient (assembled from the ranks'
+row blocks) equal the unsharded run's, and so do the parameters after Adam, for each sharding
+strategy. Each rank holds its share of what the strategy shards. Its checkpoints are this
+project's torch_dist ones: a Megatron-FSDP run resumes exactly, at the same and at another size,
+and its checkpoint continues unsharded on the CPU path (optimizer state included); the CPU path
+maps the same flags onto the distributed optimizer and FSDP2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fpdt_ext import runtime
+from fpdt_ext.testing.spawn import run_world
+from tests.cuda_on_cpu import MAPPED_BACKEND, cuda_path_on_cpu
+from tests.helpers import TINY
+
+STEPS = 3
+FLAGS = TINY + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
+                "--train-iters", "8", "--attention-dropout", "0", "--hidden-dropout", "0", "--seed", "5",
+                "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type",
+                "rope", "--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32", "--mock-data"]
+FSDP = ["--use-megatron-fsdp", "--use-distributed-optimizer", "--data-parallel-sharding-strategy"]
+
+
+def _initial_worker(rank, world_size, flags, path):
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.checkpointing import model_args_dict, write_checkpoint
+    from megatron.training.initialize import initialize
+    from megatron.training.models import build_model
+
+    args = validate_args(parse_args(flags), world_size=world_size)
+    model = build_model(args, initialize(args), args.tokenizer.vocab_size)
+    write_checkpoint(path, 0, {"model": model.sharded_state_dict(), "kind": "weights",
+                               "model_args": model_args_dict(args), "true_vocab_size": args.tokenizer.vocab_size}, {})
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_weights() -> str:
+    """One set of starting weights for every run (the GPU path initialises its own otherwise)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="fpdt_mfsdp_init_")
+    run_world(2, _initial_worker, FLAGS, path)
+    return path
+
+
+def _rows_of_every_parameter(trainer, tensors: str) -> dict:
+    """{name: (first row, this rank's rows)} of the parameters (``tensors="params"``) or their
+    reduced gradients ("grads"): Megatron-FSDP's row blocks, or the whole tensors unsharded."""
+    from megatron.training import megatron_fsdp
+    from megatron.training.sharding import local
+
+    if not megatron_fsdp.is_wrapped(trainer.model):  # whole tensors (FSDP2's gathered) from row 0
+        def whole(t):
+            return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().double().clone()
+
+        return {name: (0, whole(p if tensors == "params" else getattr(p, "main_grad", p.grad)))
+                for name, p in trainer.model.module.named_parameters()}
+    params = megatron_fsdp._sharded_params(trainer.model)
+    offsets = megatron_fsdp._row_offsets(params, trainer.groups.dp_sp)
+    out = {}
+    for name, p in params.items():
+        t = p if tensors == "params" else p.grad
+        if t is None:  # a rank that holds no rows of this parameter has no gradient for it
+            assert local(p).numel() == 0, name
+            t = p
+        out[name] = (offsets[name], local(t).detach().double().clone())
+    return out
+
+
+def _worker(rank, world_size, flags, steps, cuda_path, save=None, load=None):
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.checkpointing import save_checkpoint
+
+    extra = (["--save", save] if save else []) + (["--load", load] if load else [])
+    args = validate_args(parse_args(flags + extra), world_size=world_size)
+    with cuda_path_on_cpu() if cuda_path else runtime.using(runtime.current()):
+        from megatron.training.training import Trainer
+
+        trainer = Trainer(args)
+        grads = []
+        step = trainer.optimizer.step
+
+        def recording_step():  # the reduced gradients, as the optimizer is about to use them
+            grads.append(_rows_of_every_parameter(trainer, "grads"))
+            return step()
+
+        trainer.optimizer.step = recording_step
+        history = [trainer.train_step() for _ in range(steps)]
+        if save:
+            save_checkpoint(trainer, trainer.state.iteration)
+        from megatron.training.sharding import local
+
+        inner = [o.optimizer for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])]
+        held = {"adam": sum(local(v).numel() for o in inner for s in o.state.values() for k, v in s.items()
+                            if k != "step"),
+                "full": sum(p.numel() for p in trainer.model.module.parameters() if not hasattr(p, "_local_tensor"))
+                or sum(p.numel() for p in trainer.model.module.parameters())}
+        return {"history": [(loss, norm) for loss, norm, _ in history], "grads": grads,
+                "params": _rows_of_every_parameter(trainer, "params"), "iteration": trainer.state.iteration,
+                "wrapper": type(trainer.model).__name__, "optimizer": type(trainer.optimizer).__name__,
+                "sharding": trainer.config.parallel, "held": held}
+
+
+def _whole(ranks: list, pick) -> dict:
+    """Whole tensors from each rank's (first row, rows)."""
+    out = {}
+    for r in ranks:
+        for name, (row, rows) in pick(r).items():
+            if name not in out:
+                out[name] = {}
+            out[name][row] = rows
+    return {name: torch.cat([parts[k] for k in sorted(parts) if parts[k].numel()]) for name, parts in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _run(world: int, extra: tuple, cuda_path: bool, steps: int = STEPS):
+    return run_world(world, _worker, FLAGS + list(extra), steps, cuda_path, None, _initial_weights(),
+                     backend=MAPPED_BACKEND if cuda_path else None)
+
+
+def _assert_same_training(got: list, want: list) -> None:
+    for (g_loss, g_norm), (w_loss, w_norm) in zip(got[0]["history"], want[0]["history"]):
+        assert g_loss == pytest.approx(w_loss, rel=1e-6)
+        assert g_norm == pytest.approx(w_norm, rel=1e-5)
+    for step in range(STEPS):
+        have = _whole(got, lambda r: r["grads"][step])
+        ref = _whole(want, lambda r: r["grads"][step])
+        assert have.keys() == ref.keys()
+        scale = max(g.abs().max().item() for g in ref.values())
+        for name in ref:
+            assert (have[name] - ref[name]).abs().max().item() <= 1e-5 * scale, (step, name)
+    have, ref = _whole(got, lambda r: r["params"]), _whole(want, lambda r: r["params"])
+    for name in ref:
+        assert (have[name] - ref[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("strategy", ["optim", "optim_grads", "optim_grads_params"])
+def test_megatron_fsdp_trains_as_the_unsharded_run(strategy):
+    """FPDT 2: megatron-core's FullyShardedDataParallel and distributed optimizer on the GPU path
+    give the unsharded CPU path's losses, gradient norms, gradients and parameters; each rank
+    holds half of the Adam state."""
+    got = _run(2, (*FSDP, strategy), True)
+    want = _run(2, (), False)
+    assert {r["wrapper"] for r in got} == {"FullyShardedDataParallel"}
+    assert {r["optimizer"] for r in got} == {"MegatronFSDPOptimizer"}
+    _assert_same_training(got, want)
+    assert got[0]["history"][-1][0] < got[0]["history"][0][0]
+    for r in got:
+        assert r["held"]["adam"] == pytest.approx(2 * r["held"]["full"] / 2, rel=0.05)
+
+
+@pytest.mark.slow
+def test_megatron_fsdp_over_fpdt_and_data_ranks_trains_as_the_unsharded_run():
+    """FPDT 2 x DP 2 (4 processes): shards over all four data x FPDT ranks."""
+    got = _run(4, (*FSDP, "optim_grads_params"), True)
+    _assert_same_training(got, _run(4, (), False))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ((*FSDP, "optim"), dict(use_distributed_optimizer=True, use_torch_fsdp2=False)),
+    ((*FSDP, "optim_grads"), dict(use_distributed_optimizer=False, use_torch_fsdp2=True,
+                                  fsdp_reshard_after_forward=False)),
+    ((*FSDP, "optim_grads_params"), dict(use_distributed_optimizer=False, use_torch_fsdp2=True,
+                                         fsdp_reshard_after_forward=True)),
+    (("--use-torch-fsdp2",), dict(use_torch_fsdp2=True))], ids=["optim", "optim_grads", "optim_grads_params",
+                                                                "torch-fsdp2"])
+def test_on_the_cpu_the_same_flags_shard_by_this_projects_implementations(flags, expected):
+    """Megatron-FSDP needs CUDA streams: on the CPU path the strategy maps onto the distributed
+    optimizer (optim) or FSDP2 (the others), which train as the unsharded run from the same
+    weights-only checkpoint. (FSDP2 loaded a weights-only checkpoint's SwiGLU ``fc1`` in
+    megatron-core's TP layout, not its own, until 2026-12-01: 0.02% off in the first loss.)"""
+    got = _run(2, flags, False)
+    for r in got:
+        assert r["wrapper"] != "FullyShardedDataParallel" and not r["sharding"].use_megatron_fsdp
+        for field, value in expected.items():
+            assert getattr(r["sharding"], field) == value, field
+    for (g_loss, g_norm), (w_loss, w_norm) in zip(got[0]["history"], _run(2, (), False)[0]["history"]):
+        assert g_loss == pytest.approx(w_loss, rel=1e-6) and g_norm == pytest.approx(w_norm, rel=1e-5)
+
+
+def test_megatron_fsdp_checkpoints_resume_exactly_and_load_unsharded(tmp_path):
+    """Saved after 2 steps, resumed for 2 more: the uninterrupted run's losses and gradient norms,
+    exactly; the same checkpoint continues on the unsharded CPU path (HostAdamW, the optimizer
+    state included: its layout is HostAdamW's) with them too."""
+    flags = FLAGS + [*FSDP, "optim_grads_params"]
+    whole = run_world(2, _worker, flags, 4, True, None, _initial_weights(), backend=MAPPED_BACKEND)[0]["history"]
+    save = str(tmp_path / "ckpt")
+    first = run_world(2, _worker, flags, 2, True, save, _initial_weights(), backend=MAPPED_BACKEND)
+    second = run_world(2, _worker, flags, 2, True, None, save, backend=MAPPED_BACKEND)
+    assert first[0]["iteration"] == 2 and second[0]["iteration"] == 4
+    assert first[0]["history"] + second[0]["history"] == whole
+    unsharded = run_world(2, _worker, FLAGS, 2, False, None, save)[0]["history"]
+    for (g_loss, g_norm), (w_loss, w_norm) in zip(unsharded, whole[2:]):
+        assert g_loss == pytest.approx(w_loss, rel=1e-6) and g_norm == pytest.approx(w_norm, rel=1e-5)
