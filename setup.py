@@ -18,6 +18,7 @@ setup(
         "torch>=2.4,<2.15",
         # 0.16.x is the newest on Python 3.11 and installs on 3.12 too: one API everywhere.
         "megatron-core>=0.16.1,<0.17",
+        "einops",  # megatron-core's Megatron-FSDP adapter (--use-megatron-fsdp) needs it without declaring it
         "numpy",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
         "sentencepiece>=0.2",  # SentencePieceTokenizer / Llama2Tokenizer

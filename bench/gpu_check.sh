@@ -23,7 +23,7 @@ if [[ "$MODE" == "--prepare" ]]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl "megatron-core==0.16.1"
+        --platform manylinux2014_x86_64 -d .whl "megatron-core==0.16.1" "einops"
 fi
 
 PYTHON=${PYTHON:-python3}
@@ -67,7 +67,7 @@ check() { phase "$1" "$2" "$PYTHON" bench/gpu_check.py "$1" --jsonl "$RESULTS" $
 
 check env 60
 check ceilings 60
-phase tests 180 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 -o addopts= \
+phase tests 210 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 -o addopts= \
     tests/unit/test_kernels.py tests/unit/test_offload.py tests/unit/test_disk.py tests/unit/test_gpu_attention.py tests/e2e/test_gpu_training.py
 check kernels 90
 check attention 90

@@ -3,6 +3,9 @@ rank), ZeRO-1 (--use-distributed-optimizer) and FSDP2 (--use-torch-fsdp2), FPDT 
 and, for comparison, the same N ranks as N pipeline stages (--pipeline-model-parallel-size N,
 FPDT 1: each rank holds its stage's layers and one vocabulary matrix), and as 2 stages of N/2
 FPDT ranks with FSDP2 (``pipeline-fsdp2``, N >= 4: each stage's share sharded N/2 ways).
+``megatron-fsdp-<strategy>``: megatron-core's Megatron-FSDP (--use-megatron-fsdp, the GPU path)
+run on the CPU under the CUDA-path test harness (tests/cuda_on_cpu.py); its bytes are those of
+its buffers (model weights, float32 master weights, float32 gradients) and Adam's moments.
 
     python bench/sharding_memory.py                        # llama-tiny, FPDT 2 and 4, 2048 tokens
     python bench/sharding_memory.py --model llama-wide --nproc 2 --bf16
@@ -15,7 +18,8 @@ the same point: the gathered layers, unreduced gradients and activations at thei
 ``--microbatches M`` the step accumulates M micro batches' gradients). The expected factors (the
 planner's accounting, tools/memory_planner.py): unsharded 1; ZeRO-1 divides the optimizer state
 by N; FSDP2 divides all three by N; N stages hold the planner's params_per_rank at PP N over PP 1,
-and 2 sharded stages that of PP 2 over N/2.
+and 2 sharded stages that of PP 2 over N/2; Megatron-FSDP's optim divides the optimizer state by N,
+optim_grads the gradients too, optim_grads_params all three.
 Ratios are against the unsharded run in the same invocation.
 """
 
@@ -30,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import MODEL, setup_config  # noqa: E402
 
-SETUPS = ("unsharded", "zero1", "fsdp2", "pipeline", "pipeline-fsdp2")
+SETUPS = ("unsharded", "zero1", "fsdp2", "pipeline", "pipeline-fsdp2", "megatron-fsdp-optim",
+          "megatron-fsdp-optim_grads", "megatron-fsdp-optim_grads_params")
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
@@ -44,7 +49,8 @@ def _bytes(tensors) -> int:
     return sum(local(t).numel() * t.element_size() for t in tensors if t is not None)
 
 
-def census_worker(rank, world_size, config):
+def _one_step(config):
+    """(a trainer after one step, the resident bytes before its model was built)."""
     import gc
 
     from megatron.training.initialize import initialize
@@ -56,6 +62,16 @@ def census_worker(rank, world_size, config):
     trainer = Trainer(config, groups)
     trainer.train_step()
     gc.collect()
+    return trainer, before
+
+
+def census_worker(rank, world_size, config):
+    if config.parallel.use_megatron_fsdp:
+        from tests.cuda_on_cpu import cuda_path_on_cpu
+
+        with cuda_path_on_cpu():
+            return _megatron_fsdp_census(config)
+    trainer, before = _one_step(config)
     module, opt = trainer.model.module, trainer.optimizer
     params = list(module.parameters())
     sharded = config.parallel.use_torch_fsdp2
@@ -63,6 +79,24 @@ def census_worker(rank, world_size, config):
     state = [v for s in opt.optimizer.state.values() for k, v in s.items() if k != "step"]
     masters = [m for m, p in opt._pairs if m is not p]
     return {"params": _bytes(params), "grads": _bytes(grads), "optimizer": _bytes(state) + _bytes(masters),
+            "rss": _rss_bytes() - before, "peak": _rss_bytes("VmHWM") - before}
+
+
+def _megatron_fsdp_census(config) -> dict:
+    """The same census of Megatron-FSDP: its buffers' local storage (each rank's shard, or the whole
+    buffer where the strategy does not shard it) and Adam's moments."""
+    trainer, before = _one_step(config)
+    buffers = {"params": [], "grads": [], "optimizer": []}
+    for group in trainer.model.module.param_and_grad_buffer.parameter_groups:
+        for kind, buffer in (("params", group.model_weight_buffer), ("optimizer", group.main_weight_buffer),
+                             ("grads", group.main_grad_buffer)):
+            if buffer is not None and buffer.data is not None and (kind != "optimizer"
+                                                                    or buffer is not group.model_weight_buffer):
+                buffers[kind].append(buffer.data)
+    state = [v for opt in trainer.optimizer.chained_optimizers for s in opt.optimizer.state.values()
+             for k, v in s.items() if k != "step"]
+    return {"params": _bytes(buffers["params"]), "grads": _bytes(buffers["grads"]),
+            "optimizer": _bytes(buffers["optimizer"]) + _bytes(state),
             "rss": _rss_bytes() - before, "peak": _rss_bytes("VmHWM") - before}
 
 
@@ -82,7 +116,15 @@ def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool, microbatch
         parallel = dataclasses.replace(parallel, fpdt_parallel_size=nproc // 2, pipeline_model_parallel_size=2,
                                        use_torch_fsdp2=True)
         fpdt = dataclasses.replace(fpdt, fpdt_parallel_size=nproc // 2)
-    results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel, fpdt=fpdt))
+    backend = None
+    if setup.startswith("megatron-fsdp-"):
+        from tests.cuda_on_cpu import MAPPED_BACKEND
+
+        parallel = dataclasses.replace(parallel, use_megatron_fsdp=True,
+                                       data_parallel_sharding_strategy=setup.removeprefix("megatron-fsdp-"))
+        backend = MAPPED_BACKEND
+    results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel, fpdt=fpdt),
+                        backend=backend)
     return {k: max(r[k] for r in results) for k in results[0]}  # the largest rank
 
 
@@ -119,7 +161,10 @@ def main(argv=None) -> None:
             own = r["params"] + r["grads"] + r["optimizer"]
             expected = {"unsharded": 1.0, "zero1": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
                         "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n),
-                        "pipeline-fsdp2": _stage_share(args.model, 2) / (n // 2)}[setup]
+                        "pipeline-fsdp2": _stage_share(args.model, 2) / (n // 2),
+                        "megatron-fsdp-optim": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
+                        "megatron-fsdp-optim_grads": (base["params"] + (base["grads"] + base["optimizer"]) / n) / total,
+                        "megatron-fsdp-optim_grads_params": 1.0 / n}[setup]
             print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
                   f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} | "
                   f"{r['peak'] / mib:.0f} |", flush=True)

@@ -55,3 +55,18 @@ def assert_no_worker_traceback(out: str) -> None:
     """torchrun itself ends with a traceback (ChildFailedError) when a worker exits non-zero; no
     worker may add one: a user error is one line."""
     assert out.count("Traceback (most recent call last)") <= 1 and "megatron/training" not in out, out
+
+
+def write_initial_weights(rank: int, world_size: int, flags: Sequence[str], path: str) -> None:
+    """A ``run_world`` worker: a weights-only checkpoint of the model the flags describe, built on
+    the CPU path, so that runs initialised differently (the GPU path initialises on its device
+    with the model-parallel RNG) start from the same weights."""
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.checkpointing import model_args_dict, write_checkpoint
+    from megatron.training.initialize import initialize
+    from megatron.training.models import build_model
+
+    args = validate_args(parse_args(list(flags)), world_size=world_size)
+    model = build_model(args, initialize(args), args.tokenizer.vocab_size)
+    write_checkpoint(path, 0, {"model": model.sharded_state_dict(), "kind": "weights",
+                               "model_args": model_args_dict(args), "true_vocab_size": args.tokenizer.vocab_size}, {})

@@ -82,6 +82,8 @@ class Plan:
     device: str = "cuda"
     distributed_optimizer: bool = True
     fsdp: bool = False  # --use-torch-fsdp2: parameters, gradients and optimizer state sharded over data x FPDT
+    # --use-megatron-fsdp's --data-parallel-sharding-strategy ("" without it): Megatron-FSDP on GPUs
+    megatron_fsdp: str = ""
     disk: bool = False  # --offload-dir: what offload moves off the device goes to a file, not host memory
     pp: int = 1  # pipeline stages (megatron-core's schedules)
     vp: int = 1  # virtual stages per pipeline rank (the interleaved schedule)
@@ -151,9 +153,11 @@ class Plan:
         """(name, device bytes, host bytes, disk bytes) of what does not depend on the sequence length."""
         n = self.params_per_rank()
         runtime = ("runtime buffers", self.RUNTIME[self.device], 0, 0)
-        if self.fsdp:
+        if self.megatron_fsdp and self.device == "cuda":
+            return self._megatron_fsdp_terms(n) + [runtime]
+        if self.fsdp or self.megatron_fsdp in ("optim_grads", "optim_grads_params"):  # (the CPU's equivalent)
             return self._fsdp_terms(n) + [runtime]
-        shard = self.dp * self.fpdt if self.distributed_optimizer else 1
+        shard = self.dp * self.fpdt if self.distributed_optimizer or self.megatron_fsdp else 1
         if self.device == "cpu":  # fp32 params and grad buffer; HostAdamW's moments split by whole
             # tensors (ZeRO-1), about 1/shard of them on each rank
             return [("parameters (fp32)", 4 * n, 0, 0), ("gradient buffer (fp32)", 4 * n, 0, 0),
@@ -182,6 +186,28 @@ class Plan:
                 ("FSDP gathered layers (current + prefetched)", 2 * a * layer, 0, 0),
                 ("FSDP layer gradient before reduce-scatter", (a + 4) * layer, 0, 0),
                 ("FSDP root unit gathered (embeddings, output)", a * root, 0, 0)]
+
+    def _megatron_fsdp_terms(self, n):
+        """megatron-core's Megatron-FSDP (megatron/training/megatron_fsdp.py) over N = data x FPDT
+        ranks, by its buffers: bf16 model weights (whole, or 1/N with optim_grads_params), float32
+        master weights and Adam's moments (1/N), float32 gradients (whole with optim, 1/N
+        otherwise). Transient, as FSDP2's: with sharded gradients one layer's float32 gradient
+        bucket before its reduce-scatter; with sharded parameters two layers gathered in bf16 (the
+        one computing, the one prefetched) and the root unit (embeddings, output layer, final norm).
+        The planner's accounting of its code, not measured on a GPU."""
+        shard, layer, root = self.dp * self.fpdt, self.layer_params(), self.stage_root_params()
+        strategy = self.megatron_fsdp
+        params = n / shard if strategy == "optim_grads_params" else n
+        terms = [(f"bf16 model weights{' (shards)' if strategy == 'optim_grads_params' else ''}", 2 * params, 0, 0),
+                 ("fp32 master weights + Adam moments (shards)", 12 * n / shard, 0, 0)]
+        if strategy == "optim":
+            return terms + [("gradient buffer (fp32)", 4 * n, 0, 0)]
+        terms += [("fp32 gradient shards", 4 * n / shard, 0, 0),
+                  ("gradient bucket before reduce-scatter (fp32, one layer)", 4 * layer, 0, 0)]
+        if strategy == "optim_grads_params":
+            terms += [("gathered layers (current + prefetched, bf16)", 2 * 2 * layer, 0, 0),
+                      ("root unit gathered (embeddings, output, bf16)", 2 * root, 0, 0)]
+        return terms
 
     def loss_rows(self):
         """Tokens per rank in one loss chunk, as the chunked loss sizes them."""
@@ -371,6 +397,11 @@ def main(argv=None) -> int:
                    help="optimizer state not split over the data x FPDT ranks (--use-distributed-optimizer off)")
     p.add_argument("--use-torch-fsdp2", action="store_true",
                    help="parameters, gradients and optimizer state sharded over the data x FPDT ranks (FSDP2)")
+    p.add_argument("--use-megatron-fsdp", action="store_true",
+                   help="megatron-core's Megatron-FSDP over the data x FPDT ranks, sharding what "
+                        "--data-parallel-sharding-strategy says")
+    p.add_argument("--data-parallel-sharding-strategy", choices=["optim", "optim_grads", "optim_grads_params"],
+                   default="optim_grads_params")
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline stages")
     p.add_argument("--vp", type=positive_int, default=1, help="virtual stages per pipeline rank (interleaved)")
     p.add_argument("--microbatches", type=positive_int, default=None,
@@ -392,11 +423,15 @@ def main(argv=None) -> int:
         p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt x --pp = {a.tp * a.fpdt * a.pp}")
     if model.layers % (a.pp * a.vp):
         p.error(f"the model's {model.layers} layers do not split over --pp {a.pp} x --vp {a.vp} stages evenly")
+    if a.use_megatron_fsdp and (a.tp > 1 or a.pp > 1 or a.use_torch_fsdp2):
+        p.error("--use-megatron-fsdp is planned (and run) over data x FPDT ranks alone: without --tp, --pp or "
+                "--use-torch-fsdp2 (--use-torch-fsdp2 composes with TP and stages)")
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,
                 distributed_optimizer=not a.no_distributed_optimizer, disk=a.disk, fsdp=a.use_torch_fsdp2, pp=a.pp,
-                vp=a.vp, microbatches=a.microbatches or 0)
+                vp=a.vp, microbatches=a.microbatches or 0,
+                megatron_fsdp=a.data_parallel_sharding_strategy if a.use_megatron_fsdp else "")
     try:
         check_layout(model, plan, a.seq_length)
     except ValueError as e:
@@ -413,7 +448,8 @@ def main(argv=None) -> int:
           + (f"; {plan.vp} virtual stages per rank" if plan.vp > 1 else "")
           + (f"; {plan.microbatches or plan.pp} micro batches per iteration" if plan.pp > 1 else "")
           + f"{'; FSDP2 over ' + str(plan.fpdt * plan.dp) + ' ranks' if plan.fsdp else ''}"
-          f"{' (to disk)' if plan.disk else ''}")
+          + (f"; Megatron-FSDP {plan.megatron_fsdp} over {plan.fpdt * plan.dp} ranks" if plan.megatron_fsdp else "")
+          + f"{' (to disk)' if plan.disk else ''}")
     print(f"at {seq} tokens, per GPU: device {dev / GiB:.1f} GiB of {a.gpu_mem_gib:g}, host {host / GiB:.1f} GiB "
           f"of {host_limit / GiB:.0f}")
     disk = sum(t[3] for t in terms)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from fpdt_ext import runtime
 from fpdt_ext.testing.spawn import run_world
 from tests.cuda_on_cpu import MAPPED_BACKEND, cuda_path_on_cpu
-from tests.helpers import TINY
+from tests.helpers import TINY, write_initial_weights
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins for CUDA paths; a GPU runs the real ones")
 
@@ -70,25 +70,12 @@ def test_every_process_group_takes_cpu_and_cuda_tensors():
             assert total == size, name
 
 
-def _initial_weights_worker(rank, world_size, flags, path):
-    """A weights-only checkpoint of the model the flags describe (CPU path)."""
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.checkpointing import model_args_dict, write_checkpoint
-    from megatron.training.initialize import initialize
-    from megatron.training.models import build_model
-
-    args = validate_args(parse_args(flags), world_size=world_size)
-    model = build_model(args, initialize(args), args.tokenizer.vocab_size)
-    write_checkpoint(path, 0, {"model": model.sharded_state_dict(), "kind": "weights",
-                               "model_args": model_args_dict(args), "true_vocab_size": args.tokenizer.vocab_size}, {})
-
-
 @functools.lru_cache(maxsize=None)
 def _initial_weights(dtype: str) -> str:
     import tempfile
 
     path = tempfile.mkdtemp(prefix=f"fpdt_init_{dtype}_")
-    run_world(2, _initial_weights_worker, TINY_LLAMA + (["--bf16"] if dtype == "bf16" else []), path)
+    run_world(2, write_initial_weights, TINY_LLAMA + (["--bf16"] if dtype == "bf16" else []), path)
     return path
 
 

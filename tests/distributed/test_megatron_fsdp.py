@@ -21,7 +21,7 @@ import torch
 from fpdt_ext import runtime
 from fpdt_ext.testing.spawn import run_world
 from tests.cuda_on_cpu import MAPPED_BACKEND, cuda_path_on_cpu
-from tests.helpers import TINY
+from tests.helpers import TINY, write_initial_weights
 
 STEPS = 3
 FLAGS = TINY + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "3e-3", "--lr-warmup-iters", "1",
@@ -31,25 +31,13 @@ FLAGS = TINY + ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "
 FSDP = ["--use-megatron-fsdp", "--use-distributed-optimizer", "--data-parallel-sharding-strategy"]
 
 
-def _initial_worker(rank, world_size, flags, path):
-    from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.checkpointing import model_args_dict, write_checkpoint
-    from megatron.training.initialize import initialize
-    from megatron.training.models import build_model
-
-    args = validate_args(parse_args(flags), world_size=world_size)
-    model = build_model(args, initialize(args), args.tokenizer.vocab_size)
-    write_checkpoint(path, 0, {"model": model.sharded_state_dict(), "kind": "weights",
-                               "model_args": model_args_dict(args), "true_vocab_size": args.tokenizer.vocab_size}, {})
-
-
 @functools.lru_cache(maxsize=None)
 def _initial_weights() -> str:
     """One set of starting weights for every run (the GPU path initialises its own otherwise)."""
     import tempfile
 
     path = tempfile.mkdtemp(prefix="fpdt_mfsdp_init_")
-    run_world(2, _initial_worker, FLAGS, path)
+    run_world(2, write_initial_weights, FLAGS, path)
     return path
 
 
@@ -159,6 +147,24 @@ def test_megatron_fsdp_trains_as_the_unsharded_run(strategy):
         assert r["held"]["adam"] == pytest.approx(2 * r["held"]["full"] / 2, rel=0.05)
 
 
+def test_megatron_fsdp_trains_the_baseline_model_over_data_ranks_with_gradient_accumulation():
+    """megatron-core's own GPTModel (no FPDT) over DP 2, two micro batches per step."""
+    i = FLAGS.index("--fpdt")
+    assert FLAGS[i:i + 5] == ["--fpdt", "--fpdt-parallel-size", "2", "--fpdt-chunk-size", "32"]
+    plain = FLAGS[:i] + FLAGS[i + 5:] + ["--global-batch-size", "4"]
+    got = run_world(2, _worker, plain + [*FSDP, "optim_grads_params"], STEPS, True, None, None,
+                    backend=MAPPED_BACKEND)
+    want = run_world(2, _worker, plain, STEPS, True, None, None, backend=MAPPED_BACKEND)
+    _assert_same_training(got, want)
+
+
+def test_megatron_fsdp_composes_with_fpdt_offload_and_full_recompute():
+    """FPDT's chunks offloaded to host memory, every layer recomputed in its backward (megatron-core's
+    checkpoint: a backward inside the backward) with its input offloaded too."""
+    extra = ("--fpdt-offload", "--recompute-granularity", "full", "--offload-recompute-inputs")
+    _assert_same_training(_run(2, (*FSDP, "optim_grads_params", *extra), True), _run(2, extra, False))
+
+
 @pytest.mark.slow
 def test_megatron_fsdp_over_fpdt_and_data_ranks_trains_as_the_unsharded_run():
     """FPDT 2 x DP 2 (4 processes): shards over all four data x FPDT ranks."""
@@ -188,17 +194,67 @@ def test_on_the_cpu_the_same_flags_shard_by_this_projects_implementations(flags,
         assert g_loss == pytest.approx(w_loss, rel=1e-6) and g_norm == pytest.approx(w_norm, rel=1e-5)
 
 
-def test_megatron_fsdp_checkpoints_resume_exactly_and_load_unsharded(tmp_path):
-    """Saved after 2 steps, resumed for 2 more: the uninterrupted run's losses and gradient norms,
-    exactly; the same checkpoint continues on the unsharded CPU path (HostAdamW, the optimizer
-    state included: its layout is HostAdamW's) with them too."""
-    flags = FLAGS + [*FSDP, "optim_grads_params"]
-    whole = run_world(2, _worker, flags, 4, True, None, _initial_weights(), backend=MAPPED_BACKEND)[0]["history"]
-    save = str(tmp_path / "ckpt")
-    first = run_world(2, _worker, flags, 2, True, save, _initial_weights(), backend=MAPPED_BACKEND)
-    second = run_world(2, _worker, flags, 2, True, None, save, backend=MAPPED_BACKEND)
+def _close(got, want, rel=1e-6):
+    for (g_loss, g_norm), (w_loss, w_norm) in zip(got, want):
+        assert g_loss == pytest.approx(w_loss, rel=rel) and g_norm == pytest.approx(w_norm, rel=max(rel, 1e-5))
+
+
+def _hf_export(load_dir, save_dir) -> dict:
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, "tools/checkpoint/convert.py", "--model-type", "llama", "--loader", "mcore",
+                           "--saver", "hf", "--load-dir", str(load_dir), "--save-dir", str(save_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(save_dir / "model.safetensors"))
+
+
+def test_megatron_fsdp_checkpoints_resume_exactly_load_unsharded_and_export(tmp_path):
+    """Saved after 2 steps and resumed for 2 more: the uninterrupted run's losses and gradient
+    norms, exactly. The checkpoint continues on the unsharded CPU path (HostAdamW, optimizer state
+    included: its layout is HostAdamW's) with them too; the unsharded run's checkpoint continues
+    under Megatron-FSDP; both export to the same Hugging Face weights."""
+    flags, init = FLAGS + [*FSDP, "optim_grads_params"], _initial_weights()
+    whole = run_world(2, _worker, flags, 4, True, None, init, backend=MAPPED_BACKEND)[0]["history"]
+    sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    first = run_world(2, _worker, flags, 2, True, str(sharded), init, backend=MAPPED_BACKEND)
+    second = run_world(2, _worker, flags, 2, True, None, str(sharded), backend=MAPPED_BACKEND)
     assert first[0]["iteration"] == 2 and second[0]["iteration"] == 4
     assert first[0]["history"] + second[0]["history"] == whole
-    unsharded = run_world(2, _worker, FLAGS, 2, False, None, save)[0]["history"]
-    for (g_loss, g_norm), (w_loss, w_norm) in zip(unsharded, whole[2:]):
-        assert g_loss == pytest.approx(w_loss, rel=1e-6) and g_norm == pytest.approx(w_norm, rel=1e-5)
+    _close(run_world(2, _worker, FLAGS, 2, False, None, str(sharded))[0]["history"], whole[2:])
+    run_world(2, _worker, FLAGS, 2, False, str(plain), init)
+    _close(run_world(2, _worker, flags, 2, True, None, str(plain), backend=MAPPED_BACKEND)[0]["history"], whole[2:])
+    exported, reference = _hf_export(sharded, tmp_path / "hf_sharded"), _hf_export(plain, tmp_path / "hf_plain")
+    assert exported.keys() == reference.keys() and len(exported) > 10
+    for name, want in reference.items():
+        torch.testing.assert_close(exported[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_bf16_megatron_fsdp_run_resumes_exactly_and_continues_unsharded(tmp_path):
+    """bf16: the float32 master weights (the sharded parameters) are saved as HostAdamW saves them,
+    so the run resumes bit for bit and the unsharded bf16 run continues it (bf16's precision)."""
+    flags, init = FLAGS + ["--bf16", *FSDP, "optim_grads_params"], _initial_weights()
+    whole = run_world(2, _worker, flags, 3, True, None, init, backend=MAPPED_BACKEND)[0]["history"]
+    saved = str(tmp_path / "bf16")
+    first = run_world(2, _worker, flags, 1, True, saved, init, backend=MAPPED_BACKEND)[0]["history"]
+    second = run_world(2, _worker, flags, 2, True, None, saved, backend=MAPPED_BACKEND)[0]["history"]
+    assert first + second == whole
+    _close(run_world(2, _worker, FLAGS + ["--bf16"], 2, False, None, saved)[0]["history"], whole[1:], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_megatron_fsdp_checkpoint_loads_over_another_number_of_ranks(tmp_path):
+    """Saved over 2 ranks (FPDT 2), loaded over 4 (FPDT 2 x DP 2): each rank's rows of every
+    parameter are the saved ones (the shards' places differ: they are uneven row blocks)."""
+    flags, saved = FLAGS + [*FSDP, "optim_grads_params"], str(tmp_path / "two")
+    two = run_world(2, _worker, flags, 2, True, saved, _initial_weights(), backend=MAPPED_BACKEND)
+    four = run_world(4, _worker, flags, 0, True, None, saved, backend=MAPPED_BACKEND)
+    want, got = _whole(two, lambda r: r["params"]), _whole(four, lambda r: r["params"])
+    assert four[0]["iteration"] == 2 and got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

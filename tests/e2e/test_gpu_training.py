@@ -1,6 +1,7 @@
 """Training on one CUDA device, end to end: the CUDA path of pretrain_llama.py (NCCL world of one with
 the device-mapped backend, megatron-core's DDP and optimizer, bf16, FPDT chunks offloaded to pinned
-host memory, checkpointed inputs offloaded), FSDP2 over one rank, and exact resume from a checkpoint.
+host memory, checkpointed inputs offloaded), FSDP2 and Megatron-FSDP over one rank, and exact resume from a
+checkpoint.
 
 Skipped without a GPU; run by bench/gpu_check.sh on a lent machine.
 """
@@ -33,7 +34,9 @@ def _run(tmp_path, name, extra):
 
 SETUPS = {"fpdt": FPDT, "baseline": [],
           # FSDP2 over one rank: its CUDA device mesh, bf16 gathers of float32 shards, HostAdamW on CUDA shards
-          "fpdt-fsdp2": FPDT + ["--use-torch-fsdp2"]}
+          "fpdt-fsdp2": FPDT + ["--use-torch-fsdp2"],
+          # megatron-core's Megatron-FSDP over one rank: its CUDA streams, buffers and distributed optimizer
+          "fpdt-megatron-fsdp": FPDT + ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params"]}
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

@@ -1,6 +1,7 @@
 """Megatron-LM's and DeepSpeed's flags here (megatron/training/compat.py): the sample- and token-based
 LR schedule against Megatron-LM's own arithmetic, DeepSpeed's JSON config, and the flag table."""
 
+import dataclasses
 import json
 
 import pytest
@@ -153,6 +154,35 @@ def test_translations():
         assert parallel.fsdp_reshard_after_forward == reshard
 
 
+def test_megatron_lm_s_megatron_fsdp_flags_reach_the_parallel_config():
+    """Megatron-LM's recipe for Megatron-FSDP (its user guide's required flags) parses here; on the CPU
+    each strategy maps onto this project's sharding (ParallelConfig.cpu_equivalent), and with FPDT
+    the chunked MLP returns its parameters' gradients once under the sharded-gradient strategies."""
+    fpdt = ("--fpdt", "--attention-dropout", "0")
+    for strategy, once, zero1, fsdp2, reshard in (("optim", False, True, False, True),
+                                                  ("optim_grads", True, False, True, False),
+                                                  ("optim_grads_params", True, False, True, True)):
+        config = config_of("--train-iters", "5", "--use-megatron-fsdp", "--data-parallel-sharding-strategy", strategy,
+                           "--no-gradient-accumulation-fusion", "--use-distributed-optimizer", "--ckpt-format",
+                           "fsdp_dtensor", *fpdt)
+        par = config.parallel
+        assert (par.use_megatron_fsdp, par.data_parallel_sharding_strategy) == (True, strategy)
+        assert config.fpdt.param_grads_once is once
+        cpu = par.cpu_equivalent()
+        assert not cpu.use_megatron_fsdp and cpu.data_parallel_sharding_strategy == "no_shard"
+        assert (cpu.use_distributed_optimizer, cpu.use_torch_fsdp2) == (zero1, fsdp2)
+        assert not fsdp2 or cpu.fsdp_reshard_after_forward is reshard
+        mapped = dataclasses.replace(config, parallel=cpu)  # as the Trainer does on the CPU
+        assert mapped.fpdt.param_grads_once is False
+    assert config_of("--train-iters", "5", *fpdt).fpdt.param_grads_once is False
+    from megatron.training.config import ParallelConfig
+
+    for sizes in (dict(pipeline_model_parallel_size=2), dict(tensor_model_parallel_size=2)):
+        with pytest.raises(ValueError, match="--use-megatron-fsdp is offered over data x FPDT ranks only, without "
+                                             "tensor or pipeline parallelism .*: use --use-torch-fsdp2"):
+            ParallelConfig(world_size=2, use_megatron_fsdp=True, data_parallel_sharding_strategy="optim", **sizes)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--zero-stage", "4"], "--zero-stage 4: ZeRO stages are 0 to 3"),
     (["--zero-stage", "3", "--use-distributed-optimizer"], "--use-torch-fsdp2 shards the optimizer state already"),
@@ -173,7 +203,15 @@ def test_translations():
     (["--num-experts", "1", "4"], "--num-experts 1 4 is not supported: no mixture-of-experts"),
     (["--optimizer", "sgd"], "--optimizer sgd is not supported: Adam is the only optimizer here"),
     (["--recompute-modules", "core_attn", "mlp"], "--recompute-modules core_attn mlp is not supported"),
-    (["--use-megatron-fsdp"], "--use-megatron-fsdp is not supported: Megatron-FSDP is not offered yet"),
+    (["--use-megatron-fsdp"], "--use-megatron-fsdp needs --data-parallel-sharding-strategy optim, optim_grads or "
+                              "optim_grads_params"),
+    (["--data-parallel-sharding-strategy", "optim"], "--data-parallel-sharding-strategy optim is Megatron-FSDP's: add "
+                                                     "--use-megatron-fsdp"),
+    (["--use-megatron-fsdp", "--use-torch-fsdp2", "--data-parallel-sharding-strategy", "optim"],
+     "--use-megatron-fsdp and --use-torch-fsdp2 are two sharding implementations: give one of them"),
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim", "--fp16"],
+     "--use-megatron-fsdp with --fp16 is not supported"),
+    (["--DDP-impl", "FSDP"], "for FSDP use --use-torch-fsdp2 or --use-megatron-fsdp"),
     (["--recompute-activations", "--checkpoint-activations"], "disagree"),
     (["--loss-scale", "4096", "--fp16"], "--loss-scale 4096 is not supported: a static fp16 loss scale"),
     (["--activations-checkpoint-method", "every"], "--activations-checkpoint-method every: use uniform or block"),

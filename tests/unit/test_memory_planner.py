@@ -105,6 +105,28 @@ def test_fsdp2_shards_the_model_state_as_measured_and_the_papers_8b_run_fits_80_
     assert sharded_state < 0.6 * state
 
 
+def test_megatron_fsdp_strategies_shard_what_they_name_and_the_papers_8b_run_fits_with_two_of_them():
+    """--use-megatron-fsdp: optim shards the master weights and Adam's moments, optim_grads the
+    float32 gradients too, optim_grads_params the bf16 weights too (each 1/N); at 8B on 4 x 80 GB at
+    2M tokens the whole float32 gradient buffer of optim does not fit, the other two do. On the
+    CPU the strategies are planned as the implementations that run them there."""
+    model, seq, host = Model(*PRESETS["llama3-8b"]), 2097152, 1000 * GiB / 4
+    plans = {s: Plan(model, gpus=4, fpdt=4, chunk_size=65536, megatron_fsdp=s)
+             for s in ("optim", "optim_grads", "optim_grads_params")}
+    n = plans["optim"].params_per_rank()
+    terms = {s: dict((t[0], t[1]) for t in p.static_terms()) for s, p in plans.items()}
+    assert terms["optim"]["gradient buffer (fp32)"] == 4 * n and terms["optim"]["bf16 model weights"] == 2 * n
+    assert terms["optim_grads"]["fp32 gradient shards"] == pytest.approx(n)
+    assert terms["optim_grads_params"]["bf16 model weights (shards)"] == pytest.approx(2 * n / 4)
+    for strategy in plans:
+        assert terms[strategy]["fp32 master weights + Adam moments (shards)"] == pytest.approx(3 * n)
+    assert [p.fits(seq, 80 * GiB, host) for p in plans.values()] == [False, True, True]
+    assert plans["optim_grads_params"].totals(seq)[0] < plans["optim_grads"].totals(seq)[0]
+    cpu = dict(model=Model(*PRESETS["llama-tiny"]), gpus=2, fpdt=2, device="cpu")
+    assert Plan(**cpu, megatron_fsdp="optim_grads_params").static_terms() == Plan(**cpu, fsdp=True).static_terms()
+    assert Plan(**cpu, megatron_fsdp="optim").static_terms() == Plan(**cpu).static_terms()
+
+
 def test_pipeline_stages_split_the_model_state_and_the_first_stage_holds_the_micro_batches_in_flight():
     """Each stage holds its layers and one vocabulary matrix; the first stage holds its layers'
     checkpointed inputs for min(PP, M) micro batches under 1F1B (so at M >= PP as many as without a
