@@ -19,7 +19,8 @@ the same point: the gathered layers, unreduced gradients and activations at thei
 planner's accounting, tools/memory_planner.py): unsharded 1; ZeRO-1 divides the optimizer state
 by N; FSDP2 divides all three by N; N stages hold the planner's params_per_rank at PP N over PP 1,
 and 2 sharded stages that of PP 2 over N/2; Megatron-FSDP's optim divides the optimizer state by N,
-optim_grads the gradients too, optim_grads_params all three.
+optim_grads the gradients too, optim_grads_params all three, and it keeps float32 master weights
+(1/N) apart from the model's weights in float32 runs too, which the expected ratio counts.
 Ratios are against the unsharded run in the same invocation.
 """
 
@@ -93,7 +94,7 @@ def _megatron_fsdp_census(config) -> dict:
             if buffer is not None and buffer.data is not None and (kind != "optimizer"
                                                                     or buffer is not group.model_weight_buffer):
                 buffers[kind].append(buffer.data)
-    state = [v for opt in trainer.optimizer.chained_optimizers for s in opt.optimizer.state.values()
+    state = [v for opt in trainer.optimizer.inner_optimizers() for s in opt.state.values()
              for k, v in s.items() if k != "step"]
     return {"params": _bytes(buffers["params"]), "grads": _bytes(buffers["grads"]),
             "optimizer": _bytes(buffers["optimizer"]) + _bytes(state),
@@ -157,14 +158,18 @@ def main(argv=None) -> None:
                 if s != "pipeline-fsdp2" or n >= 4}
         base = rows["unsharded"]
         total = base["params"] + base["grads"] + base["optimizer"]
+        # Megatron-FSDP keeps float32 master weights apart from the model's weights in float32 runs too
+        # (the unsharded fp32 run has none: its parameters are the masters); 1/N of them each
+        sharded_optimizer = (base["optimizer"] + (0 if args.bf16 else base["params"])) / n
         for setup, r in rows.items():
             own = r["params"] + r["grads"] + r["optimizer"]
             expected = {"unsharded": 1.0, "zero1": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
                         "fsdp2": 1.0 / n, "pipeline": _stage_share(args.model, n),
                         "pipeline-fsdp2": _stage_share(args.model, 2) / (n // 2),
-                        "megatron-fsdp-optim": (base["params"] + base["grads"] + base["optimizer"] / n) / total,
-                        "megatron-fsdp-optim_grads": (base["params"] + (base["grads"] + base["optimizer"]) / n) / total,
-                        "megatron-fsdp-optim_grads_params": 1.0 / n}[setup]
+                        "megatron-fsdp-optim": (base["params"] + base["grads"] + sharded_optimizer) / total,
+                        "megatron-fsdp-optim_grads": (base["params"] + base["grads"] / n + sharded_optimizer) / total,
+                        "megatron-fsdp-optim_grads_params": (base["params"] + base["grads"]) / n / total
+                        + sharded_optimizer / total}[setup]
             print(f"| {n} | {setup} | {r['params'] / mib:.1f} | {r['grads'] / mib:.1f} | {r['optimizer'] / mib:.1f} | "
                   f"{own / mib:.1f} | {own / total:.3f} ({expected:.3f}) | {r['rss'] / mib:.0f} | "
                   f"{r['peak'] / mib:.0f} |", flush=True)

@@ -197,11 +197,12 @@ class MegatronFSDPOptimizer:
     def param_groups(self):
         return self._optimizer.param_groups
 
-    def _inner(self):
+    def inner_optimizers(self) -> list:
+        """The torch optimizers megatron-core steps (one per chained optimizer)."""
         return [opt.optimizer for opt in getattr(self._optimizer, "chained_optimizers", [self._optimizer])]
 
     def _params(self) -> list:
-        return [p for inner in self._inner() for g in inner.param_groups for p in g["params"]]
+        return [p for inner in self.inner_optimizers() for g in inner.param_groups for p in g["params"]]
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """Adam moments and float32 master weights as tensors sharded like the model's parameters
@@ -211,7 +212,7 @@ class MegatronFSDPOptimizer:
         from megatron.training.optimizer import prime_adam_state
 
         names = {id(p): name for wrapper in self._wrappers for name, p in _sharded_params(wrapper).items()}
-        for inner in self._inner():
+        for inner in self.inner_optimizers():
             prime_adam_state(inner)  # before the first step its state does not exist yet
         state, masters, steps = {}, {}, set()
         for i, param in enumerate(self._params()):
@@ -222,7 +223,7 @@ class MegatronFSDPOptimizer:
             def like_model(tensor, prefix):
                 return make_sharded_optimizer_tensor(sharded, local(tensor).view(sharded.local_shape), prefix)
 
-            entry = next(inner.state[param] for inner in self._inner() if param in inner.state)
+            entry = next(inner.state[param] for inner in self.inner_optimizers() if param in inner.state)
             steps.add(float(entry["step"]))
             state[i] = {k: like_model(entry[k], f"optimizer.state.{k}") for k in ("exp_avg", "exp_avg_sq")}
             if self._keep_masters:
@@ -238,7 +239,7 @@ class MegatronFSDPOptimizer:
         with torch.no_grad():
             for i, entry in state["adam"]["state"].items():
                 param = params[i]
-                inner = next(inner for inner in self._inner() if param in inner.state)
+                inner = next(inner for inner in self.inner_optimizers() if param in inner.state)
                 target = inner.state[param]
                 for key, value in entry.items():
                     local(target[key]).copy_(value.view(local(target[key]).shape))
