@@ -232,7 +232,8 @@ class ParallelConfig:
                                  "optim_grads_params (no_shard is plain data parallelism: drop --use-megatron-fsdp)")
             if self.pipeline_model_parallel_size > 1 or self.tensor_model_parallel_size > 1:
                 raise ValueError("--use-megatron-fsdp is offered over data x FPDT ranks only, without tensor or "
-                                 "pipeline parallelism (its checkpoints are not laid out for them here yet): use "
+                                 "pipeline parallelism (megatron-core 0.16's Megatron-FSDP takes TP only with "
+                                 "TransformerEngine's layers; pipeline stages are not wired to it here): use "
                                  "--use-torch-fsdp2, which composes with both")
         elif strategy != "no_shard":
             raise ValueError(f"--data-parallel-sharding-strategy {strategy} is Megatron-FSDP's: add "

@@ -21,7 +21,9 @@ the parameters. So a Megatron-FSDP checkpoint resumes exactly, loads unsharded o
 size (optimizer state included, on the CPU path too), and into the Hugging Face converter.
 
 Not yet: tensor and pipeline parallelism with it (refused by ParallelConfig: use
---use-torch-fsdp2), ``no_shard`` (plain data parallelism: megatron-core's DDP). Tested on the CPU
+--use-torch-fsdp2; megatron-core 0.16's adapter takes TP only with TransformerEngine's layers, so
+the TP offsets of the checkpoint layout below are unexercised), ``no_shard`` (plain data
+parallelism: megatron-core's DDP). Tested on the CPU
 under the CUDA-path harness (tests/cuda_on_cpu.py, gloo standing in for NCCL); untested on GPU.
 """
 
@@ -125,10 +127,57 @@ def _whole_shapes_on_meta(module):
             mod._parameters[name] = param
 
 
+def _pieces(whole, first: int, rows: int) -> list:
+    """Where rows ``first .. first + rows`` of a TP-local parameter go in the saved tensors:
+    [(first local row, rows, ShardedTensor of the whole TP-local tensor)]. ``whole`` is what
+    megatron-core's ``sharded_state_dict`` gives for the TP-local tensor: one ShardedTensor, or a
+    SwiGLU ``fc1`` factory, whose TP-local [gate_t; up_t] rows go to two places (gate and up)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    parts = whole.build() if isinstance(whole, ShardedTensorFactory) else [whole]
+    out, start = [], 0
+    for part in parts:
+        height = part.local_shape[0]
+        lo, hi = max(first, start), min(first + rows, start + height)
+        if lo < hi:
+            out.append((lo - first, hi - lo, part, lo - start))
+        start += height
+    return out
+
+
+def _row_block_factory(key, data, whole, first: int, prepend: int):
+    """A factory for this rank's row block ``data`` of a parameter (or an optimizer tensor shaped
+    like it): one ShardedTensor per piece (:func:`_pieces`) at its rows' place in the whole tensor,
+    the stacked-layer axes megatron-core prepends given as axes of size 1 of the data (its uneven
+    sharding path reads no prepended axes; on disk the tensors are the regular path's)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    pieces = _pieces(whole, first, data.shape[0])
+
+    def build(key, data, replica_id, flattened_range):
+        built = []
+        for at, rows, part, offset in pieces:
+            block = data.narrow(0, at, rows)
+            shape = (1,) * prepend + tuple(block.shape)
+            global_offset = list(part.global_offset)
+            global_offset[prepend] += offset
+            built.append(ShardedTensor(
+                key=key, data=block.view(shape), dtype=block.dtype, local_shape=shape,
+                global_shape=tuple(part.global_shape), global_offset=tuple(global_offset), axis_fragmentations=None,
+                replica_id=_main_replica(part.replica_id), prepend_axis_num=0,
+                allow_shape_mismatch=part.allow_shape_mismatch))
+        return built
+
+    def merge(loaded):
+        return torch.cat([t.reshape(-1, *t.shape[prepend + 1:]) for t in loaded])
+
+    return ShardedTensorFactory(key, data, build, merge, replica_id=0)
+
+
 def model_sharded_state(wrapper, group) -> dict:
-    """The chunk's ``sharded_state_dict()`` (megatron-core's keys, layer offsets and replica ids)
-    with each sharded parameter saved as this rank's row block of the whole tensor; ranks holding
-    no rows of a parameter give nothing for it."""
+    """The chunk's ``sharded_state_dict()`` (megatron-core's keys, layer and TP offsets and replica
+    ids) with each sharded parameter saved as this rank's row block of its TP-local tensor, at the
+    block's place in the whole tensor; ranks holding no rows of a parameter give nothing for it."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     params = _sharded_params(wrapper)
@@ -141,23 +190,10 @@ def model_sharded_state(wrapper, group) -> dict:
         if key not in params or not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
             state[key] = item
             continue
-        param = params[key]
-        data = local(param)
-        if data.numel() == 0:
-            continue
-        # a SwiGLU fc1 factory splits [gate; up] into halves of the local tensor, which holds for TP
-        # shards, not row blocks: over TP 1 the whole tensor is [gate; up] as the parameter is
-        built = item.build()[0] if isinstance(item, ShardedTensorFactory) else item
-        # the stacked-layer axes megatron-core prepends, as axes of size 1 of the data (its uneven
-        # sharding path reads no prepended axes); on disk the same tensor as the regular path's
-        n = built.prepend_axis_num
-        shape = (1,) * n + tuple(data.shape)
-        state[key] = ShardedTensor(
-            key=item.key, data=data.view(shape), dtype=data.dtype, local_shape=shape,
-            global_shape=tuple(built.global_shape[:n]) + tuple(param.shape),
-            global_offset=tuple(built.global_offset[:n]) + (offsets[key],) + (0,) * (data.dim() - 1),
-            axis_fragmentations=None, replica_id=_main_replica(built.replica_id), prepend_axis_num=0,
-            allow_shape_mismatch=built.allow_shape_mismatch)
+        data = local(params[key])
+        if data.numel():
+            prepend = (item.build()[0] if isinstance(item, ShardedTensorFactory) else item).prepend_axis_num
+            state[key] = _row_block_factory(item.key, data, item, offsets[key], prepend)
     return state
 
 
@@ -221,7 +257,7 @@ class MegatronFSDPOptimizer:
                 continue
 
             def like_model(tensor, prefix):
-                return make_sharded_optimizer_tensor(sharded, local(tensor).view(sharded.local_shape), prefix)
+                return make_sharded_optimizer_tensor(sharded, local(tensor), prefix)
 
             entry = next(inner.state[param] for inner in self.inner_optimizers() if param in inner.state)
             steps.add(float(entry["step"]))

@@ -32,12 +32,13 @@ FSDP = ["--use-megatron-fsdp", "--use-distributed-optimizer", "--data-parallel-s
 
 
 @functools.lru_cache(maxsize=None)
-def _initial_weights() -> str:
-    """One set of starting weights for every run (the GPU path initialises its own otherwise)."""
+def _initial_weights(model: tuple = ()) -> str:
+    """One set of starting weights for every run of the model (FLAGS and the ``model`` flags):
+    the GPU path initialises its own otherwise."""
     import tempfile
 
     path = tempfile.mkdtemp(prefix="fpdt_mfsdp_init_")
-    run_world(2, write_initial_weights, FLAGS, path)
+    run_world(2, write_initial_weights, FLAGS + list(model), path)
     return path
 
 
@@ -111,9 +112,10 @@ def _whole(ranks: list, pick) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _run(world: int, extra: tuple, cuda_path: bool, steps: int = STEPS):
-    return run_world(world, _worker, FLAGS + list(extra), steps, cuda_path, None, _initial_weights(),
-                     backend=MAPPED_BACKEND if cuda_path else None)
+def _run(world: int, extra: tuple, cuda_path: bool, steps: int = STEPS, model: tuple = ()):
+    """``steps`` iterations from the initial weights of the model (FLAGS and ``model``) with ``extra``."""
+    return run_world(world, _worker, FLAGS + list(model) + list(extra), steps, cuda_path, None,
+                     _initial_weights(model), backend=MAPPED_BACKEND if cuda_path else None)
 
 
 def _assert_same_training(got: list, want: list) -> None:
