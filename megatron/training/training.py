@@ -457,7 +457,6 @@ def describe_plan(config: RunConfig) -> str:
     ]
     if t.batch_schedule is not None:
         lines.insert(4, f"  ramp-up: {t.batch_schedule.describe()}; {config.train_samples_total} samples in all")
-    ranks = par.data_parallel_size * sp
     if par.pipeline_model_parallel_size > 1:
         chunks = par.model_chunks
         stages = par.stage_layers(model.num_layers)
