@@ -225,6 +225,13 @@ class MegatronFSDPOptimizer:
         self._optimizer = optimizer
         self._wrappers = wrappers
         self._keep_masters = params_dtype != torch.float32  # as HostAdamW: masters kept apart from bf16
+        others = sorted({type(o).__name__ for o in self.inner_optimizers()
+                         if not isinstance(o, (torch.optim.Adam, torch.optim.AdamW))})
+        if others:  # TransformerEngine's or apex's FusedAdam keep their step and state otherwise
+            raise ValueError(f"--use-megatron-fsdp: megatron-core built its optimizer on {', '.join(others)} "
+                             f"(TransformerEngine or apex is installed), whose state this project's Megatron-FSDP "
+                             f"checkpoints do not read yet; use --use-torch-fsdp2, or run without TransformerEngine "
+                             f"and apex (megatron-core then steps with torch's AdamW)")
 
     def __getattr__(self, name):
         return getattr(self._optimizer, name)

@@ -305,7 +305,12 @@ def build_optimizer(config, model, groups):
         if config.parallel.use_megatron_fsdp:
             from megatron.training.megatron_fsdp import MegatronFSDPOptimizer
 
-            optimizer = MegatronFSDPOptimizer(optimizer, chunks, getattr(torch, t.params_dtype))
+            try:
+                optimizer = MegatronFSDPOptimizer(optimizer, chunks, getattr(torch, t.params_dtype))
+            except ValueError as e:  # an installation this path does not take: a usage error
+                from megatron.training.arguments import ArgumentError
+
+                raise ArgumentError(str(e)) from None
         else:
             _load_torch_adam_step_through_distributed_optimizer(optimizer)
     else:
