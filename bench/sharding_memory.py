@@ -87,12 +87,13 @@ def _megatron_fsdp_census(config) -> dict:
     """The same census of Megatron-FSDP: its buffers' local storage (each rank's shard, or the whole
     buffer where the strategy does not shard it) and Adam's moments."""
     trainer, before = _one_step(config)
-    buffers = {"params": [], "grads": [], "optimizer": []}
+    buffers, seen = {"params": [], "grads": [], "optimizer": []}, set()
     for group in trainer.model.module.param_and_grad_buffer.parameter_groups:
         for kind, buffer in (("params", group.model_weight_buffer), ("optimizer", group.main_weight_buffer),
                              ("grads", group.main_grad_buffer)):
-            if buffer is not None and buffer.data is not None and (kind != "optimizer"
-                                                                    or buffer is not group.model_weight_buffer):
+            # each buffer once (the master weights may be the model weights' buffer itself)
+            if buffer is not None and buffer.data is not None and id(buffer) not in seen:
+                seen.add(id(buffer))
                 buffers[kind].append(buffer.data)
     state = [v for opt in trainer.optimizer.inner_optimizers() for s in opt.state.values()
              for k, v in s.items() if k != "step"]

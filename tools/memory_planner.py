@@ -40,6 +40,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fpdt_ext.core.config import FPDTConfig, check_heads, loss_chunk_tokens  # noqa: E402
+from megatron.training.config import SHARDING_STRATEGIES  # noqa: E402
 from megatron.training.flops import parameter_count  # noqa: E402
 
 PRESETS = {
@@ -400,7 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--use-megatron-fsdp", action="store_true",
                    help="megatron-core's Megatron-FSDP over the data x FPDT ranks, sharding what "
                         "--data-parallel-sharding-strategy says")
-    p.add_argument("--data-parallel-sharding-strategy", choices=["optim", "optim_grads", "optim_grads_params"],
+    p.add_argument("--data-parallel-sharding-strategy", choices=SHARDING_STRATEGIES[1:],  # all but no_shard
                    default="optim_grads_params")
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline stages")
     p.add_argument("--vp", type=positive_int, default=1, help="virtual stages per pipeline rank (interleaved)")

@@ -39,8 +39,8 @@ from fpdt_ext.core.config import FPDTConfig
 from fpdt_ext.memory.disk import check_offload_dir
 from megatron.training import compat
 from megatron.training.compat import add_compat_args
-from megatron.training.config import (CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig,
-                                      TokenizerConfig, TrainingConfig)
+from megatron.training.config import (SHARDING_STRATEGIES, CheckpointConfig, DataConfig, ModelConfig, ParallelConfig,
+                                      RunConfig, TokenizerConfig, TrainingConfig)
 from megatron.training.data import check_dataset_files, resolve_split
 from megatron.training.observability import add_observability_args
 from megatron.training.tokenizer import add_tokenizer_args, check_tokenizer_args, load_tokenizer
@@ -134,7 +134,7 @@ def _add_parallel_args(p):
                         "--data-parallel-sharding-strategy says (GPU; on the CPU the same sharding by the "
                         "distributed optimizer or FSDP2; untested on GPU)")
     g.add_argument("--data-parallel-sharding-strategy", default="no_shard",
-                   choices=("no_shard", "optim", "optim_grads", "optim_grads_params"),
+                   choices=SHARDING_STRATEGIES,
                    help="with --use-megatron-fsdp: optim (ZeRO-1), optim_grads (ZeRO-2) or optim_grads_params "
                         "(ZeRO-3)")
     g.add_argument("--overlap-grad-reduce", action="store_true",

@@ -190,10 +190,6 @@ MEGATRON_OPTIMIZER = "megatron-core's optimizer"
 def optimizer_format(optimizer) -> str:
     """Whose layout the optimizer state is saved in: HostAdamW's (the CPU path, and Megatron-FSDP's
     on GPU) or megatron-core's."""
-    from megatron.training.optimizer import HostAdamW
-
-    if isinstance(optimizer, HostAdamW):
-        return "HostAdamW"
     return getattr(optimizer, "state_layout", MEGATRON_OPTIMIZER)
 
 

@@ -35,7 +35,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from megatron.training.sharding import local
+from megatron.training.sharding import local, main_replica_id
 
 
 def wrap(chunks, strategy: str, groups, device) -> list:
@@ -145,7 +145,7 @@ def _pieces(whole, first: int, rows: int) -> list:
     return out
 
 
-def _row_block_factory(key, data, whole, first: int, prepend: int):
+def _row_block_factory(key, data, whole, first: int):
     """A factory for this rank's row block ``data`` of a parameter (or an optimizer tensor shaped
     like it): one ShardedTensor per piece (:func:`_pieces`) at its rows' place in the whole tensor,
     the stacked-layer axes megatron-core prepends given as axes of size 1 of the data (its uneven
@@ -153,6 +153,7 @@ def _row_block_factory(key, data, whole, first: int, prepend: int):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     pieces = _pieces(whole, first, data.shape[0])
+    prepend = pieces[0][2].prepend_axis_num  # (the same for every piece)
 
     def build(key, data, replica_id, flattened_range):
         built = []
@@ -164,7 +165,7 @@ def _row_block_factory(key, data, whole, first: int, prepend: int):
             built.append(ShardedTensor(
                 key=key, data=block.view(shape), dtype=block.dtype, local_shape=shape,
                 global_shape=tuple(part.global_shape), global_offset=tuple(global_offset), axis_fragmentations=None,
-                replica_id=_main_replica(part.replica_id), prepend_axis_num=0,
+                replica_id=main_replica_id(part.replica_id), prepend_axis_num=0,  # every rank's rows its own
                 allow_shape_mismatch=part.allow_shape_mismatch))
         return built
 
@@ -192,14 +193,8 @@ def model_sharded_state(wrapper, group) -> dict:
             continue
         data = local(params[key])
         if data.numel():
-            prepend = (item.build()[0] if isinstance(item, ShardedTensorFactory) else item).prepend_axis_num
-            state[key] = _row_block_factory(item.key, data, item, offsets[key], prepend)
+            state[key] = _row_block_factory(item.key, data, item, offsets[key])
     return state
-
-
-def _main_replica(replica_id):
-    """Every rank's rows are its own: the data-parallel part of the replica id (the last) is 0."""
-    return (*replica_id[:-1], 0) if isinstance(replica_id, tuple) else 0
 
 
 def load_model_state(wrapper, state: dict) -> None:
@@ -219,7 +214,7 @@ class MegatronFSDPOptimizer:
     ``param_groups`` and the rest go to megatron-core's; its state is saved and loaded in
     HostAdamW's layout (megatron-core writes it only as ``fsdp_dtensor``)."""
 
-    state_layout = "HostAdamW"  # (checkpointing.optimizer_format)
+    state_layout = "HostAdamW"  # its checkpoints' optimizer layout is HostAdamW's (checkpointing.optimizer_format)
 
     def __init__(self, optimizer, wrappers, params_dtype):
         self._optimizer = optimizer

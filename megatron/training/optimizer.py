@@ -29,7 +29,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
 from fpdt_ext import runtime
-from megatron.training.sharding import is_sharded, like, local
+from megatron.training.sharding import is_sharded, like, local, main_replica_id
 
 
 def _param_groups(model, decoupled=None):
@@ -78,6 +78,8 @@ class HostAdamW:
     checkpoints here. The gradient norm is still taken over all parameters on every rank
     (each holds the reduced gradients), so a sharded run is bit for bit the unsharded one.
     """
+
+    state_layout = "HostAdamW"  # its checkpoints' optimizer layout (checkpointing.optimizer_format)
 
     def __init__(self, model, *, lr, weight_decay, betas, eps, clip_grad, tp_group, shard_group=None,
                  decoupled_lr=None, fsdp_group=None, masters_are_params=False, pp_group=None):
@@ -275,8 +277,7 @@ def _load_torch_adam_step_through_distributed_optimizer(optimizer) -> None:
 
 def _main_replica(sharded):
     """``sharded`` with the data x FPDT part of its replica id (the last) set to 0."""
-    rid = sharded.replica_id
-    return dataclasses.replace(sharded, replica_id=(*rid[:-1], 0) if isinstance(rid, tuple) else 0)
+    return dataclasses.replace(sharded, replica_id=main_replica_id(sharded.replica_id))
 
 
 def build_optimizer(config, model, groups):

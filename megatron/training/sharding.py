@@ -177,6 +177,12 @@ def checkpoint_layout(sharded_state: dict, group, tp_group=None) -> dict:
     return dict_list_map_inplace(plain, sharded_state)
 
 
+def main_replica_id(replica_id):
+    """A ShardedTensor's replica id with its data x FPDT part (the last) 0: the copy a rank saves
+    and loads as its own (a shard, or the part of a split it owns)."""
+    return (*replica_id[:-1], 0) if isinstance(replica_id, tuple) else 0
+
+
 def local(tensor):
     """This rank's shard of a DTensor, the very tensor it holds (megatron-core's sharded_state_dict
     keeps that one, and checkpoints match optimizer state to it by identity); a plain tensor as it is."""

@@ -29,6 +29,7 @@ from fpdt_ext import runtime
 from fpdt_ext.mcore.parallel_state import ParallelGroups
 from fpdt_ext.memory.offload import MemoryTiers
 from fpdt_ext.memory.saved import SavedTensorsToHost
+from megatron.training import megatron_fsdp
 from megatron.training.arguments import ArgumentError, parse_args, startup_notes, validate_args
 from megatron.training.checkpointing import (CheckpointError, SaveLock, checkpoint_to_start_from, load_checkpoint,
                                              model_for_checkpoint, save_checkpoint)
@@ -36,7 +37,6 @@ from megatron.training.config import RunConfig
 from megatron.training.data import (MicroBatches, build_datasets, largest_token_ids, to_model_layout,
                                     tokens_beyond_vocabulary)
 from megatron.training.flops import device_peak_tflops, flops_per_token
-from megatron.training import megatron_fsdp
 from megatron.training.initialize import initialize
 from megatron.training.models import build_model_chunks, padded_vocab_size
 from megatron.training.observability import (ObservabilityConfig, RunObserver, StepTimers, loss_scale_of,
@@ -108,15 +108,16 @@ class Trainer:
         """``groups``: from :func:`~megatron.training.initialize.initialize` already (made here otherwise);
         ``observability``: TensorBoard, W&B, timers and profiling (default: none)."""
         self.runtime = runtime.current()
-        if config.parallel.use_megatron_fsdp and not self.runtime.cuda:
-            # Megatron-FSDP needs CUDA streams: the same sharding by this project's implementations
+        mapped = config.parallel.use_megatron_fsdp and not self.runtime.cuda
+        if mapped:  # Megatron-FSDP needs CUDA streams: the same sharding by this project's implementations
             config = dataclasses.replace(config, parallel=config.parallel.cpu_equivalent())
-            print_rank_0(f" --use-megatron-fsdp on the CPU: {describe_sharding(config.parallel)} (Megatron-FSDP "
-                         f"itself runs on GPUs)")
         self.config = config
         self.observability = observability or ObservabilityConfig()
         t = config.training
         self.groups = groups or initialize(config)
+        if mapped:
+            print_rank_0(f" --use-megatron-fsdp on the CPU: {describe_sharding(config.parallel)} (Megatron-FSDP "
+                         f"itself runs on GPUs)")
         # claimed before anything expensive: two runs must never save into one directory
         self.save_lock = SaveLock(config.checkpoint.save) if config.checkpoint.save else None
         self.device = self.runtime.device
