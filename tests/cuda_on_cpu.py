@@ -105,7 +105,10 @@ class _Event(_Stream):
 # what a GPU machine's torch.cuda answers (current_device: an index, which the mode sends to the CPU)
 _CUDA_CALLS = {"Stream": _Stream, "Event": _Event, "current_stream": lambda device=None: _Stream(),
                "default_stream": lambda device=None: _Stream(),
-               "stream": lambda stream=None: contextlib.nullcontext(), "current_device": lambda: 0}
+               "stream": lambda stream=None: contextlib.nullcontext(), "current_device": lambda: 0,
+               # the "device" generator is the CPU's (as cpu_shims' model-parallel RNG tracker)
+               "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+               "set_rng_state": lambda new_state, device="cuda": torch.set_rng_state(new_state)}
 
 
 @contextlib.contextmanager

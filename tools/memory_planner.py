@@ -424,9 +424,9 @@ def main(argv=None) -> int:
         p.error(f"--gpus {a.gpus} is not divisible by --tp x --fpdt x --pp = {a.tp * a.fpdt * a.pp}")
     if model.layers % (a.pp * a.vp):
         p.error(f"the model's {model.layers} layers do not split over --pp {a.pp} x --vp {a.vp} stages evenly")
-    if a.use_megatron_fsdp and (a.tp > 1 or a.pp > 1 or a.use_torch_fsdp2):
-        p.error("--use-megatron-fsdp is planned (and run) over data x FPDT ranks alone: without --tp, --pp or "
-                "--use-torch-fsdp2 (--use-torch-fsdp2 composes with TP and stages)")
+    if a.use_megatron_fsdp and (a.pp > 1 or a.use_torch_fsdp2):
+        p.error("--use-megatron-fsdp is planned (and run) without --pp or --use-torch-fsdp2: megatron-core 0.16's "
+                "Megatron-FSDP has no pipeline axis (--use-torch-fsdp2 composes with stages)")
     # the baseline is megatron-core's own: its layer checkpoints stay on the device
     plan = Plan(model, a.gpus, a.tp, 1 if a.baseline else a.fpdt, a.chunk_size, not a.no_offload,
                 not (a.no_offload_checkpoints or a.baseline), a.baseline, a.device,

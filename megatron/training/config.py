@@ -230,11 +230,11 @@ class ParallelConfig:
             if strategy == "no_shard":
                 raise ValueError("--use-megatron-fsdp needs --data-parallel-sharding-strategy optim, optim_grads or "
                                  "optim_grads_params (no_shard is plain data parallelism: drop --use-megatron-fsdp)")
-            if self.pipeline_model_parallel_size > 1 or self.tensor_model_parallel_size > 1:
-                raise ValueError("--use-megatron-fsdp is offered over data x FPDT ranks only, without tensor or "
-                                 "pipeline parallelism (megatron-core 0.16's Megatron-FSDP takes TP only with "
-                                 "TransformerEngine's layers; pipeline stages are not wired to it here): use "
-                                 "--use-torch-fsdp2, which composes with both")
+            if self.pipeline_model_parallel_size > 1:
+                raise ValueError("--use-megatron-fsdp does not take pipeline stages: megatron-core 0.16's Megatron-FSDP "
+                                 "lays its device mesh over every rank as data x context x tensor parallel, with no "
+                                 "pipeline axis (as in Megatron-LM). Use --use-torch-fsdp2, which shards each stage "
+                                 "over its data x FPDT ranks")
         elif strategy != "no_shard":
             raise ValueError(f"--data-parallel-sharding-strategy {strategy} is Megatron-FSDP's: add "
                              f"--use-megatron-fsdp (or use --use-torch-fsdp2 / --use-distributed-optimizer)")

@@ -20,11 +20,11 @@ state (Adam moments, float32 master weights with bf16) is saved in HostAdamW's l
 the parameters. So a Megatron-FSDP checkpoint resumes exactly, loads unsharded or at another
 size (optimizer state included, on the CPU path too), and into the Hugging Face converter.
 
-Not yet: tensor and pipeline parallelism with it (refused by ParallelConfig: use
---use-torch-fsdp2; megatron-core 0.16's adapter takes TP only with TransformerEngine's layers, so
-the TP offsets of the checkpoint layout below are unexercised), ``no_shard`` (plain data
-parallelism: megatron-core's DDP). Tested on the CPU
-under the CUDA-path harness (tests/cuda_on_cpu.py, gloo standing in for NCCL); untested on GPU.
+With TP, megatron-core's mesh is data x context x TP: each TP rank's slice of a parameter is
+sharded over its data x FPDT ranks, and its row blocks are saved at megatron-core's TP offsets.
+Pipeline stages are refused (ParallelConfig): megatron-core 0.16's mesh has no pipeline axis (use
+--use-torch-fsdp2). ``no_shard`` is plain data parallelism: megatron-core's DDP. Tested on the
+CPU under the CUDA-path harness (tests/cuda_on_cpu.py, gloo standing in for NCCL); untested on GPU.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def wrap(chunks, strategy: str, groups, device) -> list:
         grad_reduce_in_fp32=True, overlap_grad_reduce=strategy != "optim", overlap_param_gather=True,
         # the average as a multiply before a sum: NCCL's PREMUL_SUM fusion is NCCL's alone
         average_in_collective=False, gradient_reduce_div_fusion=False)
-    wrappers = [FullyShardedDataParallel(chunk.config, ddp_config, chunk, device=device,
-                                         pg_collection=groups.pg_collection) for chunk in chunks]
+    with _te_linear_type(), _random_state_kept():
+        wrappers = [FullyShardedDataParallel(chunk.config, ddp_config, chunk, device=device,
+                                             pg_collection=groups.pg_collection) for chunk in chunks]
     for wrapper in wrappers:
         wrapper.forward = functools.partial(_forward_with_root_hook, wrapper, wrapper.forward)
     if strategy == "optim":
@@ -61,6 +62,55 @@ def wrap(chunks, strategy: str, groups, device) -> list:
             # last micro batch take the overlapped path above: the buffer is reduced in finish_grad_sync only
             wrapper.no_sync = contextlib.nullcontext
     return wrappers
+
+
+@contextlib.contextmanager
+def _te_linear_type():
+    """megatron-core 0.16's adapter asks ``isinstance(module, TELinear)`` of every module holding a
+    TP parameter (a TE layer outside TP is TP-duplicated). Without TransformerEngine its
+    ``TELinear`` is a MagicMock, not a type, and the question raises; with TE installed it is
+    False for this project's layers (megatron-core's own linear layers, whose
+    ``tensor_model_parallel`` marks Megatron-FSDP reads). So while the wrapper is built, a type
+    nothing is an instance of stands in for it: the answer TE would give."""
+    from megatron.core.distributed.fsdp import mcore_fsdp_adapter
+
+    if isinstance(mcore_fsdp_adapter.TELinear, type):
+        yield
+        return
+
+    class NoTransformerEngineLinear:
+        pass
+
+    saved, mcore_fsdp_adapter.TELinear = mcore_fsdp_adapter.TELinear, NoTransformerEngineLinear
+    try:
+        yield
+    finally:
+        mcore_fsdp_adapter.TELinear = saved
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """Every random state as it was before: megatron-core 0.16's wrapper, with TP, gives every
+    TP rank TP rank 0's states, the model-parallel RNG tracker's among them, so TP ranks would draw
+    the same dropout masks for their different attention heads (Megatron seeds that tracker per TP
+    rank; the unsharded run keeps it so)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), tracker.get_states(),
+             torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        tracker.set_states(saved[3])
+        if saved[4] is not None:
+            torch.cuda.set_rng_state(saved[4])
 
 
 def _forward_with_root_hook(wrapper, forward, *args, **kwargs):
@@ -98,24 +148,37 @@ def _sharded_params(wrapper) -> dict:
 
 def _row_offsets(params: dict, group) -> dict:
     """{name: first global row of this rank's shard}: shards are whole rows in rank order."""
+    return _row_layout(params, group)[0]
+
+
+def _row_layout(params: dict, group) -> tuple:
+    """({name: this rank's first row}, {name: the TP-local whole shape}) of the sharded
+    parameters: the ranks' row blocks in rank order over the data x FPDT group. (A DTensor's own
+    shape is the whole tensor over TP as well.)"""
     rows = {name: local(p).shape[0] if p.dim() else 0 for name, p in params.items()}
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, rows, group=group)
     me = dist.get_rank(group)
-    return {name: sum(other[name] for other in everyone[:me]) for name in params}
+    offsets = {name: sum(other[name] for other in everyone[:me]) for name in params}
+    shapes = {name: (sum(other[name] for other in everyone), *local(p).shape[1:]) if p.dim() else ()
+              for name, p in params.items()}
+    return offsets, shapes
 
 
 @contextlib.contextmanager
-def _whole_shapes_on_meta(module):
-    """The module's parameters replaced by meta tensors of their whole shapes (tied ones stay
-    tied), then put back: megatron-core's ``sharded_state_dict`` derives each tensor's place from
-    its local shape, which for a row block (or none) is not the TP-local whole it expects."""
+def _whole_shapes_on_meta(module, shapes: dict):
+    """The module's parameters replaced by meta tensors of their TP-local whole shapes (``shapes``
+    by parameter name; tied ones stay tied), then put back: megatron-core's
+    ``sharded_state_dict`` derives each tensor's place from its local shape, which for a row block
+    (or none) is not the TP-local whole it expects."""
+    names = {id(p): name for name, p in module.named_parameters()}
     saved, meta = [], {}
     for mod in module.modules():
         for name, param in list(mod._parameters.items()):
             if param is not None:
                 if id(param) not in meta:
-                    meta[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                    shape = shapes[names[id(param)]]
+                    meta[id(param)] = torch.nn.Parameter(torch.empty(shape, dtype=param.dtype, device="meta"),
                                                          requires_grad=param.requires_grad)
                     meta[id(param)].__dict__.update(vars(param))  # megatron-core's marks (tensor_model_parallel, ...)
                 saved.append((mod, name, param))
@@ -182,9 +245,9 @@ def model_sharded_state(wrapper, group) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     params = _sharded_params(wrapper)
-    offsets = _row_offsets(params, group)
+    offsets, shapes = _row_layout(params, group)
     module = wrapper.module.module
-    with _whole_shapes_on_meta(module):
+    with _whole_shapes_on_meta(module, shapes):
         whole = module.sharded_state_dict()
     state = {}
     for key, item in whole.items():

@@ -177,10 +177,14 @@ def test_megatron_lm_s_megatron_fsdp_flags_reach_the_parallel_config():
     assert config_of("--train-iters", "5", *fpdt).fpdt.param_grads_once is False
     from megatron.training.config import ParallelConfig
 
-    for sizes in (dict(pipeline_model_parallel_size=2), dict(tensor_model_parallel_size=2)):
-        with pytest.raises(ValueError, match="--use-megatron-fsdp is offered over data x FPDT ranks only, without "
-                                             "tensor or pipeline parallelism .*: use --use-torch-fsdp2"):
-            ParallelConfig(world_size=2, use_megatron_fsdp=True, data_parallel_sharding_strategy="optim", **sizes)
+    with pytest.raises(ValueError, match="--use-megatron-fsdp does not take pipeline stages: .* no pipeline axis .* "
+                                         "Use --use-torch-fsdp2"):
+        ParallelConfig(world_size=2, use_megatron_fsdp=True, data_parallel_sharding_strategy="optim",
+                       pipeline_model_parallel_size=2)
+    # tensor parallelism composes (megatron-core's mesh: data x context x TP)
+    tp = ParallelConfig(world_size=4, use_megatron_fsdp=True, data_parallel_sharding_strategy="optim",
+                        tensor_model_parallel_size=2)
+    assert tp.tensor_model_parallel_size == 2 and tp.cpu_equivalent().tensor_model_parallel_size == 2
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -163,6 +163,33 @@ def test_the_papers_70b_run_at_4m_fits_32_gpus_of_80_gb_with_fpdt_32_and_fsdp2_n
     device, host_bytes = staged.totals(seq)[:2]
     assert device < 80 * GiB and host_bytes > host and not staged.fits(seq, 80 * GiB, host)
     assert not Plan(model, gpus=32, fpdt=8, pp=4, chunk_size=262144, fsdp=True).fits(seq, 80 * GiB, host)
+    # Megatron-FSDP shards as FSDP2 does here (its bf16 weights apart from the fp32 masters: a little more),
+    # with or without TP: TP 2 x FPDT 16 fits the device, but twice the tokens per rank bind the host again
+    mfsdp = Plan(model, gpus=32, fpdt=32, chunk_size=262144, megatron_fsdp="optim_grads_params")
+    assert mfsdp.fits(seq, 80 * GiB, host) and fitting.totals(seq)[0] < mfsdp.totals(seq)[0] < 70 * GiB
+    tp2 = Plan(model, gpus=32, tp=2, fpdt=16, chunk_size=262144, megatron_fsdp="optim_grads_params")
+    device, host_bytes = tp2.totals(seq)[:2]
+    assert device < 80 * GiB and host_bytes > host
+
+
+def test_megatron_fsdp_with_tp_shards_each_tp_ranks_slice_over_data_x_fpdt(capsys):
+    """TP 2 x FPDT 2: the strategies' terms are those of the TP-local model (half of it, but for
+    the norms) over the 2 FPDT ranks; with pipeline stages the CLI refuses, naming the cause."""
+    from tools.memory_planner import main
+
+    model = Model(*PRESETS["llama3-8b"])
+    tp2 = Plan(model, gpus=4, tp=2, fpdt=2, chunk_size=65536, megatron_fsdp="optim_grads_params")
+    tp1 = Plan(model, gpus=2, fpdt=2, chunk_size=65536, megatron_fsdp="optim_grads_params")
+    assert tp2.params_per_rank() == pytest.approx(tp1.params_per_rank() / 2, rel=1e-3)
+    terms = dict((t[0], t[1]) for t in tp2.static_terms())
+    assert terms["bf16 model weights (shards)"] == pytest.approx(2 * tp2.params_per_rank() / 2)
+    assert main(["--preset", "llama3-8b", "--gpus", "4", "--tp", "2", "--fpdt", "2", "--use-megatron-fsdp",
+                 "--data-parallel-sharding-strategy", "optim_grads_params"]) == 0
+    assert "TP 2 x FPDT 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--preset", "llama3-8b", "--gpus", "4", "--pp", "2", "--fpdt", "2", "--use-megatron-fsdp",
+              "--data-parallel-sharding-strategy", "optim_grads_params"])
+    assert "Megatron-FSDP has no pipeline axis" in capsys.readouterr().err
 
 
 def test_cli_explains_the_dominant_term():
