@@ -4,7 +4,12 @@ import os
 
 import pytest
 
+from fpdt_ext.testing import spawn
 from tests.helpers import ROOT
+
+# every rank of a multi-process test forks from one server that imported torch and megatron-core
+# once, instead of importing them again in a fresh interpreter (fpdt_ext/testing/spawn.py)
+spawn.START_METHOD = "forkserver"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,14 @@ rank; CPU tensors over gloo). ``backend=`` overrides it.
 
 A gloo collective that never matches waits forever, so every process group
 gets a timeout and the parent gives up after ``timeout`` seconds.
+
+Processes start as :data:`START_METHOD` says: ``"spawn"`` (a fresh interpreter
+each, what the benchmarks measure) or ``"forkserver"``, which the test suite
+uses (tests/conftest.py): one server process imports torch, megatron-core and
+this project once (:data:`PRELOAD`; no computation, so no thread pool or device
+state to inherit) and forks each rank from it, saving the few seconds of imports
+per process that dominate a short test. Either way a rank starts with the
+parent's current environment variables and working directory.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import torch.distributed as dist
 from fpdt_ext import runtime
 
 COLLECTIVE_TIMEOUT_S = 120  # gloo waits forever on a mismatched collective otherwise
+START_METHOD = "spawn"
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.training.training"]
 
 
 def free_port() -> int:
@@ -36,8 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, fn, args, results):
+def _worker(rank, world_size, port, backend, fn, args, results, env, cwd):
     try:
+        if os.environ != env:  # (a forked rank has the server's, from when it started)
+            os.environ.clear()
+            os.environ.update(env)
+        os.chdir(cwd)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         runtime.init_distributed(rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
                                  timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), backend=backend,
@@ -55,10 +69,14 @@ def _worker(rank, world_size, port, backend, fn, args, results):
 
 def run_world(world_size: int, fn, *args, timeout: float = 600, backend: Optional[str] = None):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the values by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # (read when the server starts: the first run)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results)) for r in range(world_size)]
+    env, cwd = dict(os.environ), os.getcwd()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results, env, cwd))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     values, errors, reported = {}, [], set()
