@@ -122,10 +122,10 @@ def main(argv=None):
     one_rank.append(("fpdt", max(args.chunks), True))
     print(f"# attention fwd+bwd, b=1, heads={args.heads}, head_dim={args.head_dim}, {args.dtype}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}", flush=True)
-    results = run_world(1, worker, one_rank, *common, timeout=24 * 3600)[0]
+    results = run_world(1, worker, one_rank, *common, timeout=24 * 3600, start_method="spawn")[0]
     if not args.no_two_ranks:
         two_ranks = [("fpdt", u, False) for u in args.chunks if u > 1] + [("fpdt", max(args.chunks), True)]
-        per_rank = run_world(2, worker, two_ranks, *common, timeout=24 * 3600)
+        per_rank = run_world(2, worker, two_ranks, *common, timeout=24 * 3600, start_method="spawn")
         for r0, r1 in zip(*per_rank):  # the slower rank and the larger peak
             results.append(dict(r0, seconds=max(r0["seconds"], r1["seconds"]),
                                 peak_bytes=max(r0["peak_bytes"], r1["peak_bytes"])))

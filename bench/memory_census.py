@@ -129,7 +129,7 @@ def main(argv=None):
 
         offload_dir = default_offload_dir()
     config = setup_config(a.kind, a.model, a.seq, a.nproc, a.chunk_size, False, False, offload_dir)
-    report = run_world(a.nproc, census_worker, config, timeout=7200)[0]
+    report = run_world(a.nproc, census_worker, config, timeout=7200, start_method="spawn")[0]
     hidden = config.model.hidden_size
     local = a.seq // (a.nproc if a.kind != "baseline" else 1)
     unit = local * hidden * 4

@@ -126,7 +126,7 @@ def measure(setup: str, model: str, seq: int, nproc: int, bf16: bool, microbatch
                                        data_parallel_sharding_strategy=setup.removeprefix("megatron-fsdp-"))
         backend = MAPPED_BACKEND
     results = run_world(nproc, census_worker, dataclasses.replace(config, parallel=parallel, fpdt=fpdt),
-                        backend=backend)
+                        backend=backend, start_method="spawn")
     return {k: max(r[k] for r in results) for k in results[0]}  # the largest rank
 
 

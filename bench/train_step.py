@@ -137,7 +137,7 @@ def measure(kind, model, seq, nproc, chunk=2048, steps=1, bf16=False, offload=No
     offload = runtime.Runtime.detect().cuda if offload is None else offload
     config = setup_config(kind, model, seq, nproc, chunk, bf16, offload, offload_dir)
     try:
-        per_rank = run_world(nproc, step_worker, config, steps, timeout=timeout)
+        per_rank = run_world(nproc, step_worker, config, steps, timeout=timeout, start_method="spawn")
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             return {"kind": kind, "seq": seq, "oom": True}

@@ -10,7 +10,7 @@ A gloo collective that never matches waits forever, so every process group
 gets a timeout and the parent gives up after ``timeout`` seconds.
 
 Processes start as :data:`START_METHOD` says: ``"spawn"`` (a fresh interpreter
-each, what the benchmarks measure) or ``"forkserver"``, which the test suite
+each; the benchmarks always ask for it) or ``"forkserver"``, which the test suite
 uses (tests/conftest.py): one server process imports torch, megatron-core and
 this project once (:data:`PRELOAD`; no computation, so no thread pool or device
 state to inherit) and forks each rank from it, saving the few seconds of imports
@@ -67,10 +67,14 @@ def _worker(rank, world_size, port, backend, fn, args, results, env, cwd):
             dist.destroy_process_group()
 
 
-def run_world(world_size: int, fn, *args, timeout: float = 600, backend: Optional[str] = None):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the values by rank."""
-    ctx = mp.get_context(START_METHOD)
-    if START_METHOD == "forkserver":
+def run_world(world_size: int, fn, *args, timeout: float = 600, backend: Optional[str] = None,
+              start_method: Optional[str] = None):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the values by rank.
+    ``start_method``: :data:`START_METHOD` unless given (a memory benchmark gives "spawn": a
+    forked rank's resident set counts the pages of every module the server imported)."""
+    start_method = start_method or START_METHOD
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # (read when the server starts: the first run)
     results = ctx.Queue()
     port = free_port()

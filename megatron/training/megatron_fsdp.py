@@ -17,8 +17,10 @@ writes the ``torch_dist`` checkpoint every run writes. Each rank's shard of a pa
 of whole rows of it, of uneven size, so it is saved as a ShardedTensor at its row offset without a
 regular grid (megatron-core leaves those to torch DCP, which reshards by overlap). The optimizer
 state (Adam moments, float32 master weights with bf16) is saved in HostAdamW's layout, keyed by
-the parameters. So a Megatron-FSDP checkpoint resumes exactly, loads unsharded or at another
-size (optimizer state included, on the CPU path too), and into the Hugging Face converter.
+the parameters, from torch's AdamW or, with TransformerEngine or apex installed, their FusedAdam
+(whose step count is per parameter group). So a Megatron-FSDP checkpoint resumes exactly, loads
+unsharded or at another size (optimizer state included, on the CPU path too), and into the
+Hugging Face converter.
 
 With TP, megatron-core's mesh is data x context x TP: each TP rank's slice of a parameter is
 sharded over its data x FPDT ranks, and its row blocks are saved at megatron-core's TP offsets.
@@ -271,11 +273,28 @@ def load_model_state(wrapper, state: dict) -> None:
     wrapper.module.install_optimized_model_weights()
 
 
+def _adam_layout(optimizer) -> bool:
+    """Whether ``optimizer`` keeps Adam's state as the checkpoints here read it: torch's Adam or
+    AdamW, or TransformerEngine's or apex's FusedAdam with float32 moments and no master weights
+    of its own (megatron-core's default; its precision-aware optimizer is not offered here)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    # (megatron-core builds one of these three: TransformerEngine's, else apex's, else torch's)
+    return type(optimizer).__name__ == "FusedAdam" and not getattr(optimizer, "master_weights", False) and all(
+        getattr(optimizer, f"{name}_dtype", torch.float32) == torch.float32 for name in ("exp_avg", "exp_avg_sq"))
+
+
 class MegatronFSDPOptimizer:
     """megatron-core's distributed optimizer over Megatron-FSDP's sharded parameters, with the
     training loop's and checkpoints' calls (HostAdamW's): ``step``, ``zero_grad``,
     ``param_groups`` and the rest go to megatron-core's; its state is saved and loaded in
-    HostAdamW's layout (megatron-core writes it only as ``fsdp_dtensor``)."""
+    HostAdamW's layout (megatron-core writes it only as ``fsdp_dtensor``).
+
+    megatron-core steps with torch's AdamW, or with TransformerEngine's or apex's FusedAdam when
+    one is installed. Both keep Adam's moments per parameter (``exp_avg``, ``exp_avg_sq``);
+    torch's step count is per parameter too, FusedAdam's per parameter group. Either is read and
+    written here. (A FusedAdam holding its own master weights or moments below float32,
+    TransformerEngine's precision-aware mode, is refused: this project never asks for it.)"""
 
     state_layout = "HostAdamW"  # its checkpoints' optimizer layout is HostAdamW's (checkpointing.optimizer_format)
 
@@ -283,13 +302,12 @@ class MegatronFSDPOptimizer:
         self._optimizer = optimizer
         self._wrappers = wrappers
         self._keep_masters = params_dtype != torch.float32  # as HostAdamW: masters kept apart from bf16
-        others = sorted({type(o).__name__ for o in self.inner_optimizers()
-                         if not isinstance(o, (torch.optim.Adam, torch.optim.AdamW))})
-        if others:  # TransformerEngine's or apex's FusedAdam keep their step and state otherwise
-            raise ValueError(f"--use-megatron-fsdp: megatron-core built its optimizer on {', '.join(others)} "
-                             f"(TransformerEngine or apex is installed), whose state this project's Megatron-FSDP "
-                             f"checkpoints do not read yet; use --use-torch-fsdp2, or run without TransformerEngine "
-                             f"and apex (megatron-core then steps with torch's AdamW)")
+        others = sorted({type(o).__name__ for o in self.inner_optimizers() if not _adam_layout(o)})
+        if others:
+            raise ValueError(f"--use-megatron-fsdp: megatron-core built its optimizer on {', '.join(others)}, whose "
+                             f"state this project's Megatron-FSDP checkpoints do not read (torch's AdamW and "
+                             f"TransformerEngine's or apex's FusedAdam with float32 state they do); use "
+                             f"--use-torch-fsdp2")
 
     def __getattr__(self, name):
         return getattr(self._optimizer, name)
@@ -305,16 +323,35 @@ class MegatronFSDPOptimizer:
     def _params(self) -> list:
         return [p for inner in self.inner_optimizers() for g in inner.param_groups for p in g["params"]]
 
+    def _owner(self, param) -> tuple:
+        """(inner optimizer, parameter group) holding ``param``."""
+        return next((inner, g) for inner in self.inner_optimizers() for g in inner.param_groups
+                    if any(p is param for p in g["params"]))
+
+    def _prime(self) -> None:
+        """Before the first step no state exists yet: zero moments (and torch's step), as either
+        optimizer creates them at its first step, so a checkpoint has tensors to save or fill."""
+        from megatron.training.optimizer import prime_adam_state
+
+        for inner in self.inner_optimizers():
+            prime_adam_state(inner)
+            for group in inner.param_groups:  # FusedAdam: moments only (its step is the group's)
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    def _step_of(self, param) -> float:
+        inner, group = self._owner(param)
+        entry = inner.state[param]
+        return float(entry["step"] if "step" in entry else group.get("step", 0))
+
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """Adam moments and float32 master weights as tensors sharded like the model's parameters
         (HostAdamW's keys); the step is common. ``metadata`` changes nothing here."""
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-        from megatron.training.optimizer import prime_adam_state
-
         names = {id(p): name for wrapper in self._wrappers for name, p in _sharded_params(wrapper).items()}
-        for inner in self.inner_optimizers():
-            prime_adam_state(inner)  # before the first step its state does not exist yet
+        self._prime()
         state, masters, steps = {}, {}, set()
         for i, param in enumerate(self._params()):
             sharded = model_sharded_state_dict.get(names.get(id(param)))
@@ -324,8 +361,8 @@ class MegatronFSDPOptimizer:
             def like_model(tensor, prefix):
                 return make_sharded_optimizer_tensor(sharded, local(tensor), prefix)
 
-            entry = next(inner.state[param] for inner in self.inner_optimizers() if param in inner.state)
-            steps.add(float(entry["step"]))
+            entry = self._owner(param)[0].state[param]
+            steps.add(self._step_of(param))
             state[i] = {k: like_model(entry[k], f"optimizer.state.{k}") for k in ("exp_avg", "exp_avg_sq")}
             if self._keep_masters:
                 masters[i] = like_model(param, "optimizer.master")
@@ -338,14 +375,18 @@ class MegatronFSDPOptimizer:
         LR scheduler sets their learning rate and weight decay)."""
         params = self._params()
         with torch.no_grad():
+            for inner in self.inner_optimizers():
+                for group in inner.param_groups:
+                    if group["params"] and "step" not in inner.state[group["params"][0]]:
+                        group["step"] = int(state["step"])  # FusedAdam's (an int unless capturable)
             for i, entry in state["adam"]["state"].items():
                 param = params[i]
-                inner = next(inner for inner in self.inner_optimizers() if param in inner.state)
-                target = inner.state[param]
+                target = self._owner(param)[0].state[param]
                 for key, value in entry.items():
                     local(target[key]).copy_(value.view(local(target[key]).shape))
-                target["step"] = torch.tensor(float(state["step"]), dtype=target["step"].dtype,
-                                              device=target["step"].device)
+                if "step" in target:  # torch's
+                    target["step"] = torch.tensor(float(state["step"]), dtype=target["step"].dtype,
+                                                  device=target["step"].device)
                 if i in state["master"]:
                     local(param).copy_(state["master"][i].view(local(param).shape))
         for wrapper in self._wrappers:

@@ -68,9 +68,50 @@ def _rows_of_every_parameter(trainer, tensors: str) -> dict:
     return out
 
 
-def _worker(rank, world_size, flags, steps, cuda_path, save=None, load=None):
+class FusedAdam(torch.optim.Optimizer):
+    """A stand-in of TransformerEngine's and apex's FusedAdam, which need their CUDA kernels: AdamW
+    (torch's arithmetic) with their state layout: the moments per parameter, made at the first
+    step, and the step count per parameter group."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True):
+        assert adam_w_mode  # megatron-core asks for decoupled weight decay
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import math
+
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (beta1, beta2), t = group["betas"], group["step"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def _megatron_core_steps_with_fused_adam():
+    """What megatron-core's optimizer modules hold with TransformerEngine or apex installed."""
+    from megatron.core import optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer.Adam = distrib_optimizer.Adam = FusedAdam
+    optimizer.USING_PYTORCH_OPTIMIZER = False
+
+
+def _worker(rank, world_size, flags, steps, cuda_path, save=None, load=None, fused_adam=False):
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.checkpointing import save_checkpoint
+
+    if fused_adam:
+        _megatron_core_steps_with_fused_adam()
 
     extra = (["--save", save] if save else []) + (["--load", load] if load else [])
     args = validate_args(parse_args(flags + extra), world_size=world_size)
@@ -96,13 +137,15 @@ def _worker(rank, world_size, flags, steps, cuda_path, save=None, load=None):
         from megatron.training.sharding import local
 
         inner = [o.optimizer for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])]
+        kinds = sorted({type(o).__name__ for o in inner})
         held = {"adam": sum(local(v).numel() for o in inner for s in o.state.values() for k, v in s.items()
                             if k != "step"),
                 "full": sum(p.numel() for p in trainer.model.module.parameters())}  # (a DTensor's: the whole)
         return {"history": [(loss, norm) for loss, norm, _ in history], "grads": grads,
                 "params": _rows_of_every_parameter(trainer, "params"), "iteration": trainer.state.iteration,
                 "wrapper": type(trainer.model).__name__, "optimizer": type(trainer.optimizer).__name__,
-                "sharding": trainer.config.parallel, "held": held, "tracker": tracker, "tp": trainer.groups.tp_rank}
+                "sharding": trainer.config.parallel, "held": held, "tracker": tracker, "tp": trainer.groups.tp_rank,
+                "inner": kinds}
 
 
 def _whole(ranks: list, pick) -> dict:
@@ -200,15 +243,17 @@ def test_megatron_fsdp_with_tensor_parallelism_trains_as_the_unsharded_run(strat
 
 
 def test_a_tensor_parallel_megatron_fsdp_checkpoint_resumes_exactly_and_loads_without_tp(tmp_path):
-    """TP 2 x FPDT 2 with optim_grads_params, saved after 2 steps: resumed for the third step it
-    gives the uninterrupted run's loss exactly, and the unsharded FPDT 2 run without TP continues
-    it (each rank's rows of its TP slice were saved at their place in the whole tensor)."""
+    """TP 2 x FPDT 2 with optim_grads_params, saved after a step: resumed for two more it gives
+    the uninterrupted run's losses exactly, and the unsharded FPDT 2 run without TP continues it
+    (each rank's rows of its TP slice, and of its Adam state, were saved at their place in the
+    whole tensor)."""
     flags, saved = FLAGS + list(TP2) + [*FSDP, "optim_grads_params"], str(tmp_path / "tp2")
     whole = _run(4, (*FSDP, "optim_grads_params"), True, model=TP2)[0]["history"]
-    first = run_world(4, _worker, flags, 2, True, saved, _initial_weights(TP2, 4), backend=MAPPED_BACKEND)
-    second = run_world(4, _worker, flags, 1, True, None, saved, backend=MAPPED_BACKEND)
+    # two steps after each load: the second one's loss shows the first one's update (the optimizer state)
+    first = run_world(4, _worker, flags, 1, True, saved, _initial_weights(TP2, 4), backend=MAPPED_BACKEND)
+    second = run_world(4, _worker, flags, 2, True, None, saved, backend=MAPPED_BACKEND)
     assert first[0]["history"] + second[0]["history"] == whole
-    _close(run_world(2, _worker, FLAGS, 1, False, None, saved)[0]["history"], whole[2:], rel=1e-5)
+    _close(run_world(2, _worker, FLAGS, 2, False, None, saved)[0]["history"], whole[1:], rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -300,18 +345,40 @@ def test_a_megatron_fsdp_checkpoint_loads_over_another_number_of_ranks(tmp_path)
         assert torch.equal(got[name], want[name]), name
 
 
-def test_an_optimizer_megatron_core_builds_on_transformer_engine_or_apex_is_refused_naming_it():
-    """With TransformerEngine or apex installed megatron-core steps with their FusedAdam, whose state
-    (its step per group) the checkpoints here do not read yet: refused at start, not saved wrongly."""
+def test_with_fused_adams_state_layout_it_trains_resumes_exactly_and_continues_unsharded(tmp_path):
+    """With TransformerEngine or apex installed megatron-core steps with their FusedAdam, whose step
+    count is per parameter group (a stand-in of that layout here: theirs need CUDA). It trains as
+    torch's AdamW does; its checkpoint resumes exactly (the step restored: Adam's bias correction
+    reads it) and continues on the unsharded CPU path; an unsharded checkpoint continues under it."""
+    flags, init, mapped = FLAGS + [*FSDP, "optim_grads_params"], _initial_weights(), MAPPED_BACKEND
+    whole = run_world(2, _worker, flags, 4, True, None, init, True, backend=mapped)
+    assert {tuple(r["inner"]) for r in whole} == {("FusedAdam",)}
+    whole = whole[0]["history"]
+    _close(whole[:STEPS], _run(2, (*FSDP, "optim_grads_params"), True)[0]["history"])
+    fused, plain = str(tmp_path / "fused"), str(tmp_path / "plain")
+    # two steps after each load: the second one's loss shows the first one's update (and its step count)
+    first = run_world(2, _worker, flags, 2, True, fused, init, True, backend=mapped)[0]["history"]
+    second = run_world(2, _worker, flags, 2, True, None, fused, True, backend=mapped)[0]["history"]
+    assert first + second == whole
+    _close(run_world(2, _worker, FLAGS, 2, False, None, fused)[0]["history"], whole[2:])
+    run_world(2, _worker, FLAGS, 2, False, plain, init)
+    _close(run_world(2, _worker, flags, 2, True, None, plain, True, backend=mapped)[0]["history"], whole[2:])
+
+
+def test_an_optimizer_state_the_checkpoints_do_not_read_is_refused_naming_it():
+    """A FusedAdam keeping its own master weights (TransformerEngine's precision-aware mode), or
+    megatron-core's SGD: refused at start, not saved wrongly."""
     import types
 
     from megatron.training.megatron_fsdp import MegatronFSDPOptimizer
 
-    class FusedAdam(torch.optim.SGD):
-        pass
-
-    inner = types.SimpleNamespace(optimizer=FusedAdam([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
-    with pytest.raises(ValueError, match="built its optimizer on FusedAdam .* use --use-torch-fsdp2"):
-        MegatronFSDPOptimizer(inner, [], torch.bfloat16)
-    adam = types.SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))
-    assert MegatronFSDPOptimizer(adam, [], torch.bfloat16).inner_optimizers() == [adam.optimizer]
+    param = torch.nn.Parameter(torch.zeros(2))
+    precision_aware = FusedAdam([param])
+    precision_aware.master_weights = True
+    for optimizer in (precision_aware, torch.optim.SGD([param], lr=0.1)):
+        name = type(optimizer).__name__
+        with pytest.raises(ValueError, match=f"built its optimizer on {name}, whose state .* use --use-torch-fsdp2"):
+            MegatronFSDPOptimizer(types.SimpleNamespace(optimizer=optimizer), [], torch.bfloat16)
+    for optimizer in (FusedAdam([param]), torch.optim.AdamW([param])):
+        inner = types.SimpleNamespace(optimizer=optimizer)
+        assert MegatronFSDPOptimizer(inner, [], torch.bfloat16).inner_optimizers() == [optimizer]
