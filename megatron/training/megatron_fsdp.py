@@ -148,11 +148,6 @@ def _sharded_params(wrapper) -> dict:
     return dict(fsdp.module.named_parameters())
 
 
-def _row_offsets(params: dict, group) -> dict:
-    """{name: first global row of this rank's shard}: shards are whole rows in rank order."""
-    return _row_layout(params, group)[0]
-
-
 def _row_layout(params: dict, group) -> tuple:
     """({name: this rank's first row}, {name: the TP-local whole shape}) of the sharded
     parameters: the ranks' row blocks in rank order over the data x FPDT group. (A DTensor's own
@@ -273,11 +268,16 @@ def load_model_state(wrapper, state: dict) -> None:
     wrapper.module.install_optimized_model_weights()
 
 
+def _step_per_parameter(optimizer) -> bool:
+    """torch's Adam and AdamW count steps per parameter; FusedAdam per parameter group."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _adam_layout(optimizer) -> bool:
     """Whether ``optimizer`` keeps Adam's state as the checkpoints here read it: torch's Adam or
     AdamW, or TransformerEngine's or apex's FusedAdam with float32 moments and no master weights
     of its own (megatron-core's default; its precision-aware optimizer is not offered here)."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if _step_per_parameter(optimizer):
         return True
     # (megatron-core builds one of these three: TransformerEngine's, else apex's, else torch's)
     return type(optimizer).__name__ == "FusedAdam" and not getattr(optimizer, "master_weights", False) and all(
@@ -323,27 +323,22 @@ class MegatronFSDPOptimizer:
     def _params(self) -> list:
         return [p for inner in self.inner_optimizers() for g in inner.param_groups for p in g["params"]]
 
-    def _owner(self, param) -> tuple:
-        """(inner optimizer, parameter group) holding ``param``."""
-        return next((inner, g) for inner in self.inner_optimizers() for g in inner.param_groups
-                    if any(p is param for p in g["params"]))
+    def _groups(self):
+        """(inner optimizer, parameter group) pairs."""
+        return [(inner, group) for inner in self.inner_optimizers() for group in inner.param_groups]
 
     def _prime(self) -> None:
         """Before the first step no state exists yet: zero moments (and torch's step), as either
         optimizer creates them at its first step, so a checkpoint has tensors to save or fill."""
         from megatron.training.optimizer import prime_adam_state
 
-        for inner in self.inner_optimizers():
-            prime_adam_state(inner)
-            for group in inner.param_groups:  # FusedAdam: moments only (its step is the group's)
-                for p in group["params"]:
-                    if not inner.state[p]:
-                        inner.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-
-    def _step_of(self, param) -> float:
-        inner, group = self._owner(param)
-        entry = inner.state[param]
-        return float(entry["step"] if "step" in entry else group.get("step", 0))
+        for inner, group in self._groups():
+            if _step_per_parameter(inner):
+                prime_adam_state(inner)
+                continue
+            for p in group["params"]:  # FusedAdam: the moments (its step is the group's)
+                if not inner.state[p]:
+                    inner.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """Adam moments and float32 master weights as tensors sharded like the model's parameters
@@ -352,20 +347,22 @@ class MegatronFSDPOptimizer:
 
         names = {id(p): name for wrapper in self._wrappers for name, p in _sharded_params(wrapper).items()}
         self._prime()
-        state, masters, steps = {}, {}, set()
-        for i, param in enumerate(self._params()):
-            sharded = model_sharded_state_dict.get(names.get(id(param)))
-            if sharded is None:  # no rows of it on this rank
-                continue
+        state, masters, steps, i = {}, {}, set(), -1
+        for inner, group in self._groups():
+            for param in group["params"]:
+                i += 1  # (the index in _params())
+                sharded = model_sharded_state_dict.get(names.get(id(param)))
+                if sharded is None:  # no rows of it on this rank
+                    continue
 
-            def like_model(tensor, prefix):
-                return make_sharded_optimizer_tensor(sharded, local(tensor), prefix)
+                def like_model(tensor, prefix):
+                    return make_sharded_optimizer_tensor(sharded, local(tensor), prefix)
 
-            entry = self._owner(param)[0].state[param]
-            steps.add(self._step_of(param))
-            state[i] = {k: like_model(entry[k], f"optimizer.state.{k}") for k in ("exp_avg", "exp_avg_sq")}
-            if self._keep_masters:
-                masters[i] = like_model(param, "optimizer.master")
+                entry = inner.state[param]
+                steps.add(float(entry["step"] if _step_per_parameter(inner) else group.get("step", 0)))
+                state[i] = {k: like_model(entry[k], f"optimizer.state.{k}") for k in ("exp_avg", "exp_avg_sq")}
+                if self._keep_masters:
+                    masters[i] = like_model(param, "optimizer.master")
         # no parameter groups: a loader uses its own (HostAdamW's too), and a list of another length
         # would not merge with a loader's
         return {"adam": {"state": state}, "step": max(steps, default=0.0), "master": masters}
@@ -373,18 +370,19 @@ class MegatronFSDPOptimizer:
     def load_state_dict(self, state):
         """Moments, masters and step into the primed state (this run's own parameter groups: the
         LR scheduler sets their learning rate and weight decay)."""
+        owners = {id(p): inner for inner, group in self._groups() for p in group["params"]}
         params = self._params()
         with torch.no_grad():
-            for inner in self.inner_optimizers():
-                for group in inner.param_groups:
-                    if group["params"] and "step" not in inner.state[group["params"][0]]:
-                        group["step"] = int(state["step"])  # FusedAdam's (an int unless capturable)
+            for inner, group in self._groups():
+                if not _step_per_parameter(inner):
+                    group["step"] = int(state["step"])  # FusedAdam's (an int unless capturable)
             for i, entry in state["adam"]["state"].items():
                 param = params[i]
-                target = self._owner(param)[0].state[param]
+                inner = owners[id(param)]
+                target = inner.state[param]
                 for key, value in entry.items():
                     local(target[key]).copy_(value.view(local(target[key]).shape))
-                if "step" in target:  # torch's
+                if _step_per_parameter(inner):
                     target["step"] = torch.tensor(float(state["step"]), dtype=target["step"].dtype,
                                                   device=target["step"].device)
                 if i in state["master"]:

@@ -57,7 +57,7 @@ def _rows_of_every_parameter(trainer, tensors: str) -> dict:
         return {(tp, name): (0, whole(p if tensors == "params" else getattr(p, "main_grad", p.grad)))
                 for name, p in trainer.model.module.named_parameters()}
     params = megatron_fsdp._sharded_params(trainer.model)
-    offsets = megatron_fsdp._row_offsets(params, trainer.groups.dp_sp)
+    offsets = megatron_fsdp._row_layout(params, trainer.groups.dp_sp)[0]
     out = {}
     for name, p in params.items():
         t = p if tensors == "params" else p.grad
